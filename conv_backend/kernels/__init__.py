@@ -1,0 +1,1 @@
+"""Triton convolution kernels and their launch wrappers."""

@@ -1,0 +1,241 @@
+"""Implicit-GEMM conv2d: M = output pixels, N = output channels, K = KH*KW*C with channels innermost.
+
+Two load paths share the same math:
+- TMA (Hopper and newer, stride 1): the input is read as 4-D NHWC boxes, one per
+  (kh, kw) tap and channel chunk, through a tensor descriptor; boxes that start
+  in the padding are zero-filled by the copy engine, so padding costs nothing.
+- Pointer loads (any GPU, any stride, any channel count): the same loop with
+  masked gathers, vectorised along channels when the input is channels_last.
+Grouped convolution runs one GEMM per group (grid axis 1).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ..layout import empty_output
+from ..runtime import interpreter_enabled
+from ..support import tma_reason
+from ..tuning import Candidate, problem_signature, select
+from .common import mma, needs_dot_upcast, needs_int64
+
+
+@triton.jit
+def _bias_and_store(acc, b_ptr, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + oc, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_offsets = (img * syn + oh * syh + ow * syw)[:, None] + (oc * syc)[None, :]
+    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def igemm_pointer_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    M, OH, OW, IH, IW, CG, OCG, C_CHUNKS,
+    sxn, sxc, sxh, sxw, swo, swc, swh, sww, syn, syc, syh, syw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    group = tl.program_id(1)
+    # Grouped tile order: GROUP_M pixel tiles share their input rows in L2.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(OCG, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < OCG
+    if USE_INT64:
+        offs_m = offs_m.to(tl.int64)
+        group = group.to(tl.int64)
+    img = offs_m // (OH * OW)
+    pix = offs_m % (OH * OW)
+    oh = pix // OW
+    ow = pix % OW
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    oc = group * OCG + offs_n
+    x_rows = x_ptr + img * sxn + group * CG * sxc
+    w_cols = w_ptr + oc * swo
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, KH * KW * C_CHUNKS):
+        tap = k // C_CHUNKS
+        c = (k - tap * C_CHUNKS) * BLOCK_K + offs_k
+        kh = tap // KW
+        kw = tap - kh * KW
+        ih = ih0 + kh * dil_h
+        iw = iw0 + kw * dil_w
+        pix_ok = m_ok & (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+        c_ok = c < CG
+        a = tl.load(x_rows[:, None] + (ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
+                    mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_cols[None, :] + c[:, None] * swc + (kh * swh + kw * sww),
+                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+
+    _bias_and_store(acc, b_ptr, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw, HAS_BIAS)
+
+
+@triton.jit
+def igemm_tma_kernel(
+    x_desc, w_desc, b_ptr, y_ptr,
+    OH, OW, CG, OCG, C_CHUNKS, CPAD,
+    syn, syc, syh, syw, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+    pid = tl.program_id(0)
+    group = tl.program_id(1)
+    # Output-channel tiles of one pixel tile run next to each other: the input box is reused from L2.
+    num_pid_n = tl.cdiv(OCG, BLOCK_N)
+    pid_n = pid % num_pid_n
+    tile = pid // num_pid_n
+    tiles_w = tl.cdiv(OW, BLOCK_W)
+    tiles_hw = tl.cdiv(OH, BLOCK_H) * tiles_w
+    img = tile // tiles_hw
+    oh0 = (tile % tiles_hw) // tiles_w * BLOCK_H
+    ow0 = (tile % tiles_w) * BLOCK_W
+    c_base = group * CG
+    n0 = group * OCG + pid_n * BLOCK_N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, KH * KW * C_CHUNKS):
+        tap = k // C_CHUNKS
+        c0 = (k - tap * C_CHUNKS) * BLOCK_K
+        kh = tap // KW
+        kw = tap - kh * KW
+        a = x_desc.load([img, oh0 - pad_h + kh * dil_h, ow0 - pad_w + kw * dil_w, c_base + c0])
+        a = a.reshape(BLOCK_M, BLOCK_K)
+        b = w_desc.load([n0, tap * CPAD + c0])
+        acc = mma(a, b.T, acc, INPUT_PRECISION, UPCAST_DOT)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    oh = oh0 + offs_m // BLOCK_W
+    ow = ow0 + offs_m % BLOCK_W
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    img_v = tl.full((BLOCK_M,), 0, tl.int32) + img
+    if USE_INT64:
+        img_v = img_v.to(tl.int64)
+    _bias_and_store(acc, b_ptr, y_ptr, img_v, oh, ow, (oh < OH) & (ow < OW), group * OCG + offs_n, offs_n < OCG,
+                    syn, syc, syh, syw, HAS_BIAS)
+
+
+def _pow2_at_least(n: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(n))
+
+
+def pointer_candidates(cg: int, ocg: int, dtype: torch.dtype) -> list:
+    if interpreter_enabled():
+        return [Candidate.make("igemm_pointer", BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=8)]
+    wide = dtype != torch.float32  # 16-bit operands: twice the K per byte of shared memory
+    shapes = [(128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (256, 64, 32, 8, 3),
+              (128, 64, 16, 4, 4), (64, 128, 32, 4, 3)]
+    if wide:
+        shapes += [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (256, 128, 32, 8, 3), (64, 64, 64, 4, 4)]
+    max_n, max_k = _pow2_at_least(ocg), _pow2_at_least(cg)
+    picked = {Candidate.make("igemm_pointer", num_warps=w, num_stages=s, BLOCK_M=m, BLOCK_N=min(n, max_n),
+                             BLOCK_K=min(k, max_k), GROUP_M=8) for m, n, k, w, s in shapes}
+    return sorted(picked, key=lambda c: c.describe())
+
+
+def tma_candidates(cg: int, ocg: int, out_w: int, groups: int, dtype: torch.dtype) -> list:
+    if interpreter_enabled():
+        return [Candidate.make("igemm_tma", BLOCK_H=4, BLOCK_W=8, BLOCK_N=16, BLOCK_K=16)]
+    elem = torch.tensor([], dtype=dtype).element_size()
+    max_k = min(128 // elem, _pow2_at_least(cg))  # a box row of at most 128 bytes (the swizzle width)
+    max_n = _pow2_at_least(ocg)
+    shapes = [(8, 16, 64, 32, 4, 3), (8, 16, 128, 32, 8, 3), (16, 16, 64, 32, 8, 3), (4, 32, 64, 32, 4, 4),
+              (8, 32, 64, 32, 8, 3), (16, 8, 64, 32, 4, 3), (8, 8, 64, 32, 4, 4), (8, 16, 64, 64, 4, 3)]
+    picked = set()
+    for bh, bw, n, k, w, s in shapes:
+        k = min(k, max_k)
+        while groups > 1 and cg % k:
+            k //= 2  # a box must not reach into the next group's channels
+        bw_fit = min(bw, _pow2_at_least(out_w, 8))
+        bh_fit = bh * (bw // bw_fit)  # keep the tile's pixel count when the image is narrow
+        picked.add(Candidate.make("igemm_tma", num_warps=w, num_stages=s, BLOCK_H=bh_fit, BLOCK_W=bw_fit,
+                                  BLOCK_N=min(n, max_n), BLOCK_K=k))
+    return sorted(picked, key=lambda c: c.describe())
+
+
+def _packed_weight(weight: torch.Tensor, block_k: int) -> torch.Tensor:
+    """Weight as [OC, KH*KW*CPAD], channels innermost, each tap padded with zeros to a multiple of BLOCK_K."""
+    oc, cg, kh, kw = weight.shape
+    cpad = triton.cdiv(cg, block_k) * block_k
+    packed = weight.new_zeros((oc, kh, kw, cpad))
+    packed[..., :cg] = weight.permute(0, 2, 3, 1)
+    return packed.reshape(oc, kh * kw * cpad)
+
+
+def implicit_gemm_conv2d(x, weight, bias, stride, padding, dilation, groups, input_precision, load_path="auto"):
+    """Run the implicit GEMM; `load_path` is "auto", "tma" or "pointer"."""
+    tma_why = tma_reason(x, weight, stride, groups)
+    if load_path == "tma" and tma_why:
+        raise ValueError(f"tritonconv: the TMA path cannot take this convolution: {tma_why}")
+    y = empty_output(x, weight, stride, padding, dilation)
+    n, c, in_h, in_w = x.shape
+    oc, cg, kernel_h, kernel_w = weight.shape
+    out_h, out_w = y.shape[2], y.shape[3]
+    ocg = oc // groups
+    # Channels innermost: the GEMM's K loads are contiguous. No-ops for channels_last tensors.
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    w_cl = weight.contiguous(memory_format=torch.channels_last)
+    use_int64 = needs_int64(x_cl, w_cl, y)
+    upcast = needs_dot_upcast(x.dtype)
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else y
+
+    candidates = []
+    if load_path in ("auto", "tma") and not tma_why:
+        candidates += tma_candidates(cg, ocg, out_w, groups, x.dtype)
+    if load_path in ("auto", "pointer"):
+        candidates += pointer_candidates(cg, ocg, x.dtype)
+    packed = {}
+
+    def run(cand: Candidate):
+        p = cand.params
+        if cand.kernel == "igemm_pointer":
+            grid = (triton.cdiv(n * out_h * out_w, p["BLOCK_M"]) * triton.cdiv(ocg, p["BLOCK_N"]), groups)
+            igemm_pointer_kernel[grid](
+                x_cl, w_cl, bias_arg, y, n * out_h * out_w, out_h, out_w, in_h, in_w, cg, ocg,
+                triton.cdiv(cg, p["BLOCK_K"]), *x_cl.stride(), *w_cl.stride(), *y.stride(),
+                stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+                KH=kernel_h, KW=kernel_w, HAS_BIAS=has_bias, INPUT_PRECISION=input_precision,
+                USE_INT64=use_int64, UPCAST_DOT=upcast, num_warps=cand.num_warps, num_stages=cand.num_stages, **p)
+            return
+        bk = p["BLOCK_K"]
+        if bk not in packed:
+            packed[bk] = _packed_weight(weight, bk)
+        w_packed = packed[bk]
+        # Dense NHWC strides: equal to x_cl's wherever an index is valid (size-1 dims may carry any stride).
+        x_desc = TensorDescriptor(x_cl, [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1],
+                                  [1, p["BLOCK_H"], p["BLOCK_W"], bk])
+        w_desc = TensorDescriptor(w_packed, list(w_packed.shape), [w_packed.stride(0), 1], [p["BLOCK_N"], bk])
+        tiles = n * triton.cdiv(out_h, p["BLOCK_H"]) * triton.cdiv(out_w, p["BLOCK_W"])
+        grid = (tiles * triton.cdiv(ocg, p["BLOCK_N"]), groups)
+        igemm_tma_kernel[grid](
+            x_desc, w_desc, bias_arg, y, out_h, out_w, cg, ocg, triton.cdiv(cg, bk), w_packed.shape[1] // (kernel_h * kernel_w),
+            *y.stride(), padding[0], padding[1], dilation[0], dilation[1],
+            KH=kernel_h, KW=kernel_w, HAS_BIAS=has_bias, INPUT_PRECISION=input_precision,
+            USE_INT64=use_int64, UPCAST_DOT=upcast, num_warps=cand.num_warps, num_stages=cand.num_stages, **p)
+
+    key = (f"igemm|{load_path}|x{tuple(x.shape)}{tuple(x_cl.stride())}|w{tuple(weight.shape)}|y{tuple(y.stride())}"
+           f"|s{tuple(stride)}p{tuple(padding)}d{tuple(dilation)}g{groups}|{x.dtype}|{input_precision}|b{has_bias}")
+    signature = problem_signature(x.shape, weight.shape, stride, padding, dilation, groups, x.dtype)
+    choice = select(key, signature, x.device, candidates, run)
+    run(choice)
+    return y

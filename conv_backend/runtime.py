@@ -1,0 +1,64 @@
+"""Facts about the running process that decide what our kernels can do."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels through its CPU interpreter.
+
+    Triton reads TRITON_INTERPRET when a kernel is decorated, so the value at
+    import time of our kernels is what counts; we read it the same way.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def device_supported(device: torch.device) -> tuple[bool, str]:
+    """Whether our kernels can run on tensors of `device`, and why not."""
+    if device.type == "cuda":
+        if interpreter_enabled():
+            return False, "CUDA tensors while TRITON_INTERPRET=1 (the interpreter runs on CPU tensors)"
+        return True, ""
+    if device.type == "cpu":
+        if interpreter_enabled():
+            return True, ""
+        return False, "CPU tensor without TRITON_INTERPRET=1"
+    return False, f"device type {device.type!r} has no Triton backend here"
+
+
+def cudnn_conv_allows_tf32() -> bool:
+    """What cuDNN would do for an fp32 convolution right now.
+
+    PyTorch has a per-operator precision setting (`torch.backends.cudnn.conv.fp32_precision`,
+    falling back to `torch.backends.cudnn.fp32_precision`) and the legacy
+    `torch.backends.cudnn.allow_tf32` flag. Reading the legacy flag through the
+    Python property raises when the two APIs were mixed, so read them directly.
+    """
+    cudnn = torch.backends.cudnn
+    for holder in (getattr(cudnn, "conv", None), cudnn):
+        precision = getattr(holder, "fp32_precision", None)
+        if precision == "tf32":
+            return True
+        if precision == "ieee":
+            return False
+    return bool(torch._C._get_cudnn_allow_tf32())
+
+
+def resolve_input_precision(policy: str, dtype: torch.dtype) -> str:
+    """Map the user's fp32 policy to a tl.dot input_precision for `dtype`."""
+    if dtype != torch.float32:
+        return "ieee"  # fp16/bf16 operands are exact in the tensor cores; ignored by tl.dot
+    if policy == "auto":
+        return "tf32" if cudnn_conv_allows_tf32() else "ieee"
+    return policy
+
+
+def has_tma(device: torch.device) -> bool:
+    """Tensor-descriptor (TMA) loads need Hopper or newer; the interpreter emulates them."""
+    if device.type == "cpu":
+        return interpreter_enabled()
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9

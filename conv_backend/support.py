@@ -1,0 +1,92 @@
+"""Which convolutions our kernels take, and in words why not.
+
+The same rules serve the graph pass (on fake tensors from `node.meta["val"]`)
+and the launch wrapper (on real tensors), so the two can never disagree.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .runtime import SUPPORTED_DTYPES, device_supported, has_tma
+
+
+def _is_static_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def depthwise_like(in_channels, out_channels, groups) -> bool:
+    """Each group sees one input channel (depthwise, with any channel multiplier)."""
+    return groups > 1 and groups == in_channels and out_channels % groups == 0
+
+
+def unsupported_reason(
+    x, weight, bias, stride: Sequence, padding: Sequence, dilation: Sequence,
+    transposed: bool = False, output_padding: Sequence = (0, 0), groups=1,
+    algorithm: str = "auto",
+) -> Optional[str]:
+    """None when our kernels compute this convolution exactly as ATen would, else the reason."""
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        return "input or weight has no tensor metadata"
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        return "bias has no tensor metadata"
+    if weight.dim() != 4:
+        return f"{weight.dim() - 2}D convolution (only 2D is supported)"
+    if x.dim() != 4:
+        return f"input of rank {x.dim()} (expected N, C, H, W)"
+    if transposed:
+        return "transposed convolution"
+    if any(t.layout != torch.strided for t in (x, weight) + ((bias,) if bias is not None else ())):
+        return "non-strided (sparse or mkldnn) tensor"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {x.dtype} (supported: float32, float16, bfloat16)"
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        dtypes = [x.dtype, weight.dtype] + ([bias.dtype] if bias is not None else [])
+        return f"mixed dtypes {dtypes}"
+    if weight.device != x.device or (bias is not None and bias.device != x.device):
+        return "input, weight and bias on different devices"
+    ok, why = device_supported(x.device)
+    if not ok:
+        return why
+    for name, values, least in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(values) != 2:
+            return f"{name} {list(values)} is not 2D"
+        if any(_is_static_int(v) and v < least for v in values):
+            return f"{name} {list(values)} below {least}"
+    if any(_is_static_int(v) and v != 0 for v in output_padding):
+        return f"output_padding {list(output_padding)}"
+    if not _is_static_int(groups) or groups < 1:
+        return f"groups={groups!r}"
+    in_c, out_c = x.shape[1], weight.shape[0]
+    if _is_static_int(in_c) and weight.shape[1] * groups != in_c:
+        return "input channels do not match weight and groups (ATen raises the error)"
+    if _is_static_int(out_c) and out_c % groups != 0:
+        return "output channels not divisible by groups (ATen raises the error)"
+    if bias is not None and (bias.dim() != 1 or (_is_static_int(out_c) and bias.shape[0] != out_c)):
+        return "bias shape does not match output channels (ATen raises the error)"
+    for size, kernel, pad, dil in zip(x.shape[2:], weight.shape[2:], padding, dilation):
+        values = (size, kernel, pad, dil)
+        if all(_is_static_int(v) for v in values) and size + 2 * pad - dil * (kernel - 1) - 1 < 0:
+            return "kernel larger than padded input (ATen raises the error)"
+    if algorithm == "seed" and groups != 1:
+        return "algorithm='seed' handles groups == 1 only"
+    if algorithm == "depthwise" and not depthwise_like(in_c, out_c, groups):
+        return "algorithm='depthwise' needs groups == input channels"
+    if algorithm == "gemm_tma":
+        why = tma_reason(x, weight, stride, groups)
+        return f"algorithm='gemm_tma': {why}" if why else None
+    return None
+
+
+def tma_reason(x, weight, stride, groups) -> Optional[str]:
+    """None when the input can be read as zero-filled NHWC boxes by the copy engine (TMA)."""
+    if not has_tma(x.device):
+        return "tensor-descriptor loads need a Hopper (sm_90) or newer GPU"
+    if tuple(stride) != (1, 1):
+        return "a box load needs stride 1"
+    elem = x.element_size()
+    channels = x.shape[1] if groups == 1 else weight.shape[1]
+    if (channels * elem) % 16 or (groups > 1 and channels % 16):
+        return "channels (per group) must fill 16-byte rows" + (" and multiples of 16" if groups > 1 else "")
+    return None
