@@ -1,6 +1,12 @@
-"""The launch wrapper behind `tritonconv::conv2d`: checks, picks a kernel, runs it."""
+"""The launch wrapper behind `tritonconv::conv2d`: checks, picks a kernel, runs it.
+
+Everything decided per problem (support, kernel choice, launch arguments) is
+cached in a plan keyed on shapes, strides, dtypes, devices and arguments, so a
+call on a known problem costs a dict lookup plus the kernel launch.
+"""
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -10,6 +16,7 @@ from .support import depthwise_like, unsupported_reason
 from .tuning import NoKernelError
 
 log = logging.getLogger("conv_backend")
+_plans: dict = {}
 
 
 def aten_conv2d(x, weight, bias, stride, padding, dilation, groups):
@@ -17,31 +24,48 @@ def aten_conv2d(x, weight, bias, stride, padding, dilation, groups):
                                               False, [0, 0], groups)
 
 
+def _tensor_key(t):
+    return None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device, t.layout)
+
+
 def launch_conv2d(x, weight, bias, stride, padding, dilation, groups, input_precision="auto", algorithm="auto"):
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    precision = resolve_input_precision(input_precision, x.dtype) if isinstance(x, torch.Tensor) else input_precision
+    key = (_tensor_key(x), _tensor_key(weight), _tensor_key(bias), stride, padding, dilation, groups, precision,
+           algorithm)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = _make_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm)
+    return plan(x, weight, bias)
+
+
+def _make_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm):
+    aten = functools.partial(_aten_plan, stride=stride, padding=padding, dilation=dilation, groups=groups)
     reason = unsupported_reason(x, weight, bias, stride, padding, dilation, groups=groups, algorithm=algorithm)
     if reason is not None:
         # Reached only by direct calls of the op: the graph pass never emits these.
         log.info("tritonconv::conv2d falls back to ATen: %s", reason)
-        return aten_conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return aten
     if x.numel() == 0 or weight.numel() == 0:
-        # Empty tensors: nothing to compute, and ATen defines the exact result (zeros or bias).
-        return aten_conv2d(x, weight, bias, stride, padding, dilation, groups)
-    precision = resolve_input_precision(input_precision, x.dtype)
+        return aten  # nothing to compute, and ATen defines the exact result (zeros or bias)
     try:
-        return _run_triton(x, weight, bias, stride, padding, dilation, groups, precision, algorithm)
+        return _triton_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm)
     except NoKernelError as exc:
         log.warning("tritonconv::conv2d falls back to ATen: %s", exc)
-        return aten_conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return aten
 
 
-def _run_triton(x, weight, bias, stride, padding, dilation, groups, precision, algorithm):
+def _aten_plan(x, weight, bias, *, stride, padding, dilation, groups):
+    return aten_conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _triton_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm):
     if algorithm == "seed":
         from .kernels.seed import seed_conv2d
-        return seed_conv2d(x, weight, bias, stride, padding, dilation, precision)
+        return lambda x, weight, bias: seed_conv2d(x, weight, bias, stride, padding, dilation, precision)
     if algorithm == "depthwise" or (algorithm == "auto" and depthwise_like(x.shape[1], weight.shape[0], groups)):
-        from .kernels.depthwise import depthwise_conv2d
-        return depthwise_conv2d(x, weight, bias, stride, padding, dilation)
-    from .kernels.implicit_gemm import implicit_gemm_conv2d
+        from .kernels.depthwise import depthwise_plan
+        return depthwise_plan(x, weight, bias, stride, padding, dilation)
+    from .kernels.implicit_gemm import implicit_gemm_plan
     load_path = {"gemm_tma": "tma", "gemm_pointer": "pointer"}.get(algorithm, "auto")
-    return implicit_gemm_conv2d(x, weight, bias, stride, padding, dilation, groups, precision, load_path)
+    return implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, precision, load_path)

@@ -2,9 +2,12 @@
 
 Depthwise convolution does 2*KH*KW flops per output element and no reduction
 over channels, so it is memory-bound and a GEMM formulation wastes the tensor
-cores; this kernel reads each input element from cache once per tap and keeps
-fp32 accumulators in registers. A tile is BLOCK_H x BLOCK_W pixels of one image
-by BLOCK_C channels; the tuner picks a tile shape that is contiguous along the
+cores. A program computes a BLOCK_H x BLOCK_W x BLOCK_C tile of one image with
+fp32 accumulators; each tap is one shifted load of the tile (served from
+L1/L2 after the first), so DRAM sees each input element about once. Address
+arithmetic is hoisted out of the tap loop (per tap only a scalar offset
+changes), and tiles whose input window lies inside the image, the vast
+majority, take an unmasked path. The tuner picks a tile contiguous along the
 input's innermost dimension (W for NCHW, C for channels_last).
 """
 from __future__ import annotations
@@ -35,69 +38,98 @@ def depthwise_kernel(
     img = pid // tiles_hw
     oh0 = (pid % tiles_hw) // tiles_w * BLOCK_H
     ow0 = (pid % tiles_w) * BLOCK_W
+    c0 = pid_c * BLOCK_C
     if USE_INT64:
         img = img.to(tl.int64)
 
-    offs_p = tl.arange(0, BLOCK_H * BLOCK_W)
-    oh = oh0 + offs_p // BLOCK_W
-    ow = ow0 + offs_p % BLOCK_W
-    oc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = oc < OC
+    oh = oh0 + tl.arange(0, BLOCK_H)
+    ow = ow0 + tl.arange(0, BLOCK_W)
+    oc = c0 + tl.arange(0, BLOCK_C)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
     ic = oc // MULT
-    p_ok = (oh < OH) & (ow < OW)
-    x_img = x_ptr + img * sxn
+    x_tile = (x_ptr + img * sxn + (ih0 * sxh)[:, None, None] + (iw0 * sxw)[None, :, None]
+              + (ic * sxc)[None, None, :])
+    w_col = w_ptr + oc * swo
+    out_ok = (oh < OH)[:, None, None] & (ow < OW)[None, :, None] & (oc < OC)[None, None, :]
 
-    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_C), dtype=tl.float32)
-    for kh in tl.static_range(KH):
-        ih = oh * stride_h - pad_h + kh * dil_h
-        row_ok = p_ok & (ih >= 0) & (ih < IH)
-        for kw in tl.static_range(KW):
-            iw = ow * stride_w - pad_w + kw * dil_w
-            ok = row_ok & (iw >= 0) & (iw < IW)
-            x = tl.load(x_img + (ih * sxh + iw * sxw)[:, None] + (ic * sxc)[None, :],
-                        mask=ok[:, None] & c_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + oc * swo + kh * swh + kw * sww, mask=c_ok, other=0.0)
-            acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
+    # Whole input window in bounds and a full tile: no masks needed.
+    ih_first = oh0 * stride_h - pad_h
+    iw_first = ow0 * stride_w - pad_w
+    interior = ((ih_first >= 0) & (ih_first + (BLOCK_H - 1) * stride_h + (KH - 1) * dil_h < IH)
+                & (iw_first >= 0) & (iw_first + (BLOCK_W - 1) * stride_w + (KW - 1) * dil_w < IW)
+                & (oh0 + BLOCK_H <= OH) & (ow0 + BLOCK_W <= OW) & (c0 + BLOCK_C <= OC))
+
+    acc = tl.zeros((BLOCK_H, BLOCK_W, BLOCK_C), dtype=tl.float32)
+    if interior:
+        for kh in tl.static_range(KH):
+            for kw in tl.static_range(KW):
+                x = tl.load(x_tile + (kh * dil_h * sxh + kw * dil_w * sxw))
+                w = tl.load(w_col + (kh * swh + kw * sww))
+                acc += x.to(tl.float32) * w.to(tl.float32)[None, None, :]
+    else:
+        c_ok = (oc < OC)[None, None, :]
+        for kh in tl.static_range(KH):
+            ih = ih0 + kh * dil_h
+            row_ok = ((ih >= 0) & (ih < IH))[:, None, None]
+            for kw in tl.static_range(KW):
+                iw = iw0 + kw * dil_w
+                ok = row_ok & ((iw >= 0) & (iw < IW))[None, :, None] & c_ok
+                x = tl.load(x_tile + (kh * dil_h * sxh + kw * dil_w * sxw), mask=ok, other=0.0)
+                w = tl.load(w_col + (kh * swh + kw * sww), mask=oc < OC, other=0.0)
+                acc += x.to(tl.float32) * w.to(tl.float32)[None, None, :]
 
     if HAS_BIAS:
-        acc += tl.load(b_ptr + oc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    y_offsets = img * syn + (oh * syh + ow * syw)[:, None] + (oc * syc)[None, :]
-    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+        acc += tl.load(b_ptr + oc, mask=oc < OC, other=0.0).to(tl.float32)[None, None, :]
+    y_tile = (y_ptr + img * syn + (oh * syh)[:, None, None] + (ow * syw)[None, :, None]
+              + (oc * syc)[None, None, :])
+    tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
 def depthwise_candidates(channels_innermost: bool) -> list:
     if interpreter_enabled():
         return [Candidate.make("depthwise", BLOCK_H=4, BLOCK_W=8, BLOCK_C=4)]
     if channels_innermost:  # NHWC: vectorise along channels
-        shapes = [(4, 8, 32, 4), (2, 8, 64, 4), (1, 16, 64, 4), (8, 8, 16, 4), (4, 16, 32, 8), (2, 4, 128, 4)]
+        shapes = [(4, 8, 32, 4), (2, 8, 64, 4), (8, 8, 16, 4), (4, 16, 32, 8), (1, 16, 64, 4), (2, 16, 32, 4)]
     else:  # NCHW: vectorise along W
-        shapes = [(8, 64, 1, 4), (16, 32, 1, 4), (4, 128, 1, 4), (8, 128, 1, 8), (16, 64, 1, 8), (4, 64, 2, 4),
-                  (32, 32, 1, 8)]
+        shapes = [(8, 64, 1, 4), (16, 64, 1, 8), (4, 128, 1, 4), (8, 128, 1, 8), (32, 32, 1, 4), (16, 32, 1, 4)]
     return [Candidate.make("depthwise", num_warps=w, num_stages=1, BLOCK_H=h, BLOCK_W=bw, BLOCK_C=c)
             for h, bw, c, w in shapes]
 
 
-def depthwise_conv2d(x, weight, bias, stride, padding, dilation):
+def depthwise_plan(x, weight, bias, stride, padding, dilation):
+    """Tune (or recall) the tile for this problem; return `run(x, weight, bias) -> y`."""
     y = empty_output(x, weight, stride, padding, dilation)
     n, c, in_h, in_w = x.shape
     oc, _, kernel_h, kernel_w = weight.shape
     out_h, out_w = y.shape[2], y.shape[3]
-    has_bias = bias is not None
-    channels_innermost = x.stride(1) == 1 and c > 1
+    scalars = (oc, oc // c, in_h, in_w, out_h, out_w, *x.stride(), weight.stride(0), weight.stride(2),
+               weight.stride(3), *y.stride(), *stride, *padding, *dilation)
+    flags = dict(KH=kernel_h, KW=kernel_w, HAS_BIAS=bias is not None, USE_INT64=needs_int64(x, weight, y))
 
-    def run(cand: Candidate):
+    def make(cand: Candidate):
         p = cand.params
         grid = (n * triton.cdiv(out_h, p["BLOCK_H"]) * triton.cdiv(out_w, p["BLOCK_W"]), triton.cdiv(oc, p["BLOCK_C"]))
-        depthwise_kernel[grid](
-            x, weight, bias if has_bias else y, y, oc, oc // c, in_h, in_w, out_h, out_w,
-            *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *y.stride(),
-            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            KH=kernel_h, KW=kernel_w, HAS_BIAS=has_bias, USE_INT64=needs_int64(x, weight, y),
-            num_warps=cand.num_warps, num_stages=cand.num_stages, **p)
 
-    key = (f"depthwise|x{tuple(x.shape)}{tuple(x.stride())}|w{tuple(weight.shape)}|y{tuple(y.stride())}"
-           f"|s{tuple(stride)}p{tuple(padding)}d{tuple(dilation)}|{x.dtype}|b{has_bias}")
+        def launch(x, weight, bias, y):
+            depthwise_kernel[grid](x, weight, y if bias is None else bias, y, *scalars, **flags,
+                                   num_warps=cand.num_warps, num_stages=cand.num_stages, **p)
+        return launch
+
+    key = (f"depthwise|x{tuple(x.shape)}{tuple(x.stride())}|w{tuple(weight.shape)}{tuple(weight.stride())}"
+           f"|s{tuple(stride)}p{tuple(padding)}d{tuple(dilation)}|{x.dtype}|b{bias is not None}")
     signature = problem_signature(x.shape, weight.shape, stride, padding, dilation, c, x.dtype)
-    choice = select(key, signature, x.device, depthwise_candidates(channels_innermost), run)
-    run(choice)
-    return y
+    candidates = depthwise_candidates(x.stride(1) == 1 and c > 1)
+    launch = make(select(key, signature, x.device, candidates, lambda cand: make(cand)(x, weight, bias, y)))
+    y_size, y_stride = tuple(y.shape), y.stride()
+
+    def run(x, weight, bias):
+        out = torch.empty_strided(y_size, y_stride, dtype=x.dtype, device=x.device)
+        launch(x, weight, bias, out)
+        return out
+    return run
+
+
+def depthwise_conv2d(x, weight, bias, stride, padding, dilation):
+    """One-off call: plan and run."""
+    return depthwise_plan(x, weight, bias, stride, padding, dilation)(x, weight, bias)

@@ -173,69 +173,98 @@ def tma_candidates(cg: int, ocg: int, out_w: int, groups: int, dtype: torch.dtyp
 
 
 def _packed_weight(weight: torch.Tensor, block_k: int) -> torch.Tensor:
-    """Weight as [OC, KH*KW*CPAD], channels innermost, each tap padded with zeros to a multiple of BLOCK_K."""
+    """Weight as [OC, KH*KW*CPAD], channels innermost, each tap padded with zeros to a multiple of BLOCK_K.
+
+    A channels_last weight whose channel count is a multiple of BLOCK_K is used as is (a view).
+    """
     oc, cg, kh, kw = weight.shape
     cpad = triton.cdiv(cg, block_k) * block_k
+    if cpad == cg:
+        return weight.permute(0, 2, 3, 1).contiguous().view(oc, kh * kw * cg)
     packed = weight.new_zeros((oc, kh, kw, cpad))
     packed[..., :cg] = weight.permute(0, 2, 3, 1)
-    return packed.reshape(oc, kh * kw * cpad)
+    return packed.view(oc, kh * kw * cpad)
 
 
-def implicit_gemm_conv2d(x, weight, bias, stride, padding, dilation, groups, input_precision, load_path="auto"):
-    """Run the implicit GEMM; `load_path` is "auto", "tma" or "pointer"."""
-    tma_why = tma_reason(x, weight, stride, groups)
-    if load_path == "tma" and tma_why:
-        raise ValueError(f"tritonconv: the TMA path cannot take this convolution: {tma_why}")
-    y = empty_output(x, weight, stride, padding, dilation)
+def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, groups, input_precision):
+    """A closure that runs `cand` on tensors shaped like these; every scalar argument is fixed once here."""
     n, c, in_h, in_w = x.shape
     oc, cg, kernel_h, kernel_w = weight.shape
     out_h, out_w = y.shape[2], y.shape[3]
     ocg = oc // groups
-    # Channels innermost: the GEMM's K loads are contiguous. No-ops for channels_last tensors.
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-    w_cl = weight.contiguous(memory_format=torch.channels_last)
-    use_int64 = needs_int64(x_cl, w_cl, y)
-    upcast = needs_dot_upcast(x.dtype)
-    has_bias = bias is not None
-    bias_arg = bias if has_bias else y
+    p = cand.params
+    x_cl_strides = x.contiguous(memory_format=torch.channels_last).stride()
+    flags = dict(KH=kernel_h, KW=kernel_w, HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision,
+                 USE_INT64=needs_int64(x, weight, y), UPCAST_DOT=needs_dot_upcast(x.dtype),
+                 num_warps=cand.num_warps, num_stages=cand.num_stages, **p)
 
+    def channels_last(t):  # no-op for channels_last tensors: the GEMM's K loads are contiguous
+        return t.contiguous(memory_format=torch.channels_last)
+
+    if cand.kernel == "igemm_pointer":
+        grid = (triton.cdiv(n * out_h * out_w, p["BLOCK_M"]) * triton.cdiv(ocg, p["BLOCK_N"]), groups)
+        w_strides = channels_last(weight).stride()
+        scalars = (n * out_h * out_w, out_h, out_w, in_h, in_w, cg, ocg, triton.cdiv(cg, p["BLOCK_K"]),
+                   *x_cl_strides, *w_strides, *y.stride(), *stride, *padding, *dilation)
+
+        def launch(x, weight, bias, y):
+            igemm_pointer_kernel[grid](channels_last(x), channels_last(weight), y if bias is None else bias, y,
+                                       *scalars, **flags)
+        return launch
+
+    bk = p["BLOCK_K"]
+    tiles = n * triton.cdiv(out_h, p["BLOCK_H"]) * triton.cdiv(out_w, p["BLOCK_W"])
+    grid = (tiles * triton.cdiv(ocg, p["BLOCK_N"]), groups)
+    cpad = triton.cdiv(cg, bk) * bk
+    scalars = (out_h, out_w, cg, ocg, triton.cdiv(cg, bk), cpad, *y.stride(), *padding, *dilation)
+    x_box = [1, p["BLOCK_H"], p["BLOCK_W"], bk]
+    # Dense NHWC strides: equal to the channels_last input's wherever an index is valid.
+    x_shape, x_strides = [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1]
+    w_shape, w_strides, w_box = [oc, kernel_h * kernel_w * cpad], [kernel_h * kernel_w * cpad, 1], [p["BLOCK_N"], bk]
+
+    def launch(x, weight, bias, y):
+        x_desc = TensorDescriptor(channels_last(x), x_shape, x_strides, x_box)
+        w_desc = TensorDescriptor(_packed_weight(weight, bk), w_shape, w_strides, w_box)
+        igemm_tma_kernel[grid](x_desc, w_desc, y if bias is None else bias, y, *scalars, **flags)
+    return launch
+
+
+def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input_precision, load_path="auto"):
+    """Tune (or recall) the best kernel for this problem; return `run(x, weight, bias) -> y`.
+
+    `load_path` is "auto", "tma" or "pointer". The plan serves any tensors with
+    the same shapes, strides, dtype and device as the ones given here.
+    """
+    tma_why = tma_reason(x, weight, stride, groups)
+    if load_path == "tma" and tma_why:
+        raise ValueError(f"tritonconv: the TMA path cannot take this convolution: {tma_why}")
+    y = empty_output(x, weight, stride, padding, dilation)
+    oc, cg = weight.shape[0], weight.shape[1]
     candidates = []
     if load_path in ("auto", "tma") and not tma_why:
-        candidates += tma_candidates(cg, ocg, out_w, groups, x.dtype)
+        candidates += tma_candidates(cg, oc // groups, y.shape[3], groups, x.dtype)
     if load_path in ("auto", "pointer"):
-        candidates += pointer_candidates(cg, ocg, x.dtype)
-    packed = {}
+        candidates += pointer_candidates(cg, oc // groups, x.dtype)
 
-    def run(cand: Candidate):
-        p = cand.params
-        if cand.kernel == "igemm_pointer":
-            grid = (triton.cdiv(n * out_h * out_w, p["BLOCK_M"]) * triton.cdiv(ocg, p["BLOCK_N"]), groups)
-            igemm_pointer_kernel[grid](
-                x_cl, w_cl, bias_arg, y, n * out_h * out_w, out_h, out_w, in_h, in_w, cg, ocg,
-                triton.cdiv(cg, p["BLOCK_K"]), *x_cl.stride(), *w_cl.stride(), *y.stride(),
-                stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-                KH=kernel_h, KW=kernel_w, HAS_BIAS=has_bias, INPUT_PRECISION=input_precision,
-                USE_INT64=use_int64, UPCAST_DOT=upcast, num_warps=cand.num_warps, num_stages=cand.num_stages, **p)
-            return
-        bk = p["BLOCK_K"]
-        if bk not in packed:
-            packed[bk] = _packed_weight(weight, bk)
-        w_packed = packed[bk]
-        # Dense NHWC strides: equal to x_cl's wherever an index is valid (size-1 dims may carry any stride).
-        x_desc = TensorDescriptor(x_cl, [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1],
-                                  [1, p["BLOCK_H"], p["BLOCK_W"], bk])
-        w_desc = TensorDescriptor(w_packed, list(w_packed.shape), [w_packed.stride(0), 1], [p["BLOCK_N"], bk])
-        tiles = n * triton.cdiv(out_h, p["BLOCK_H"]) * triton.cdiv(out_w, p["BLOCK_W"])
-        grid = (tiles * triton.cdiv(ocg, p["BLOCK_N"]), groups)
-        igemm_tma_kernel[grid](
-            x_desc, w_desc, bias_arg, y, out_h, out_w, cg, ocg, triton.cdiv(cg, bk), w_packed.shape[1] // (kernel_h * kernel_w),
-            *y.stride(), padding[0], padding[1], dilation[0], dilation[1],
-            KH=kernel_h, KW=kernel_w, HAS_BIAS=has_bias, INPUT_PRECISION=input_precision,
-            USE_INT64=use_int64, UPCAST_DOT=upcast, num_warps=cand.num_warps, num_stages=cand.num_stages, **p)
+    def make(cand):
+        return _launcher(cand, x, weight, bias, y, stride, padding, dilation, groups, input_precision)
 
-    key = (f"igemm|{load_path}|x{tuple(x.shape)}{tuple(x_cl.stride())}|w{tuple(weight.shape)}|y{tuple(y.stride())}"
-           f"|s{tuple(stride)}p{tuple(padding)}d{tuple(dilation)}g{groups}|{x.dtype}|{input_precision}|b{has_bias}")
+    key = (f"igemm|{load_path}|x{tuple(x.shape)}{tuple(x.stride())}|w{tuple(weight.shape)}{tuple(weight.stride())}"
+           f"|s{tuple(stride)}p{tuple(padding)}d{tuple(dilation)}g{groups}|{x.dtype}|{input_precision}"
+           f"|b{bias is not None}")
     signature = problem_signature(x.shape, weight.shape, stride, padding, dilation, groups, x.dtype)
-    choice = select(key, signature, x.device, candidates, run)
-    run(choice)
-    return y
+    choice = select(key, signature, x.device, candidates, lambda cand: make(cand)(x, weight, bias, y))
+    launch = make(choice)
+    y_size, y_stride = tuple(y.shape), y.stride()
+
+    def run(x, weight, bias):
+        out = torch.empty_strided(y_size, y_stride, dtype=x.dtype, device=x.device)
+        launch(x, weight, bias, out)
+        return out
+    return run
+
+
+def implicit_gemm_conv2d(x, weight, bias, stride, padding, dilation, groups, input_precision, load_path="auto"):
+    """One-off call: plan and run."""
+    return implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input_precision,
+                              load_path)(x, weight, bias)
