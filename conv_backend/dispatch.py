@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from .layout import _MEMORY_FORMATS
 from .runtime import resolve_input_precision
 from .support import depthwise_like, unsupported_reason
 from .tuning import NoKernelError
@@ -28,19 +29,22 @@ def _tensor_key(t):
     return None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device, t.layout)
 
 
-def launch_conv2d(x, weight, bias, stride, padding, dilation, groups, input_precision="auto", algorithm="auto"):
+def launch_conv2d(x, weight, bias, stride, padding, dilation, groups, input_precision="auto", algorithm="auto",
+                  output_format="eager"):
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     precision = resolve_input_precision(input_precision, x.dtype) if isinstance(x, torch.Tensor) else input_precision
     key = (_tensor_key(x), _tensor_key(weight), _tensor_key(bias), stride, padding, dilation, groups, precision,
-           algorithm)
+           algorithm, output_format)
     plan = _plans.get(key)
     if plan is None:
-        plan = _plans[key] = _make_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm)
+        plan = _plans[key] = _make_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm,
+                                        output_format)
     return plan(x, weight, bias)
 
 
-def _make_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm):
-    aten = functools.partial(_aten_plan, stride=stride, padding=padding, dilation=dilation, groups=groups)
+def _make_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm, output_format):
+    aten = functools.partial(_aten_plan, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                             output_format=output_format)
     reason = unsupported_reason(x, weight, bias, stride, padding, dilation, groups=groups, algorithm=algorithm)
     if reason is not None:
         # Reached only by direct calls of the op: the graph pass never emits these.
@@ -49,23 +53,27 @@ def _make_plan(x, weight, bias, stride, padding, dilation, groups, precision, al
     if x.numel() == 0 or weight.numel() == 0:
         return aten  # nothing to compute, and ATen defines the exact result (zeros or bias)
     try:
-        return _triton_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm)
+        return _triton_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm, output_format)
     except NoKernelError as exc:
         log.warning("tritonconv::conv2d falls back to ATen: %s", exc)
         return aten
 
 
-def _aten_plan(x, weight, bias, *, stride, padding, dilation, groups):
-    return aten_conv2d(x, weight, bias, stride, padding, dilation, groups)
+def _aten_plan(x, weight, bias, *, stride, padding, dilation, groups, output_format):
+    y = aten_conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if output_format == "eager":
+        return y
+    return y.contiguous(memory_format=_MEMORY_FORMATS[output_format])
 
 
-def _triton_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm):
+def _triton_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm, output_format):
     if algorithm == "seed":
         from .kernels.seed import seed_conv2d
-        return lambda x, weight, bias: seed_conv2d(x, weight, bias, stride, padding, dilation, precision)
+        return lambda x, weight, bias: seed_conv2d(x, weight, bias, stride, padding, dilation, precision,
+                                                   output_format=output_format)
     if algorithm == "depthwise" or (algorithm == "auto" and depthwise_like(x.shape[1], weight.shape[0], groups)):
         from .kernels.depthwise import depthwise_plan
-        return depthwise_plan(x, weight, bias, stride, padding, dilation)
+        return depthwise_plan(x, weight, bias, stride, padding, dilation, output_format)
     from .kernels.implicit_gemm import implicit_gemm_plan
     load_path = {"gemm_tma": "tma", "gemm_pointer": "pointer"}.get(algorithm, "auto")
-    return implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, precision, load_path)
+    return implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, precision, load_path, output_format)

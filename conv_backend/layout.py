@@ -27,10 +27,19 @@ def output_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_
     return torch.contiguous_format
 
 
+# "eager" derives the format from the inputs as ATen does; the graph pass pins one of the
+# other two (the format eager produced when the graph was traced, or channels_last
+# between consecutive convolutions), so that a channels_last input it arranged for
+# does not leak channels_last into the rest of the graph.
+OUTPUT_FORMATS = ("eager", "contiguous", "channels_last")
+_MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
 def empty_output(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
-                 dilation: Sequence[int]) -> torch.Tensor:
+                 dilation: Sequence[int], output_format: str = "eager") -> torch.Tensor:
+    """The output tensor, in the memory format `output_format` names (see OUTPUT_FORMATS)."""
     n, _, in_h, in_w = x.shape
     out_c, _, kernel_h, kernel_w = weight.shape
     out_h, out_w = conv_output_hw(in_h, in_w, kernel_h, kernel_w, stride, padding, dilation)
     return torch.empty((n, out_c, out_h, out_w), dtype=x.dtype, device=x.device,
-                       memory_format=output_memory_format(x, weight))
+                       memory_format=_MEMORY_FORMATS.get(output_format) or output_memory_format(x, weight))

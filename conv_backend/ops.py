@@ -25,19 +25,26 @@ def conv2d(
     groups: int,
     input_precision: str = "auto",
     algorithm: str = "auto",
+    output_format: str = "eager",
 ) -> Tensor:
-    """2D convolution on our Triton kernels; same contract as aten.convolution (not transposed)."""
+    """2D convolution on our Triton kernels; same contract as aten.convolution (not transposed).
+
+    output_format: "eager" picks the memory format from the inputs as ATen does;
+    "contiguous" or "channels_last" pin it (see conv_backend.layout.OUTPUT_FORMATS).
+    """
     from .dispatch import launch_conv2d
-    return launch_conv2d(input, weight, bias, stride, padding, dilation, groups, input_precision, algorithm)
+    return launch_conv2d(input, weight, bias, stride, padding, dilation, groups, input_precision, algorithm,
+                         output_format)
 
 
 @conv2d.register_fake
-def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups, input_precision="auto", algorithm="auto"):
-    return empty_output(input, weight, stride, padding, dilation)
+def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups, input_precision="auto", algorithm="auto",
+                 output_format="eager"):
+    return empty_output(input, weight, stride, padding, dilation, output_format)
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, stride, padding, dilation, groups, _, _ = inputs
+    input, weight, bias, stride, padding, dilation, groups = inputs[:7]
     ctx.save_for_backward(input, weight)
     ctx.bias_shape = None if bias is None else list(bias.shape)
     ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
@@ -49,7 +56,7 @@ def _backward(ctx, grad_output):
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.bias_shape is not None and ctx.needs_input_grad[2]]
     grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
         grad_output, input, weight, ctx.bias_shape, stride, padding, dilation, False, [0, 0], groups, mask)
-    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 conv2d.register_autograd(_backward, setup_context=_setup_context)

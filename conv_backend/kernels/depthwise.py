@@ -97,9 +97,9 @@ def depthwise_candidates(channels_innermost: bool) -> list:
             for h, bw, c, w in shapes]
 
 
-def depthwise_plan(x, weight, bias, stride, padding, dilation):
+def depthwise_plan(x, weight, bias, stride, padding, dilation, output_format="eager"):
     """Tune (or recall) the tile for this problem; return `run(x, weight, bias) -> y`."""
-    y = empty_output(x, weight, stride, padding, dilation)
+    y = empty_output(x, weight, stride, padding, dilation, output_format)
     n, c, in_h, in_w = x.shape
     oc, _, kernel_h, kernel_w = weight.shape
     out_h, out_w = y.shape[2], y.shape[3]
@@ -117,7 +117,7 @@ def depthwise_plan(x, weight, bias, stride, padding, dilation):
         return launch
 
     key = (f"depthwise|x{tuple(x.shape)}{tuple(x.stride())}|w{tuple(weight.shape)}{tuple(weight.stride())}"
-           f"|s{tuple(stride)}p{tuple(padding)}d{tuple(dilation)}|{x.dtype}|b{bias is not None}")
+           f"|y{y.stride()}|s{tuple(stride)}p{tuple(padding)}d{tuple(dilation)}|{x.dtype}|b{bias is not None}")
     signature = problem_signature(x.shape, weight.shape, stride, padding, dilation, c, x.dtype)
     candidates = depthwise_candidates(x.stride(1) == 1 and c > 1)
     launch = make(select(key, signature, x.device, candidates, lambda cand: make(cand)(x, weight, bias, y)))

@@ -229,7 +229,8 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     return launch
 
 
-def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input_precision, load_path="auto"):
+def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input_precision, load_path="auto",
+                       output_format="eager"):
     """Tune (or recall) the best kernel for this problem; return `run(x, weight, bias) -> y`.
 
     `load_path` is "auto", "tma" or "pointer". The plan serves any tensors with
@@ -238,7 +239,7 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
     tma_why = tma_reason(x, weight, stride, groups)
     if load_path == "tma" and tma_why:
         raise ValueError(f"tritonconv: the TMA path cannot take this convolution: {tma_why}")
-    y = empty_output(x, weight, stride, padding, dilation)
+    y = empty_output(x, weight, stride, padding, dilation, output_format)
     oc, cg = weight.shape[0], weight.shape[1]
     candidates = []
     if load_path in ("auto", "tma") and not tma_why:
@@ -250,7 +251,7 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
         return _launcher(cand, x, weight, bias, y, stride, padding, dilation, groups, input_precision)
 
     key = (f"igemm|{load_path}|x{tuple(x.shape)}{tuple(x.stride())}|w{tuple(weight.shape)}{tuple(weight.stride())}"
-           f"|s{tuple(stride)}p{tuple(padding)}d{tuple(dilation)}g{groups}|{x.dtype}|{input_precision}"
+           f"|y{y.stride()}|s{tuple(stride)}p{tuple(padding)}d{tuple(dilation)}g{groups}|{x.dtype}|{input_precision}"
            f"|b{bias is not None}")
     signature = problem_signature(x.shape, weight.shape, stride, padding, dilation, groups, x.dtype)
     choice = select(key, signature, x.device, candidates, lambda cand: make(cand)(x, weight, bias, y))

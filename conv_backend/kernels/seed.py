@@ -109,9 +109,10 @@ seed_conv2d_original = triton.autotune(configs=ORIGINAL_CONFIGS, key=AUTOTUNE_KE
 seed_conv2d_tuned = triton.autotune(configs=ORIGINAL_CONFIGS + NEARBY_CONFIGS, key=AUTOTUNE_KEY)(seed_conv2d_kernel)
 
 
-def seed_conv2d(x, weight, bias, stride, padding, dilation, input_precision: str, configs: str = "tuned"):
+def seed_conv2d(x, weight, bias, stride, padding, dilation, input_precision: str, configs: str = "tuned",
+                output_format: str = "eager"):
     """Run the seed kernel (groups == 1). `configs` picks the original or the micro-tuned config set."""
-    y = empty_output(x, weight, stride, padding, dilation)
+    y = empty_output(x, weight, stride, padding, dilation, output_format)
     n, in_c, in_h, in_w = x.shape
     out_c, _, kernel_h, kernel_w = weight.shape
     out_h, out_w = y.shape[2], y.shape[3]
