@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -48,12 +49,14 @@ def cudnn_conv_allows_tf32() -> bool:
     return bool(torch._C._get_cudnn_allow_tf32())
 
 
-def resolve_input_precision(policy: str, dtype: torch.dtype) -> str:
-    """Map the user's fp32 policy to a tl.dot input_precision for `dtype`."""
+def resolve_input_precision(policy: str, dtype: torch.dtype, device: Optional[torch.device] = None) -> str:
+    """Map the user's fp32 policy to a tl.dot input_precision for `dtype` on `device` (default: CUDA)."""
     if dtype != torch.float32:
         return "ieee"  # fp16/bf16 operands are exact in the tensor cores; ignored by tl.dot
     if policy == "auto":
-        return "tf32" if cudnn_conv_allows_tf32() else "ieee"
+        # What eager would do: cuDNN's TF32 setting on CUDA, exact fp32 on the CPU.
+        on_cuda = device is None or device.type == "cuda"
+        return "tf32" if on_cuda and cudnn_conv_allows_tf32() else "ieee"
     return policy
 
 

@@ -143,7 +143,7 @@ def pointer_candidates(cg: int, ocg: int, dtype: torch.dtype) -> list:
         return [Candidate.make("igemm_pointer", BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=8)]
     wide = dtype != torch.float32  # 16-bit operands: twice the K per byte of shared memory
     shapes = [(128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (256, 64, 32, 8, 3),
-              (128, 64, 16, 4, 4), (64, 128, 32, 4, 3)]
+              (128, 64, 16, 4, 4), (64, 128, 32, 4, 3), (256, 128, 32, 8, 3), (128, 256, 32, 8, 3)]
     if wide:
         shapes += [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (256, 128, 32, 8, 3), (64, 64, 64, 4, 4)]
     max_n, max_k = _pow2_at_least(ocg), _pow2_at_least(cg)
@@ -159,7 +159,8 @@ def tma_candidates(cg: int, ocg: int, out_w: int, groups: int, dtype: torch.dtyp
     max_k = min(128 // elem, _pow2_at_least(cg))  # a box row of at most 128 bytes (the swizzle width)
     max_n = _pow2_at_least(ocg)
     shapes = [(8, 16, 64, 32, 4, 3), (8, 16, 128, 32, 8, 3), (16, 16, 64, 32, 8, 3), (4, 32, 64, 32, 4, 4),
-              (8, 32, 64, 32, 8, 3), (16, 8, 64, 32, 4, 3), (8, 8, 64, 32, 4, 4), (8, 16, 64, 64, 4, 3)]
+              (8, 32, 64, 32, 8, 3), (16, 8, 64, 32, 4, 3), (8, 8, 64, 32, 4, 4), (8, 16, 64, 64, 4, 3),
+              (1, 128, 64, 32, 4, 3), (1, 256, 64, 32, 8, 3), (1, 128, 128, 32, 8, 3), (16, 16, 128, 32, 8, 3)]
     picked = set()
     for bh, bw, n, k, w, s in shapes:
         k = min(k, max_k)
