@@ -134,6 +134,17 @@ def igemm_tma_kernel(
                     syn, syc, syh, syw, HAS_BIAS)
 
 
+# Tile shapes worth timing, from sweeps on an H100 (devices differ: the tuner times them).
+# Pointer path: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+POINTER_SHAPES_FP32 = [(256, 64, 32, 8, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4),
+                       (64, 128, 32, 4, 3)]
+POINTER_SHAPES_16BIT = [(256, 64, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 4),
+                        (64, 128, 32, 4, 3)]
+# TMA path: (BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K is capped at a 128-byte row.
+TMA_SHAPES = [(16, 16, 64, 32, 8, 3), (8, 32, 64, 32, 8, 3), (8, 16, 128, 32, 8, 3), (1, 128, 128, 32, 8, 3),
+              (16, 8, 64, 32, 4, 3), (8, 16, 64, 64, 4, 3)]
+
+
 def _pow2_at_least(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
 
@@ -141,11 +152,7 @@ def _pow2_at_least(n: int, least: int = 16) -> int:
 def pointer_candidates(cg: int, ocg: int, dtype: torch.dtype) -> list:
     if interpreter_enabled():
         return [Candidate.make("igemm_pointer", BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=8)]
-    wide = dtype != torch.float32  # 16-bit operands: twice the K per byte of shared memory
-    shapes = [(128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (256, 64, 32, 8, 3),
-              (128, 64, 16, 4, 4), (64, 128, 32, 4, 3), (256, 128, 32, 8, 3), (128, 256, 32, 8, 3)]
-    if wide:
-        shapes += [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (256, 128, 32, 8, 3), (64, 64, 64, 4, 4)]
+    shapes = POINTER_SHAPES_FP32 if dtype == torch.float32 else POINTER_SHAPES_16BIT
     max_n, max_k = _pow2_at_least(ocg), _pow2_at_least(cg)
     picked = {Candidate.make("igemm_pointer", num_warps=w, num_stages=s, BLOCK_M=m, BLOCK_N=min(n, max_n),
                              BLOCK_K=min(k, max_k), GROUP_M=8) for m, n, k, w, s in shapes}
@@ -158,11 +165,8 @@ def tma_candidates(cg: int, ocg: int, out_w: int, groups: int, dtype: torch.dtyp
     elem = torch.tensor([], dtype=dtype).element_size()
     max_k = min(128 // elem, _pow2_at_least(cg))  # a box row of at most 128 bytes (the swizzle width)
     max_n = _pow2_at_least(ocg)
-    shapes = [(8, 16, 64, 32, 4, 3), (8, 16, 128, 32, 8, 3), (16, 16, 64, 32, 8, 3), (4, 32, 64, 32, 4, 4),
-              (8, 32, 64, 32, 8, 3), (16, 8, 64, 32, 4, 3), (8, 8, 64, 32, 4, 4), (8, 16, 64, 64, 4, 3),
-              (1, 128, 64, 32, 4, 3), (1, 256, 64, 32, 8, 3), (1, 128, 128, 32, 8, 3), (16, 16, 128, 32, 8, 3)]
     picked = set()
-    for bh, bw, n, k, w, s in shapes:
+    for bh, bw, n, k, w, s in TMA_SHAPES:
         k = min(k, max_k)
         while groups > 1 and cg % k:
             k //= 2  # a box must not reach into the next group's channels
