@@ -21,7 +21,10 @@ _register_with_torch_logging()
 
 
 def _fmt_shape(shape) -> str:
-    return "x".join(str(s) for s in shape) if shape is not None else "?"
+    """2x3x224x224; a symbolic size (dynamic shapes) is bracketed: 2x3x[s0]x[s1]."""
+    if shape is None:
+        return "?"
+    return "x".join(str(s) if str(s).isdigit() else f"[{str(s).replace(' ', '')}]" for s in shape)
 
 
 @dataclasses.dataclass
