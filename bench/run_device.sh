@@ -6,7 +6,7 @@
 # STEP: tests     python -m pytest -m cuda -q tests/          -> $OUT/pytest_cuda.log
 #       seed      bench/seed_bench.py --out $OUT               -> $OUT/<date>-<gpu>-seed.{json,md}, log in $OUT/bench.log
 #       conv      bench/conv_bench.py --out $OUT [ARGS]        -> $OUT/<date>-<gpu>.{json,md,png}, log in $OUT/bench.log
-#       examples  every examples/*.py                          -> $OUT/examples.log
+#       examples  every examples/*.py but _*.py                      -> $OUT/examples.log
 #       smoke     conv_bench.py --smoke (default --problems kb80,kb82,rn50-stem) and seed_bench.py --smoke:
 #                 tiny shapes on the GPU, a quick check of the harness (results in /tmp, log in $OUT/bench.log)
 # Default: tests seed conv examples. At most 8 files land in $OUT (3 logs + 5 results).
@@ -106,7 +106,8 @@ for step in "${steps[@]}"; do
         results+=("examples: none found")
       fi
       for f in "${examples[@]}"; do
-        run_step "example $(basename "$f")" "$OUT/examples.log" "${T_EXAMPLES:-150}" "$PY" "$f"
+        case "$(basename "$f")" in _*) continue ;; esac  # helpers such as examples/_common.py
+        run_step "example $(basename "$f")" "$OUT/examples.log" "${T_EXAMPLES:-240}" "$PY" "$f"
       done ;;
   esac
 done
