@@ -26,7 +26,8 @@ def aten_conv2d(x, weight, bias, stride, padding, dilation, groups):
 
 
 def _tensor_key(t):
-    return None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device, t.layout)
+    # Alignment is part of the key: tensor-descriptor (TMA) loads need a 16-byte aligned base.
+    return None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device, t.layout, t.data_ptr() % 16 == 0)
 
 
 def launch_conv2d(x, weight, bias, stride, padding, dilation, groups, input_precision="auto", algorithm="auto",

@@ -10,6 +10,8 @@ Grouped convolution runs one GEMM per group (grid axis 1).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
@@ -20,6 +22,8 @@ from ..runtime import interpreter_enabled
 from ..support import tma_reason
 from ..tuning import Candidate, problem_signature, select
 from .common import mma, needs_dot_upcast, needs_int64
+
+log = logging.getLogger("conv_backend")
 
 
 @triton.jit
@@ -185,7 +189,8 @@ def _packed_weight(weight: torch.Tensor, block_k: int) -> torch.Tensor:
     oc, cg, kh, kw = weight.shape
     cpad = triton.cdiv(cg, block_k) * block_k
     if cpad == cg:
-        return weight.permute(0, 2, 3, 1).contiguous().view(oc, kh * kw * cg)
+        packed = weight.permute(0, 2, 3, 1).contiguous().view(oc, kh * kw * cg)
+        return packed if packed.data_ptr() % 16 == 0 else packed.clone()  # TMA needs a 16-byte aligned base
     packed = weight.new_zeros((oc, kh, kw, cpad))
     packed[..., :cg] = weight.permute(0, 2, 3, 1)
     return packed.view(oc, kh * kw * cpad)
@@ -242,6 +247,14 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
     the same shapes, strides, dtype and device as the ones given here.
     """
     tma_why = tma_reason(x, weight, stride, groups)
+    if not tma_why and x.is_contiguous(memory_format=torch.channels_last) and x.data_ptr() % 16:
+        # A channels_last view at an odd offset is read in place; the copy engine can't start there.
+        # Only known at run time (dispatch keys its plans on it), so even a forced TMA path
+        # takes pointer loads here rather than failing mid-model.
+        tma_why = "input base address not 16-byte aligned"
+        if load_path == "tma":
+            log.info("tritonconv: %s; using pointer loads", tma_why)
+            load_path = "pointer"
     if load_path == "tma" and tma_why:
         raise ValueError(f"tritonconv: the TMA path cannot take this convolution: {tma_why}")
     y = empty_output(x, weight, stride, padding, dilation, output_format)
