@@ -6,7 +6,9 @@ Two load paths share the same math:
   in the padding are zero-filled by the copy engine, so padding costs nothing.
 - Pointer loads (any GPU, any stride, any channel count): the same loop with
   masked gathers, vectorised along channels when the input is channels_last.
-Grouped convolution runs one GEMM per group (grid axis 1).
+Grouped convolution runs one GEMM per group (grid axis 1). For a few input
+channels (a network's stem) the tuner also times the seed's direct kernel,
+whose flattened K = C*KH*KW wastes no lanes.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from ..runtime import interpreter_enabled
 from ..support import tma_reason
 from ..tuning import Candidate, problem_signature, select
 from .common import mma, needs_dot_upcast, needs_int64
+from .seed import seed_conv2d_kernel
 
 log = logging.getLogger("conv_backend")
 
@@ -145,6 +148,8 @@ POINTER_SHAPES_FP32 = [(256, 64, 32, 8, 3), (128, 64, 32, 4, 3), (128, 128, 32, 
 POINTER_SHAPES_16BIT = [(256, 64, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 4),
                         (64, 128, 32, 4, 3)]
 # TMA path: (BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K is capped at a 128-byte row.
+# Direct (seed) kernel: (BLOCK_OC, BLOCK_HW, BLOCK_K, num_warps, num_stages), from the seed's configs.
+SEED_SHAPES = [(32, 128, 32, 4, 2), (64, 128, 32, 8, 2), (64, 64, 64, 8, 3)]
 TMA_SHAPES = [(16, 16, 64, 32, 8, 3), (8, 32, 64, 32, 8, 3), (8, 16, 128, 32, 8, 3), (1, 128, 128, 32, 8, 3),
               (16, 8, 64, 32, 4, 3), (8, 16, 64, 64, 4, 3)]
 
@@ -203,6 +208,8 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     out_h, out_w = y.shape[2], y.shape[3]
     ocg = oc // groups
     p = cand.params
+    if cand.kernel == "seed_direct":
+        return _seed_launcher(cand, x, weight, bias, y, stride, padding, dilation, input_precision)
     x_cl_strides = x.contiguous(memory_format=torch.channels_last).stride()
     flags = dict(KH=kernel_h, KW=kernel_w, HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision,
                  USE_INT64=needs_int64(x, weight, y), UPCAST_DOT=needs_dot_upcast(x.dtype),
@@ -239,6 +246,32 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     return launch
 
 
+def _seed_launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, input_precision):
+    """The seed's direct kernel, K = C*KH*KW flattened: for a few input channels (a network's
+    stem) it wastes no K lanes, where the implicit GEMM pads each tap's channels to BLOCK_K."""
+    n, c, in_h, in_w = x.shape
+    oc, _, kernel_h, kernel_w = weight.shape
+    out_h, out_w = y.shape[2], y.shape[3]
+    p = cand.params
+    grid = (triton.cdiv(out_h * out_w, p["BLOCK_HW"]), triton.cdiv(oc, p["BLOCK_OC"]), n)
+    scalars = (n, c, in_h, in_w, oc, kernel_h, kernel_w, out_h, out_w, *x.stride(), *weight.stride(), *y.stride(),
+               *stride, *padding, *dilation)
+    flags = dict(HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision, USE_INT64=needs_int64(x, weight, y),
+                 UPCAST_DOT=needs_dot_upcast(x.dtype), num_warps=cand.num_warps, num_stages=cand.num_stages, **p)
+
+    def launch(x, weight, bias, y):
+        seed_conv2d_kernel[grid](x, weight, y if bias is None else bias, y, *scalars, **flags)
+    return launch
+
+
+def seed_candidates(cg: int, groups: int, batch: int) -> list:
+    """Direct-kernel candidates, only where they can win: groups == 1 and few input channels."""
+    if groups != 1 or cg > 8 or batch > 65535 or interpreter_enabled():
+        return []
+    return [Candidate.make("seed_direct", num_warps=w, num_stages=s, BLOCK_OC=oc, BLOCK_HW=hw, BLOCK_K=k)
+            for oc, hw, k, w, s in SEED_SHAPES]
+
+
 def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input_precision, load_path="auto",
                        output_format="eager"):
     """Tune (or recall) the best kernel for this problem; return `run(x, weight, bias) -> y`.
@@ -264,6 +297,8 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
         candidates += tma_candidates(cg, oc // groups, y.shape[3], groups, x.dtype)
     if load_path in ("auto", "pointer"):
         candidates += pointer_candidates(cg, oc // groups, x.dtype)
+    if load_path == "auto":
+        candidates += seed_candidates(cg, groups, x.shape[0])
 
     def make(cand):
         return _launcher(cand, x, weight, bias, y, stride, padding, dilation, groups, input_precision)
