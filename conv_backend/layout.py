@@ -17,12 +17,10 @@ def conv_output_hw(in_h, in_w, kernel_h, kernel_w, stride, padding, dilation):
 def output_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
     """The memory format eager's convolution gives its output.
 
-    Mirrors ATen's meta function for convolution: on CUDA the output is
-    channels_last when the input or the weight is; elsewhere only the input counts.
+    channels_last when the input or the weight suggests channels_last (cuDNN and
+    the CPU kernels agree on this; so does FakeTensor's rule for convolution).
     """
-    if suggest_memory_format(x) == torch.channels_last:
-        return torch.channels_last
-    if x.device.type == "cuda" and suggest_memory_format(weight) == torch.channels_last:
+    if suggest_memory_format(x) == torch.channels_last or suggest_memory_format(weight) == torch.channels_last:
         return torch.channels_last
     return torch.contiguous_format
 

@@ -34,19 +34,22 @@ def device_supported(device: torch.device) -> tuple[bool, str]:
 def cudnn_conv_allows_tf32() -> bool:
     """What cuDNN would do for an fp32 convolution right now.
 
-    PyTorch has a per-operator precision setting (`torch.backends.cudnn.conv.fp32_precision`,
-    falling back to `torch.backends.cudnn.fp32_precision`) and the legacy
-    `torch.backends.cudnn.allow_tf32` flag. Reading the legacy flag through the
-    Python property raises when the two APIs were mixed, so read them directly.
+    PyTorch resolves cuDNN's conv precision as ATen does here: the per-operator
+    setting (`torch.backends.cudnn.conv.fp32_precision`), else cuDNN's
+    (`torch.backends.cudnn.fp32_precision`), else the global one
+    (`torch.backends.fp32_precision`); TF32 only where one says "tf32", "none"
+    all the way down means exact fp32. The legacy `allow_tf32` flag writes the
+    per-operator setting; reading it back raises once the two APIs are mixed,
+    so it is only consulted on a torch without per-operator settings.
     """
     cudnn = torch.backends.cudnn
-    for holder in (getattr(cudnn, "conv", None), cudnn):
-        precision = getattr(holder, "fp32_precision", None)
-        if precision == "tf32":
-            return True
-        if precision == "ieee":
-            return False
-    return bool(torch._C._get_cudnn_allow_tf32())
+    conv = getattr(getattr(cudnn, "conv", None), "fp32_precision", None)
+    if conv is None:
+        return bool(cudnn.allow_tf32)
+    for precision in (conv, getattr(cudnn, "fp32_precision", "none"), getattr(torch.backends, "fp32_precision", "none")):
+        if precision in ("tf32", "ieee"):
+            return precision == "tf32"
+    return False
 
 
 def resolve_input_precision(policy: str, dtype: torch.dtype, device: Optional[torch.device] = None) -> str:

@@ -163,6 +163,8 @@ def select(problem_key: str, signature: tuple, device: torch.device, candidates:
         raise NoKernelError("no kernel candidate for this convolution")
     key = f"{environment_key(device)}|{problem_key}"
     choice = _memory.get(key)
+    if choice not in candidates:
+        choice = None
     if choice is None and (interpreter_enabled() or len(candidates) == 1):
         choice = candidates[0]  # nothing to time: the interpreter's speed says nothing about the GPU
     if choice is None:

@@ -26,7 +26,7 @@ from .common import needs_int64
 def depthwise_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     OC, MULT, IH, IW, OH, OW,
-    sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
+    sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw, sb,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, USE_INT64: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -80,7 +80,7 @@ def depthwise_kernel(
                 acc += x.to(tl.float32) * w.to(tl.float32)[None, None, :]
 
     if HAS_BIAS:
-        acc += tl.load(b_ptr + oc, mask=oc < OC, other=0.0).to(tl.float32)[None, None, :]
+        acc += tl.load(b_ptr + oc * sb, mask=oc < OC, other=0.0).to(tl.float32)[None, None, :]
     y_tile = (y_ptr + img * syn + (oh * syh)[:, None, None] + (ow * syw)[None, :, None]
               + (oc * syc)[None, None, :])
     tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
@@ -104,7 +104,7 @@ def depthwise_plan(x, weight, bias, stride, padding, dilation, output_format="ea
     oc, _, kernel_h, kernel_w = weight.shape
     out_h, out_w = y.shape[2], y.shape[3]
     scalars = (oc, oc // c, in_h, in_w, out_h, out_w, *x.stride(), weight.stride(0), weight.stride(2),
-               weight.stride(3), *y.stride(), *stride, *padding, *dilation)
+               weight.stride(3), *y.stride(), bias.stride(0) if bias is not None else 0, *stride, *padding, *dilation)
     flags = dict(KH=kernel_h, KW=kernel_w, HAS_BIAS=bias is not None, USE_INT64=needs_int64(x, weight, y))
 
     def make(cand: Candidate):

@@ -30,9 +30,9 @@ log = logging.getLogger("conv_backend")
 
 
 @triton.jit
-def _bias_and_store(acc, b_ptr, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw, HAS_BIAS: tl.constexpr):
+def _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
-        acc += tl.load(b_ptr + oc, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + oc * sb, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y_offsets = (img * syn + oh * syh + ow * syw)[:, None] + (oc * syc)[None, :]
     tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -41,7 +41,7 @@ def _bias_and_store(acc, b_ptr, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, sy
 def igemm_pointer_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     M, OH, OW, IH, IW, CG, OCG, C_CHUNKS,
-    sxn, sxc, sxh, sxw, swo, swc, swh, sww, syn, syc, syh, syw,
+    sxn, sxc, sxh, sxw, swo, swc, swh, sww, syn, syc, syh, syw, sb,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -92,14 +92,14 @@ def igemm_pointer_kernel(
                     mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         acc = mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
 
-    _bias_and_store(acc, b_ptr, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw, HAS_BIAS)
+    _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw, HAS_BIAS)
 
 
 @triton.jit
 def igemm_tma_kernel(
     x_desc, w_desc, b_ptr, y_ptr,
     OH, OW, CG, OCG, C_CHUNKS, CPAD,
-    syn, syc, syh, syw, pad_h, pad_w, dil_h, dil_w,
+    syn, syc, syh, syw, sb, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -137,8 +137,8 @@ def igemm_tma_kernel(
     img_v = tl.full((BLOCK_M,), 0, tl.int32) + img
     if USE_INT64:
         img_v = img_v.to(tl.int64)
-    _bias_and_store(acc, b_ptr, y_ptr, img_v, oh, ow, (oh < OH) & (ow < OW), group * OCG + offs_n, offs_n < OCG,
-                    syn, syc, syh, syw, HAS_BIAS)
+    _bias_and_store(acc, b_ptr, sb, y_ptr, img_v, oh, ow, (oh < OH) & (ow < OW), group * OCG + offs_n,
+                    offs_n < OCG, syn, syc, syh, syw, HAS_BIAS)
 
 
 # Tile shapes worth timing, from sweeps on an H100 (devices differ: the tuner times them).
@@ -210,6 +210,7 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     p = cand.params
     if cand.kernel == "seed_direct":
         return _seed_launcher(cand, x, weight, bias, y, stride, padding, dilation, input_precision)
+    bias_stride = bias.stride(0) if bias is not None else 0
     x_cl_strides = x.contiguous(memory_format=torch.channels_last).stride()
     flags = dict(KH=kernel_h, KW=kernel_w, HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision,
                  USE_INT64=needs_int64(x, weight, y), UPCAST_DOT=needs_dot_upcast(x.dtype),
@@ -222,7 +223,7 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
         grid = (triton.cdiv(n * out_h * out_w, p["BLOCK_M"]) * triton.cdiv(ocg, p["BLOCK_N"]), groups)
         w_strides = channels_last(weight).stride()
         scalars = (n * out_h * out_w, out_h, out_w, in_h, in_w, cg, ocg, triton.cdiv(cg, p["BLOCK_K"]),
-                   *x_cl_strides, *w_strides, *y.stride(), *stride, *padding, *dilation)
+                   *x_cl_strides, *w_strides, *y.stride(), bias_stride, *stride, *padding, *dilation)
 
         def launch(x, weight, bias, y):
             igemm_pointer_kernel[grid](channels_last(x), channels_last(weight), y if bias is None else bias, y,
@@ -233,7 +234,7 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     tiles = n * triton.cdiv(out_h, p["BLOCK_H"]) * triton.cdiv(out_w, p["BLOCK_W"])
     grid = (tiles * triton.cdiv(ocg, p["BLOCK_N"]), groups)
     cpad = triton.cdiv(cg, bk) * bk
-    scalars = (out_h, out_w, cg, ocg, triton.cdiv(cg, bk), cpad, *y.stride(), *padding, *dilation)
+    scalars = (out_h, out_w, cg, ocg, triton.cdiv(cg, bk), cpad, *y.stride(), bias_stride, *padding, *dilation)
     x_box = [1, p["BLOCK_H"], p["BLOCK_W"], bk]
     # Dense NHWC strides: equal to the channels_last input's wherever an index is valid.
     x_shape, x_strides = [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1]
@@ -255,7 +256,7 @@ def _seed_launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilatio
     p = cand.params
     grid = (triton.cdiv(out_h * out_w, p["BLOCK_HW"]), triton.cdiv(oc, p["BLOCK_OC"]), n)
     scalars = (n, c, in_h, in_w, oc, kernel_h, kernel_w, out_h, out_w, *x.stride(), *weight.stride(), *y.stride(),
-               *stride, *padding, *dilation)
+               bias.stride(0) if bias is not None else 0, *stride, *padding, *dilation)
     flags = dict(HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision, USE_INT64=needs_int64(x, weight, y),
                  UPCAST_DOT=needs_dot_upcast(x.dtype), num_warps=cand.num_warps, num_stages=cand.num_stages, **p)
 
@@ -305,7 +306,7 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
 
     key = (f"igemm|{load_path}|x{tuple(x.shape)}{tuple(x.stride())}|w{tuple(weight.shape)}{tuple(weight.stride())}"
            f"|y{y.stride()}|s{tuple(stride)}p{tuple(padding)}d{tuple(dilation)}g{groups}|{x.dtype}|{input_precision}"
-           f"|b{bias is not None}")
+           f"|b{bias is not None}|tma:{not tma_why}")
     signature = problem_signature(x.shape, weight.shape, stride, padding, dilation, groups, x.dtype)
     choice = select(key, signature, x.device, candidates, lambda cand: make(cand)(x, weight, bias, y))
     launch = make(choice)

@@ -49,7 +49,7 @@ def seed_conv2d_kernel(
     N, IC, IH, IW, OC, KH, KW, OH, OW,
     sxn, sxc, sxh, sxw,
     swo, swc, swh, sww,
-    syn, syc, syh, syw,
+    syn, syc, syh, syw, sb,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_OC: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -99,7 +99,7 @@ def seed_conv2d_kernel(
         acc = mma(w_vals, x_vals, acc, INPUT_PRECISION, UPCAST_DOT)
 
     if HAS_BIAS:
-        acc += tl.load(b_ptr + oc_offsets, mask=mask_oc, other=0.0).to(tl.float32)[:, None]
+        acc += tl.load(b_ptr + oc_offsets * sb, mask=mask_oc, other=0.0).to(tl.float32)[:, None]
 
     y_offsets = pid_b * syn + oc_offsets[:, None] * syc + oh[None, :] * syh + ow[None, :] * syw
     tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=mask_oc[:, None] & mask_hw[None, :])
@@ -119,7 +119,7 @@ def seed_conv2d(x, weight, bias, stride, padding, dilation, input_precision: str
     args = (
         x, weight, bias if bias is not None else y, y,
         n, in_c, in_h, in_w, out_c, kernel_h, kernel_w, out_h, out_w,
-        *x.stride(), *weight.stride(), *y.stride(),
+        *x.stride(), *weight.stride(), *y.stride(), bias.stride(0) if bias is not None else 0,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
     )
     flags = dict(HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision,
