@@ -9,7 +9,11 @@ log = logging.getLogger("conv_backend")
 
 
 def _register_with_torch_logging() -> None:
-    """Let TORCH_LOGS="+tritonconv" (or torch._logging.set_logs) control our logger."""
+    """Name our logger "tritonconv" in torch._logging, for torch._logging.set_logs(modules=...).
+
+    TORCH_LOGS is parsed when torch is imported, before this runs, so from the
+    environment use the module name: TORCH_LOGS="+conv_backend".
+    """
     try:
         from torch._logging import _internal
         _internal.register_log("tritonconv", "conv_backend")
