@@ -24,7 +24,7 @@ from ..runtime import interpreter_enabled
 from ..support import tma_reason
 from ..tuning import Candidate, problem_signature, select
 from .common import mma, needs_dot_upcast, needs_int64
-from .seed import seed_conv2d_kernel
+from .seed import seed_conv2d_kernel, seed_launch_args
 
 log = logging.getLogger("conv_backend")
 
@@ -250,18 +250,12 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
 def _seed_launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, input_precision):
     """The seed's direct kernel, K = C*KH*KW flattened: for a few input channels (a network's
     stem) it wastes no K lanes, where the implicit GEMM pads each tap's channels to BLOCK_K."""
-    n, c, in_h, in_w = x.shape
-    oc, _, kernel_h, kernel_w = weight.shape
-    out_h, out_w = y.shape[2], y.shape[3]
-    p = cand.params
-    grid = (triton.cdiv(out_h * out_w, p["BLOCK_HW"]), triton.cdiv(oc, p["BLOCK_OC"]), n)
-    scalars = (n, c, in_h, in_w, oc, kernel_h, kernel_w, out_h, out_w, *x.stride(), *weight.stride(), *y.stride(),
-               bias.stride(0) if bias is not None else 0, *stride, *padding, *dilation)
-    flags = dict(HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision, USE_INT64=needs_int64(x, weight, y),
-                 UPCAST_DOT=needs_dot_upcast(x.dtype), num_warps=cand.num_warps, num_stages=cand.num_stages, **p)
+    scalars, flags, grid_of = seed_launch_args(x, weight, bias, y, stride, padding, dilation, input_precision)
+    grid = grid_of(cand.params)
 
     def launch(x, weight, bias, y):
-        seed_conv2d_kernel[grid](x, weight, y if bias is None else bias, y, *scalars, **flags)
+        seed_conv2d_kernel[grid](x, weight, y if bias is None else bias, y, *scalars, **flags,
+                                 num_warps=cand.num_warps, num_stages=cand.num_stages, **cand.params)
     return launch
 
 

@@ -109,25 +109,28 @@ seed_conv2d_original = triton.autotune(configs=ORIGINAL_CONFIGS, key=AUTOTUNE_KE
 seed_conv2d_tuned = triton.autotune(configs=ORIGINAL_CONFIGS + NEARBY_CONFIGS, key=AUTOTUNE_KEY)(seed_conv2d_kernel)
 
 
-def seed_conv2d(x, weight, bias, stride, padding, dilation, input_precision: str, configs: str = "tuned",
-                output_format: str = "eager"):
-    """Run the seed kernel (groups == 1). `configs` picks the original or the micro-tuned config set."""
-    y = empty_output(x, weight, stride, padding, dilation, output_format)
+def seed_launch_args(x, weight, bias, y, stride, padding, dilation, input_precision: str):
+    """seed_conv2d_kernel's scalar arguments (after the four pointers), its flags, and its grid(meta)."""
     n, in_c, in_h, in_w = x.shape
     out_c, _, kernel_h, kernel_w = weight.shape
     out_h, out_w = y.shape[2], y.shape[3]
-    args = (
-        x, weight, bias if bias is not None else y, y,
-        n, in_c, in_h, in_w, out_c, kernel_h, kernel_w, out_h, out_w,
-        *x.stride(), *weight.stride(), *y.stride(), bias.stride(0) if bias is not None else 0,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-    )
+    scalars = (n, in_c, in_h, in_w, out_c, kernel_h, kernel_w, out_h, out_w,
+               *x.stride(), *weight.stride(), *y.stride(), bias.stride(0) if bias is not None else 0,
+               *stride, *padding, *dilation)
     flags = dict(HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision,
                  USE_INT64=needs_int64(x, weight, y), UPCAST_DOT=needs_dot_upcast(x.dtype))
 
     def grid(meta):
         return (triton.cdiv(out_h * out_w, meta["BLOCK_HW"]), triton.cdiv(out_c, meta["BLOCK_OC"]), n)
+    return scalars, flags, grid
 
+
+def seed_conv2d(x, weight, bias, stride, padding, dilation, input_precision: str, configs: str = "tuned",
+                output_format: str = "eager"):
+    """Run the seed kernel (groups == 1). `configs` picks the original or the micro-tuned config set."""
+    y = empty_output(x, weight, stride, padding, dilation, output_format)
+    scalars, flags, grid = seed_launch_args(x, weight, bias, y, stride, padding, dilation, input_precision)
+    args = (x, weight, bias if bias is not None else y, y, *scalars)
     if interpreter_enabled():
         seed_conv2d_kernel[grid(INTERPRETER_META)](*args, **flags, **INTERPRETER_META)
     else:
