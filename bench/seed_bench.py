@@ -54,54 +54,22 @@ def config_name(cfg) -> str:
     return f"{blocks},warps={cfg.num_warps},stages={cfg.num_stages}"
 
 
-def _needs_int64(*tensors) -> bool:
-    try:
-        from conv_backend.kernels.common import needs_int64
-        return needs_int64(*tensors)
-    except ImportError:
-        return any(sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) > 2**31 - 1 for t in tensors)
-
-
-def _needs_dot_upcast(dtype) -> bool:
-    try:
-        from conv_backend.kernels.common import needs_dot_upcast
-        return needs_dot_upcast(dtype)
-    except ImportError:
-        import torch
-        from conv_backend.runtime import interpreter_enabled
-        return interpreter_enabled() and dtype == torch.bfloat16
-
-
 def raw_launcher(cfg, x, w, b, stride, padding, dilation, precision):
-    """fn() -> y running seed_conv2d_kernel with one config, arguments passed by name like seed_conv2d does."""
+    """fn() -> y running seed_conv2d_kernel with one config, its arguments built as the backend builds them."""
     import torch
-    import triton
-    from conv_backend.kernels.seed import seed_conv2d_kernel
+    from conv_backend.kernels.seed import seed_conv2d_kernel, seed_launch_args
+    from conv_backend.layout import conv_output_hw
 
-    n, ic, ih, iw = x.shape
+    n, _, ih, iw = x.shape
     oc, _, kh, kw = w.shape
-    oh = (ih + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (iw + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    oh, ow = conv_output_hw(ih, iw, kh, kw, stride, padding, dilation)
     y = torch.full((n, oc, oh, ow), float("nan"), dtype=x.dtype, device=x.device)  # unwritten -> NaN -> FAIL
-    vals = dict(x_ptr=x, w_ptr=w, b_ptr=b if b is not None else y, y_ptr=y,
-                N=n, IC=ic, IH=ih, IW=iw, OC=oc, KH=kh, KW=kw, OH=oh, OW=ow,
-                stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1],
-                dil_h=dilation[0], dil_w=dilation[1],
-                HAS_BIAS=b is not None, INPUT_PRECISION=precision, USE_INT64=_needs_int64(x, w, y),
-                UPCAST_DOT=_needs_dot_upcast(x.dtype))
-    vals.update(zip(("sxn", "sxc", "sxh", "sxw"), x.stride()))
-    vals.update(zip(("swo", "swc", "swh", "sww"), w.stride()))
-    vals.update(zip(("syn", "syc", "syh", "syw"), y.stride()))
-    vals.update(cfg.kwargs)
-    names = list(seed_conv2d_kernel.arg_names)
-    missing = [a for a in names if a not in vals]
-    if missing:
-        raise RuntimeError(f"seed_conv2d_kernel has arguments this benchmark does not know: {missing}")
-    kwargs = {a: vals[a] for a in names}
-    grid = (triton.cdiv(oh * ow, cfg.kwargs["BLOCK_HW"]), triton.cdiv(oc, cfg.kwargs["BLOCK_OC"]), n)
+    scalars, flags, grid_of = seed_launch_args(x, w, b, y, stride, padding, dilation, precision)
+    grid = grid_of(cfg.kwargs)
 
     def run():
-        seed_conv2d_kernel[grid](**kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        seed_conv2d_kernel[grid](x, w, b if b is not None else y, y, *scalars, **flags, **cfg.kwargs,
+                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return y
     return run
 

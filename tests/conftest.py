@@ -1,0 +1,102 @@
+"""Shared pytest setup for the tritonconv suite.
+
+Three kinds of tests:
+- `@pytest.mark.cuda`: run on a GPU; skipped unless CUDA is available and the
+  Triton interpreter is off (`pytest -m cuda` on a GPU box).
+- `@pytest.mark.interpreter`: launch Triton kernels on CPU tensors; skipped
+  unless TRITON_INTERPRET=1 was set before the kernels were imported
+  (`TRITON_INTERPRET=1 pytest -m "not cuda"`).
+- everything else: pure Python / ATen, runs anywhere.
+
+Every test gets its own XDG_CACHE_HOME (the tuning cache writes there), a
+clean in-process tuning memory and a seeded RNG.
+"""
+from __future__ import annotations
+
+import random
+import zlib
+
+import pytest
+import torch
+
+from conv_backend import dispatch, tuning
+from conv_backend.runtime import interpreter_enabled
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "interpreter: launches Triton kernels on CPU tensors (needs TRITON_INTERPRET=1)")
+
+
+def cuda_runnable() -> bool:
+    return torch.cuda.is_available() and not interpreter_enabled()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(
+        reason="needs a CUDA GPU with TRITON_INTERPRET unset (run `pytest -m cuda` on a GPU machine)")
+    skip_interp = pytest.mark.skip(
+        reason="launches Triton kernels on CPU tensors: run with TRITON_INTERPRET=1 in the environment "
+               "(e.g. `TRITON_INTERPRET=1 pytest -m 'not cuda'`)")
+    for item in items:
+        if "cuda" in item.keywords:
+            if not cuda_runnable():
+                item.add_marker(skip_cuda)
+        elif "interpreter" in item.keywords and not interpreter_enabled():
+            item.add_marker(skip_interp)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_test(request, tmp_path_factory, monkeypatch):
+    """Private tuning cache directory, empty tuning memory, reproducible RNG."""
+    cache_home = tmp_path_factory.mktemp("xdg_cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
+    forget_in_process_state()
+    seed = zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF
+    torch.manual_seed(seed)
+    random.seed(seed)
+    yield
+    forget_in_process_state()
+
+
+def forget_in_process_state() -> None:
+    """What a fresh process would not know: tuning choices and cached launch plans."""
+    tuning.reset_memory()
+    plans = getattr(dispatch, "_plans", None)
+    if isinstance(plans, dict):
+        plans.clear()
+
+
+@pytest.fixture
+def cache_home(monkeypatch):
+    """The XDG_CACHE_HOME this test runs with (set by _isolated_test)."""
+    import os
+    from pathlib import Path
+    return Path(os.environ["XDG_CACHE_HOME"])
+
+
+class KernelLaunches(list):
+    """Every Triton kernel launch seen during a test: (kernel name, launch keyword arguments)."""
+
+    @property
+    def names(self) -> list:
+        return [name for name, _ in self]
+
+
+@pytest.fixture
+def kernel_launches(monkeypatch):
+    """Record Triton kernel launches (interpreter or GPU) without changing what they do."""
+    launches = KernelLaunches()
+    if interpreter_enabled():
+        from triton.runtime.interpreter import InterpretedFunction as cls
+    else:
+        from triton.runtime.jit import JITFunction as cls
+    real_run = cls.run
+
+    def run(self, *args, **kwargs):
+        if not kwargs.get("warmup", False):
+            launches.append((getattr(self.fn, "__name__", "?"), dict(kwargs)))
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "run", run)
+    return launches

@@ -1,0 +1,393 @@
+"""GPU tests (pytest -m cuda, TRITON_INTERPRET unset): every kernel path on CUDA against float64 ATen.
+
+Bounds on ||out - ref|| / ||ref||: TF32 2e-3, exact fp32 1e-5, fp16/bf16 1e-2.
+
+Compile time dominates on a cold Triton cache, so most tests here run one
+candidate config per problem (`one_candidate`); test_every_candidate_is_correct
+runs every config the tuner may pick, and the seed problem runs fully tuned.
+Written against public torch / triton APIs that exist from torch 2.6 / triton 3.3 on.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import conv_backend
+import conv_backend.kernels.depthwise as depthwise_mod
+import conv_backend.kernels.implicit_gemm as igemm_mod
+from conv_backend import dispatch, last_report, tuning
+from conv_backend.dispatch import launch_conv2d
+
+from _util import Case, format_flags, reference, rel_err, tolerance
+
+pytestmark = pytest.mark.cuda
+DEV = "cuda"
+KERNEL_FUNCTIONS = {"seed": "seed_conv2d_kernel", "gemm_pointer": "igemm_pointer_kernel",
+                    "gemm_tma": "igemm_tma_kernel", "depthwise": "depthwise_kernel"}
+CANDIDATE_FUNCTIONS = [(igemm_mod, "tma_candidates"), (igemm_mod, "pointer_candidates"),
+                       (depthwise_mod, "depthwise_candidates")]
+if hasattr(igemm_mod, "seed_candidates"):  # the seed's direct kernel, offered for few-channel convolutions
+    CANDIDATE_FUNCTIONS.append((igemm_mod, "seed_candidates"))
+
+
+def hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+needs_hopper = pytest.mark.skipif(not hopper(), reason="tensor-descriptor (TMA) loads need sm_90+")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def one_candidate(monkeypatch):
+    """Tune nothing: each kernel family offers only its first config (one compile per problem)."""
+    for module, name in CANDIDATE_FUNCTIONS:
+        full = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _full=full, **k: _full(*a, **k)[:1])
+
+
+def forget():
+    tuning.reset_memory()
+    plans = getattr(dispatch, "_plans", None)
+    if isinstance(plans, dict):
+        plans.clear()
+
+
+def run_case(case: Case, algorithm: str, precision: str, launches=None):
+    x, w, b = case.tensors(DEV)
+    stride, padding, dilation, groups = case.args()
+    y = launch_conv2d(x, w, b, stride, padding, dilation, groups, precision, algorithm)
+    torch.cuda.synchronize()
+    eager = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    ref = reference(x, w, b, stride, padding, dilation, groups)
+    assert y.shape == eager.shape and y.dtype == x.dtype and y.device == x.device
+    err = rel_err(y, ref)
+    assert err <= tolerance(x.dtype, precision), f"{algorithm} {precision} {case}: relative error {err:.3g}"
+    assert format_flags(y) == format_flags(eager), (y.stride(), eager.stride())
+    if launches is not None and algorithm in KERNEL_FUNCTIONS:
+        assert launches.names and set(launches.names) == {KERNEL_FUNCTIONS[algorithm]}, set(launches.names)
+    return y
+
+
+# ---------------------------------------------------------------- every path, every dtype
+
+PATH_CASES = [
+    # (algorithm, case)
+    ("gemm_pointer", Case(2, 24, 40, 33, 31, (3, 3), stride=(2, 2), padding=(1, 1))),
+    ("gemm_pointer", Case(2, 24, 40, 33, 31, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(2, 1),
+                          x_layout="channels_last", w_layout="channels_last")),
+    ("gemm_pointer", Case(1, 3, 64, 57, 61, (7, 7), stride=(2, 2), padding=(3, 3), bias=False)),  # ResNet stem
+    ("gemm_pointer", Case(2, 48, 48, 20, 19, (3, 3), padding=(1, 1), groups=3, x_layout="sliced")),
+    ("gemm_tma", Case(2, 32, 48, 35, 29, (3, 3), padding=(1, 1))),
+    ("gemm_tma", Case(2, 32, 48, 35, 29, (5, 9), padding=(2, 4), dilation=(2, 3), bias=False,
+                      x_layout="channels_last")),
+    ("gemm_tma", Case(1, 64, 96, 17, 15, (1, 1), x_layout="channels_last", w_layout="channels_last")),
+    ("gemm_tma", Case(2, 64, 64, 21, 22, (3, 3), padding=(1, 1), groups=2, x_layout="channels_last")),
+    ("gemm_tma", Case(1, 16, 40, 9, 70, (3, 3), padding=(1, 1), x_layout="transposed_hw")),
+    ("depthwise", Case(2, 32, 32, 37, 41, (3, 3), padding=(1, 1), groups=32)),
+    ("depthwise", Case(2, 32, 64, 37, 41, (3, 3), stride=(2, 2), padding=(1, 1), groups=32,
+                       x_layout="channels_last")),
+    ("depthwise", Case(1, 24, 24, 30, 33, (5, 5), padding=(4, 4), dilation=(2, 2), groups=24, x_layout="sliced")),
+    ("auto", Case(2, 32, 64, 35, 29, (3, 3), padding=(1, 1), x_layout="channels_last")),
+    ("auto", Case(2, 32, 32, 35, 29, (3, 3), padding=(1, 1), groups=32)),
+    ("seed", Case(2, 12, 40, 33, 31, (3, 5), stride=(1, 2), padding=(1, 2), dilation=(2, 1))),
+]
+DTYPES = [(torch.float32, "tf32"), (torch.float32, "ieee"), (torch.bfloat16, "ieee")]
+
+
+def _needs_tma(algorithm):
+    return algorithm == "gemm_tma" and not hopper()
+
+
+@pytest.mark.parametrize("dtype,precision", DTYPES, ids=["tf32", "ieee", "bf16"])
+@pytest.mark.parametrize("algorithm,case", PATH_CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(PATH_CASES)])
+def test_path_against_float64(algorithm, case, dtype, precision, one_candidate, kernel_launches):
+    if _needs_tma(algorithm):
+        pytest.skip("TMA needs sm_90+")
+    if algorithm == "seed" and dtype != torch.float32:
+        pytest.skip("the seed kernel autotunes 11 configs per problem: fp32 only (16-bit runs on CPU)")
+    run_case(dataclasses.replace(case, dtype=dtype), algorithm, precision, kernel_launches)
+
+
+FP16_CASES = [(a, c) for a, c in PATH_CASES if a in ("gemm_pointer", "gemm_tma", "depthwise")][::2]
+
+
+@pytest.mark.parametrize("algorithm,case", FP16_CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(FP16_CASES)])
+def test_path_fp16(algorithm, case, one_candidate, kernel_launches):
+    if _needs_tma(algorithm):
+        pytest.skip("TMA needs sm_90+")
+    y = run_case(dataclasses.replace(case, dtype=torch.float16), algorithm, "ieee", kernel_launches)
+    assert y.dtype == torch.float16
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_auto_precision_follows_cudnn(allow_tf32, one_candidate, kernel_launches):
+    case = Case(2, 32, 48, 35, 29, (3, 3), padding=(1, 1), x_layout="channels_last")
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=allow_tf32):
+        run_case(case, "gemm_pointer", "tf32" if allow_tf32 else "ieee")
+        del kernel_launches[:]
+        forget()
+        run_case(case, "gemm_pointer", "auto", kernel_launches)
+    assert {kw["INPUT_PRECISION"] for _, kw in kernel_launches} == {"tf32" if allow_tf32 else "ieee"}
+
+
+def test_output_format_follows_eager_with_channels_last_weight(one_candidate):
+    for algorithm in ("gemm_pointer", "depthwise", "auto") + (("gemm_tma",) if hopper() else ()):
+        groups = 32 if algorithm == "depthwise" else 1
+        case = Case(1, 32, 32, 19, 21, (3, 3), padding=(1, 1), groups=groups, w_layout="channels_last")
+        y = run_case(case, algorithm, "ieee")
+        assert y.is_contiguous(memory_format=torch.channels_last), "cuDNN returns channels_last here"
+
+
+def test_misaligned_channels_last_input(one_candidate, kernel_launches):
+    n, c, h, w = 2, 32, 19, 21
+    x = torch.randn(n * h * w * c + 1, device=DEV)[1:].view(n, h, w, c).permute(0, 3, 1, 2)
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.data_ptr() % 16
+    wt = torch.randn(48, 32, 3, 3, device=DEV)
+    for algorithm in ("auto", "gemm_tma", "gemm_pointer"):
+        forget()
+        y = launch_conv2d(x, wt, None, (1, 1), (1, 1), (1, 1), 1, "ieee", algorithm)
+        assert rel_err(y, reference(x, wt, None, (1, 1), (1, 1), (1, 1), 1)) <= 1e-5
+
+
+# ---------------------------------------------------------------- every tuner config is correct
+
+def _candidate_problems():
+    """(algorithm, problem, candidate family, kernel it launches)."""
+    problems = [("auto", Case(2, 40, 72, 23, 37, (3, 3), stride=(2, 1), padding=(1, 1), x_layout="channels_last"),
+                 "pointer_candidates", "igemm_pointer_kernel")]
+    if hopper():
+        problems.append(("auto", Case(2, 48, 72, 23, 37, (3, 3), padding=(1, 1), x_layout="channels_last"),
+                         "tma_candidates", "igemm_tma_kernel"))
+        problems.append(("auto", Case(2, 64, 64, 13, 37, (3, 3), padding=(1, 1), groups=2, x_layout="channels_last"),
+                         "tma_candidates", "igemm_tma_kernel"))
+    if hasattr(igemm_mod, "seed_candidates"):
+        problems.append(("auto", Case(2, 3, 40, 45, 39, (7, 7), stride=(2, 2), padding=(3, 3)),
+                         "seed_candidates", "seed_conv2d_kernel"))
+    problems += [
+        ("depthwise", Case(2, 48, 48, 23, 37, (3, 3), padding=(1, 1), groups=48), "depthwise_candidates",
+         "depthwise_kernel"),
+        ("depthwise", Case(2, 48, 96, 23, 37, (3, 3), padding=(1, 1), groups=48, x_layout="channels_last"),
+         "depthwise_candidates", "depthwise_kernel"),
+    ]
+    return problems
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_candidate_is_correct(dtype, monkeypatch, kernel_launches):
+    """Whatever config the tuner picks on some GPU must compute the right answer: run each one alone."""
+    modules = dict((name, module) for module, name in CANDIDATE_FUNCTIONS)
+    full = {name: getattr(module, name) for name, module in modules.items()}
+    checked = []
+    for algorithm, case, family, kernel in _candidate_problems():
+        case = dataclasses.replace(case, dtype=dtype)
+        seen = []
+        for name, module in modules.items():  # only `family` offers anything
+            monkeypatch.setattr(module, name, lambda *a, **k: [])
+        monkeypatch.setattr(modules[family], family, lambda *a, **k: seen.append(full[family](*a, **k)) or [])
+        forget()
+        # Nothing on offer: this call falls back to ATen; it records the list `family` would offer.
+        launch_conv2d(*case.tensors(DEV), *case.args(), "ieee", algorithm)
+        assert seen and seen[0], f"{family} offered no candidate for {case}"
+        for cand in seen[0]:
+            monkeypatch.setattr(modules[family], family, lambda *a, _c=cand, **k: [_c])
+            forget()
+            del kernel_launches[:]
+            try:
+                run_case(case, algorithm, "ieee")
+            except AssertionError as exc:
+                raise AssertionError(f"{family} {dtype} candidate {cand.describe()}: {exc}") from exc
+            assert set(kernel_launches.names) == {kernel}, (cand.describe(), kernel_launches.names)
+            checked.append(cand.describe())
+    assert len(checked) >= 10, checked
+
+
+# ---------------------------------------------------------------- 64-bit offsets on real sizes
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["gemm_pointer", "depthwise", "auto", "gemm_tma"])
+def test_tensors_past_2_to_the_31_elements(algorithm, one_candidate):
+    if _needs_tma(algorithm):
+        pytest.skip("TMA needs sm_90+")
+    n, c, h, w = 130, 16, 1024, 1024  # 2.18e9 elements per activation
+    groups = c if algorithm == "depthwise" else 1
+    x = torch.randn(n, c, h, w, device=DEV, dtype=torch.float16)
+    if algorithm == "gemm_tma":
+        x = x.to(memory_format=torch.channels_last)
+    wt = torch.randn(c, c // groups, 3, 3, device=DEV, dtype=torch.float16)
+    y = launch_conv2d(x, wt, None, (1, 1), (1, 1), (1, 1), groups, "ieee", algorithm)
+    # The last images sit past element 2**31: check them (and the first) against float64.
+    for sl in (slice(0, 1), slice(n - 2, n)):
+        ref = reference(x[sl], wt, None, (1, 1), (1, 1), (1, 1), groups)
+        assert rel_err(y[sl], ref) <= 1e-2
+    del x, y
+    torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- the backend on real models
+
+class SeedProblem(nn.Module):
+    """KernelBench level-1 #80: batch 8, 32->64 channels, 512x512, kernel 5x9, padding (2,4), dilation (2,3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(32, 64, (5, 9), stride=1, padding=(2, 4), dilation=(2, 3), bias=False)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_seed_problem_full_shape_through_compile(kernel_launches):
+    model = SeedProblem().to(DEV)
+    x = torch.randn(8, 32, 512, 512, device=DEV)
+    with torch.no_grad():
+        out = torch.compile(model, backend="tritonconv")(x)
+        eager = model(x)
+        ref = F.conv2d(x.double(), model.conv.weight.double(), None, 1, (2, 4), (2, 3))
+    report = last_report()
+    assert len(report.replaced) == 1 and not report.kept, str(report)
+    assert kernel_launches, "no Triton kernel ran"
+    tf32 = conv_backend.runtime.cudnn_conv_allows_tf32()
+    bound = 2e-3 if tf32 else 1e-5
+    assert rel_err(out, ref) <= bound
+    assert rel_err(eager, ref) <= bound
+    assert out.shape == eager.shape == (8, 64, 508, 496)  # padding (2, 4) does not cover dilation (2, 3)
+    assert format_flags(out) == format_flags(eager)
+    del ref
+    torch.cuda.empty_cache()
+
+
+class Block(nn.Module):
+    """A ResNet basic block with a strided 1x1 downsample, then a depthwise-separable pair."""
+
+    def __init__(self, cin=32, cout=64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=2, bias=False), nn.BatchNorm2d(cout))
+        self.dw = nn.Conv2d(cout, cout, 3, padding=1, groups=cout)
+        self.pw = nn.Conv2d(cout, cout, 1)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)) + self.down(x))
+        return self.pw(F.relu(self.dw(y)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_resnet_block_training_step(channels_last, one_candidate, kernel_launches):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = Block().to(DEV).to(memory_format=fmt)
+    twin = copy.deepcopy(model)
+    x = torch.randn(4, 32, 40, 36, device=DEV).to(memory_format=fmt)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    compiled = torch.compile(model, backend="tritonconv")
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # exact fp32 on both sides ("auto" follows)
+        out = compiled(x1)
+        ref = twin(x2)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        assert format_flags(out) == format_flags(ref)
+        g = torch.randn_like(ref)
+        out.backward(g)
+        ref.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    report = last_report()
+    assert len([d for d in report.replaced if d.graph.startswith("forward")]) == 5
+    assert {"igemm_pointer_kernel", "depthwise_kernel"} <= set(kernel_launches.names)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_resnet_block_inference_bf16(mode, one_candidate):
+    model = Block().to(DEV).eval().to(torch.bfloat16).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 32, 40, 36, device=DEV, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with ctx():
+        out = torch.compile(model, backend="tritonconv")(x)
+        ref64 = copy.deepcopy(model).double()(x.double())
+    assert rel_err(out, ref64) <= 2e-2  # bf16 activations between layers
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert len(last_report().replaced) == 5
+
+
+def test_float64_conv_on_cuda_falls_back(kernel_launches):
+    model = nn.Conv2d(8, 8, 3).to(DEV).double()
+    x = torch.randn(2, 8, 9, 9, device=DEV, dtype=torch.float64)
+    with torch.no_grad():
+        out = torch.compile(model, backend="tritonconv")(x)
+    torch.testing.assert_close(out, model(x))
+    assert not last_report().replaced and not kernel_launches
+
+
+# ---------------------------------------------------------------- tuning cache across processes
+
+def test_warm_process_does_not_retune(monkeypatch, kernel_launches):
+    for module, name in CANDIDATE_FUNCTIONS:  # a short tuning run: three configs per family
+        full = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _full=full, **k: _full(*a, **k)[:3])
+    case = Case(2, 32, 64, 35, 29, (3, 3), padding=(1, 1), x_layout="channels_last")
+    run_case(case, "auto", "ieee")
+    assert tuning.cache_path().exists(), "the first process must persist its choice"
+    chosen = kernel_launches[-1]
+    forget()  # a new process: nothing in memory, the file on disk
+
+    def must_not_benchmark(*args, **kwargs):
+        raise AssertionError("a warm process re-tuned")
+
+    monkeypatch.setattr(tuning, "_benchmark", must_not_benchmark)
+    del kernel_launches[:]
+    run_case(case, "auto", "ieee")
+    assert len(kernel_launches) == 1
+    name, kwargs = kernel_launches[0]
+    assert name == chosen[0]
+    assert {k: v for k, v in kwargs.items() if k.startswith("BLOCK")} == \
+        {k: v for k, v in chosen[1].items() if k.startswith("BLOCK")}
+
+
+# ---------------------------------------------------------------- TF32 flag states
+
+PRECISION_KNOBS = [("generic", "all"), ("cuda", "all"), ("cuda", "conv"), ("cuda", "rnn")]
+
+
+@pytest.fixture
+def conv_precision_none():
+    if not hasattr(torch._C, "_get_fp32_precision_getter"):
+        pytest.skip("torch without per-op fp32_precision")
+    saved = [torch._C._get_fp32_precision_getter(*k) for k in PRECISION_KNOBS]
+    torch.backends.cudnn.conv.fp32_precision = "none"
+    yield
+    for knob, value in zip(PRECISION_KNOBS, saved):
+        torch._C._set_fp32_precision_setter(*knob, value)
+
+
+def _big_k_problem():
+    x = torch.randn(2, 256, 24, 24, device=DEV)
+    w = torch.randn(256, 256, 3, 3, device=DEV)
+    return x, w, reference(x, w, None, 1, 1, 1, 1)
+
+
+def test_cudnn_conv_precision_none_means_exact_fp32(conv_precision_none):
+    """Evidence for the expected value below: with conv precision 'none', cuDNN computes exact fp32."""
+    x, w, ref = _big_k_problem()
+    assert rel_err(F.conv2d(x, w, None, 1, 1), ref) <= 1e-5
+
+
+def test_auto_precision_with_conv_precision_none(conv_precision_none, one_candidate):
+    """Regression: runtime.cudnn_conv_allows_tf32 raised in this state (mixed conv/rnn flags)."""
+    x, w, ref = _big_k_problem()
+    y = launch_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1, "auto", "gemm_pointer")
+    assert rel_err(y, ref) <= 1e-5

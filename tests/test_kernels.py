@@ -1,0 +1,496 @@
+"""Every kernel path of launch_conv2d against float64 ATen, on CPU through Triton's interpreter.
+
+Each case is tiny (the interpreter runs every program instance in numpy).
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import conv_backend.dispatch as dispatch
+import conv_backend.kernels.depthwise as depthwise_mod
+import conv_backend.kernels.implicit_gemm as igemm_mod
+import conv_backend.kernels.seed as seed_mod
+from conv_backend import tuning
+from conv_backend.dispatch import launch_conv2d
+from conv_backend.kernels.common import needs_int64
+from conv_backend.kernels.implicit_gemm import implicit_gemm_conv2d
+from conv_backend.layout import empty_output
+
+from _util import Case, draw_case, format_flags, reference, rel_err, tolerance
+
+pytestmark = pytest.mark.interpreter
+
+PATHS = ("seed", "gemm_pointer", "gemm_tma", "depthwise", "auto")
+KERNEL_MODULES = {"seed": seed_mod, "gemm_pointer": igemm_mod, "gemm_tma": igemm_mod, "depthwise": depthwise_mod}
+# The Triton function each forced path must launch.
+KERNEL_FUNCTIONS = {"seed": "seed_conv2d_kernel", "gemm_pointer": "igemm_pointer_kernel",
+                    "gemm_tma": "igemm_tma_kernel", "depthwise": "depthwise_kernel"}
+# The kernel the tuner records for a path (tuning.chosen_kernels, what the report prints).
+TUNER_NAMES = {"gemm_pointer": "igemm_pointer[", "gemm_tma": "igemm_tma[", "depthwise": "depthwise["}
+
+
+def check(case: Case, algorithm: str, precision: str = "ieee", launches=None):
+    x, w, b = case.tensors()
+    stride, padding, dilation, groups = case.args()
+    y = launch_conv2d(x, w, b, stride, padding, dilation, groups, precision, algorithm)
+    eager = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    ref = reference(x, w, b, stride, padding, dilation, groups)
+    assert y.shape == eager.shape == (case.n, case.oc, *case.out_hw())
+    assert y.dtype == x.dtype
+    assert y.device == x.device
+    err = rel_err(y, ref)
+    assert err <= tolerance(x.dtype, precision), f"{algorithm} {case}: relative error {err:.3g}"
+    assert format_flags(y) == format_flags(eager), (
+        f"{algorithm} {case}: output strides {y.stride()} vs eager {eager.stride()}")
+    if launches is not None:
+        assert len(launches) == 1, f"expected one Triton launch, got {launches.names}"
+        if algorithm in KERNEL_FUNCTIONS:
+            assert launches.names == [KERNEL_FUNCTIONS[algorithm]]
+    if algorithm in TUNER_NAMES:
+        chosen = tuning.chosen_kernels(x.shape, w.shape, stride, padding, dilation, groups, x.dtype)
+        assert any(k.startswith(TUNER_NAMES[algorithm]) for k in chosen), chosen
+    return y
+
+
+# ---------------------------------------------------------------- randomized shapes, every path
+
+RANDOM_SEEDS = list(range(8))
+
+
+@pytest.mark.parametrize("seed", RANDOM_SEEDS)
+@pytest.mark.parametrize("algorithm", PATHS)
+def test_random_fp32(algorithm, seed, kernel_launches):
+    case = draw_case(random.Random(1000 * PATHS.index(algorithm) + seed), algorithm)
+    check(case, algorithm, "ieee", kernel_launches)
+
+
+# ---------------------------------------------------------------- named edge cases
+
+EDGE_CASES = {
+    "batch1_odd_sizes": Case(1, 3, 5, 7, 11, (3, 3), padding=(1, 1)),
+    "kernel_larger_than_input": Case(2, 4, 6, 3, 4, (5, 7), padding=(2, 3)),
+    "kernel_larger_dilated": Case(1, 4, 4, 2, 3, (3, 3), padding=(2, 3), dilation=(2, 3)),
+    "seed_problem_miniature": Case(2, 4, 8, 12, 20, (5, 9), padding=(2, 4), dilation=(2, 3), bias=False),
+    "one_by_one": Case(2, 8, 12, 5, 6, (1, 1)),
+    "stride3_pad_asym": Case(2, 4, 8, 11, 9, (3, 2), stride=(3, 2), padding=(2, 1)),
+    "single_output_pixel": Case(1, 4, 8, 5, 5, (5, 5)),
+    "channels_last_in_and_weight": Case(2, 8, 12, 7, 6, (3, 3), padding=(1, 1), x_layout="channels_last",
+                                        w_layout="channels_last"),
+    "sliced_input": Case(2, 4, 8, 7, 9, (3, 3), padding=(1, 0), x_layout="sliced"),
+    "transposed_view_input": Case(1, 4, 8, 6, 9, (3, 2), x_layout="transposed_hw", w_layout="transposed"),
+    "channels_last_sliced": Case(2, 8, 8, 6, 7, (3, 3), padding=(1, 1), x_layout="channels_last_sliced"),
+}
+
+
+def adapt(case: Case, algorithm: str) -> Case | None:
+    """The same problem in a form `algorithm` takes, or None when it cannot."""
+    import dataclasses
+    if algorithm == "gemm_tma":
+        if case.stride != (1, 1):
+            return None
+        c = 4 * -(-case.c // 4)  # 16-byte channel rows in fp32
+        return dataclasses.replace(case, c=c)
+    if algorithm == "depthwise":
+        return dataclasses.replace(case, groups=case.c, oc=case.c * 2)
+    return case
+
+
+@pytest.mark.parametrize("name", sorted(EDGE_CASES))
+@pytest.mark.parametrize("algorithm", PATHS)
+def test_edge_cases(algorithm, name, kernel_launches):
+    case = adapt(EDGE_CASES[name], algorithm)
+    if case is None:
+        pytest.skip(f"{algorithm} cannot take {name} (covered by the fallback tests)")
+    check(case, algorithm, "ieee", kernel_launches)
+
+
+GROUPED_CASES = [
+    ("gemm_pointer", Case(2, 6, 9, 7, 8, (3, 3), padding=(1, 1), groups=3)),
+    ("gemm_pointer", Case(1, 8, 4, 6, 7, (3, 1), stride=(2, 1), dilation=(1, 2), groups=4, x_layout="channels_last",
+                          w_layout="channels_last")),
+    ("gemm_pointer", Case(2, 4, 8, 6, 6, (3, 3), padding=(1, 1), groups=4, bias=False)),  # depthwise through GEMM
+    ("gemm_tma", Case(1, 32, 24, 6, 7, (3, 3), padding=(1, 1), groups=2)),
+    ("gemm_tma", Case(2, 32, 20, 5, 6, (2, 3), padding=(1, 1), dilation=(2, 1), groups=2, x_layout="channels_last")),
+    ("auto", Case(2, 6, 6, 7, 5, (3, 3), padding=(1, 1), groups=2, x_layout="sliced")),
+    ("depthwise", Case(2, 5, 15, 7, 9, (3, 3), stride=(2, 1), padding=(1, 1), groups=5)),  # multiplier 3
+    ("depthwise", Case(1, 6, 12, 9, 8, (5, 3), stride=(1, 2), padding=(2, 1), dilation=(1, 2), groups=6,
+                       x_layout="channels_last", w_layout="channels_last")),
+    ("depthwise", Case(2, 3, 3, 6, 6, (3, 3), padding=(1, 1), groups=3, x_layout="transposed_hw", bias=False)),
+    ("auto", Case(1, 4, 8, 6, 6, (3, 3), padding=(1, 1), groups=4, x_layout="channels_last")),  # auto -> depthwise
+]
+
+
+@pytest.mark.parametrize("algorithm,case", GROUPED_CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(GROUPED_CASES)])
+def test_grouped_and_depthwise(algorithm, case, kernel_launches):
+    check(case, algorithm, "ieee", kernel_launches)
+
+
+# ---------------------------------------------------------------- half precision and TF32 policy
+
+DTYPE_CASES = {
+    "seed": Case(2, 5, 7, 7, 8, (3, 3), padding=(1, 1), dilation=(1, 2)),
+    "gemm_pointer": Case(2, 6, 10, 7, 6, (3, 3), stride=(2, 1), padding=(1, 1), groups=2),
+    "gemm_tma": Case(1, 8, 12, 6, 7, (3, 3), padding=(1, 1), x_layout="channels_last"),
+    "depthwise": Case(2, 4, 8, 7, 7, (3, 3), padding=(1, 1), groups=4),
+    "auto": Case(1, 16, 8, 6, 5, (3, 3), padding=(1, 1)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("algorithm", PATHS)
+def test_half_precision(algorithm, dtype, kernel_launches):
+    import dataclasses
+    case = dataclasses.replace(DTYPE_CASES[algorithm], dtype=dtype)
+    y = check(case, algorithm, "ieee", kernel_launches)
+    assert y.dtype == dtype
+
+
+@pytest.mark.parametrize("algorithm", ["seed", "gemm_pointer", "gemm_tma"])
+def test_tf32_policy_runs(algorithm, kernel_launches):
+    # The interpreter computes TF32 dots exactly; on a GPU this is the 2e-3 bound.
+    check(DTYPE_CASES["gemm_tma"], algorithm, "tf32", kernel_launches)
+    assert kernel_launches[0][1]["INPUT_PRECISION"] == "tf32"
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_auto_precision_is_exact_on_cpu(allowed, monkeypatch, kernel_launches):
+    """'auto' does what eager does on the tensors' device: exact fp32 on the CPU, whatever cuDNN allows."""
+    import conv_backend.runtime as runtime
+    monkeypatch.setattr(runtime, "cudnn_conv_allows_tf32", lambda: allowed)
+    check(DTYPE_CASES["gemm_pointer"], "gemm_pointer", "auto", kernel_launches)
+    assert kernel_launches[0][1]["INPUT_PRECISION"] == "ieee"
+
+
+# ---------------------------------------------------------------- which kernel "auto" picks
+
+@pytest.mark.parametrize("case,expected", [
+    (Case(1, 8, 8, 6, 6, (3, 3), padding=(1, 1)), "igemm_tma["),  # stride 1, 32-byte channel rows
+    (Case(1, 8, 8, 7, 7, (3, 3), stride=(2, 2)), "igemm_pointer["),  # stride 2: no box loads
+    (Case(1, 3, 8, 6, 6, (3, 3)), "igemm_pointer["),  # 12-byte channel rows
+    (Case(1, 4, 8, 6, 6, (3, 3), groups=4), "depthwise["),
+], ids=["tma", "stride2", "misaligned", "depthwise"])
+def test_auto_picks_kernel(case, expected):
+    x, w, b = case.tensors()
+    y = launch_conv2d(x, w, b, *case.args(), "ieee", "auto")
+    assert rel_err(y, reference(x, w, b, *case.args())) <= 1e-5
+    groups = case.c if expected == "depthwise[" else case.groups
+    chosen = tuning.chosen_kernels(x.shape, w.shape, case.stride, case.padding, case.dilation, groups, x.dtype)
+    assert len(chosen) == 1 and chosen[0].startswith(expected), chosen
+
+
+# ---------------------------------------------------------------- every output element is written
+
+POISON_CASES = {
+    "seed": Case(2, 3, 19, 7, 9, (3, 2), stride=(2, 1), padding=(1, 0), x_layout="channels_last"),
+    "gemm_pointer": Case(2, 6, 21, 9, 7, (3, 3), stride=(1, 2), padding=(1, 1), groups=3),
+    "gemm_tma": Case(1, 8, 19, 9, 11, (3, 3), padding=(1, 1), x_layout="channels_last"),
+    "depthwise": Case(2, 5, 10, 9, 10, (3, 3), stride=(2, 1), padding=(1, 1), groups=5, x_layout="channels_last"),
+}
+
+
+@pytest.mark.parametrize("output_format", ["eager", "contiguous", "channels_last"])
+@pytest.mark.parametrize("algorithm", sorted(POISON_CASES))
+def test_every_output_element_written(algorithm, output_format, monkeypatch, kernel_launches):
+    case = POISON_CASES[algorithm]
+    x, w, b = case.tensors()
+    ref = reference(x, w, b, *case.args())
+    module = KERNEL_MODULES[algorithm]
+    made = []
+
+    def nan_output(*args, **kwargs):  # the kernels' output allocator
+        y = empty_output(*args, **kwargs).fill_(float("nan"))
+        made.append(y)
+        return y
+
+    monkeypatch.setattr(module, "empty_output", nan_output)
+    real_strided = torch.empty_strided
+
+    def nan_strided(*args, **kwargs):  # launch plans allocate outputs with empty_strided
+        t = real_strided(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+            made.append(t)
+        return t
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "empty_strided", nan_strided)
+        y = launch_conv2d(x, w, b, *case.args(), "ieee", algorithm, output_format)
+    assert kernel_launches.names and set(kernel_launches.names) == {KERNEL_FUNCTIONS[algorithm]}
+    if output_format != "eager":
+        fmt = torch.channels_last if output_format == "channels_last" else torch.contiguous_format
+        assert y.is_contiguous(memory_format=fmt), y.stride()
+    assert any(y.data_ptr() == t.data_ptr() for t in made), "the output was not one of the poisoned buffers"
+    assert not torch.isnan(y).any(), f"{int(torch.isnan(y).sum())} output elements never written"
+    assert rel_err(y, ref) <= 1e-5
+
+
+# ---------------------------------------------------------------- pinned output formats (the graph pass's layout choice)
+
+@pytest.mark.parametrize("x_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("output_format", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("algorithm", PATHS)
+def test_pinned_output_format(algorithm, output_format, x_layout, kernel_launches):
+    import dataclasses
+    case = dataclasses.replace(adapt(EDGE_CASES["batch1_odd_sizes"], algorithm), x_layout=x_layout)
+    x, w, b = case.tensors()
+    y = launch_conv2d(x, w, b, *case.args(), "ieee", algorithm, output_format)
+    fmt = torch.channels_last if output_format == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt), y.stride()
+    assert len(kernel_launches) == 1
+    assert rel_err(y, reference(x, w, b, *case.args())) <= 1e-5
+
+
+@pytest.mark.parametrize("output_format", ["contiguous", "channels_last"])
+def test_pinned_output_format_on_aten_fallback(output_format, kernel_launches):
+    x, w = torch.randn(1, 4, 6, 6), torch.randn(8, 2, 3, 3)  # groups=2: the seed kernel cannot take it
+    y = launch_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 2, "ieee", "seed", output_format)
+    assert not kernel_launches
+    fmt = torch.channels_last if output_format == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt), y.stride()
+    torch.testing.assert_close(y, F.conv2d(x, w, None, 1, 1, 1, 2))
+
+
+# ---------------------------------------------------------------- the seed's direct kernel as a GEMM-plan candidate
+
+SEED_DIRECT = tuning.Candidate.make("seed_direct", num_warps=4, num_stages=2, BLOCK_OC=16, BLOCK_HW=32, BLOCK_K=16)
+
+
+@pytest.fixture
+def only_seed_direct(monkeypatch):
+    """The GPU tuner may pick the direct kernel for few-channel convs; under the interpreter it is never offered."""
+    if not hasattr(igemm_mod, "seed_candidates"):
+        pytest.skip("no direct-kernel candidates in this version")
+    monkeypatch.setattr(igemm_mod, "tma_candidates", lambda *a, **k: [])
+    monkeypatch.setattr(igemm_mod, "pointer_candidates", lambda *a, **k: [])
+    monkeypatch.setattr(igemm_mod, "seed_candidates", lambda *a, **k: [SEED_DIRECT])
+
+
+SEED_DIRECT_CASES = [
+    Case(2, 3, 20, 13, 11, (7, 7), stride=(2, 2), padding=(3, 3)),  # a ResNet stem, small
+    Case(1, 3, 8, 9, 12, (3, 5), stride=(1, 2), padding=(2, 1), dilation=(2, 1), x_layout="channels_last",
+         w_layout="channels_last"),
+    Case(2, 4, 17, 8, 9, (3, 3), padding=(1, 1), bias=False, x_layout="sliced", w_layout="transposed"),
+    Case(1, 2, 6, 4, 5, (5, 5), padding=(2, 2), dtype=torch.float16),
+    Case(1, 8, 12, 7, 6, (3, 3), stride=(2, 1), padding=(1, 1), dtype=torch.bfloat16, x_layout="channels_last"),
+]
+
+
+@pytest.mark.parametrize("case", SEED_DIRECT_CASES, ids=[str(i) for i in range(len(SEED_DIRECT_CASES))])
+def test_seed_direct_candidate(case, only_seed_direct, kernel_launches):
+    check(case, "auto", "ieee", kernel_launches)
+    assert kernel_launches.names == ["seed_conv2d_kernel"]
+    chosen = tuning.chosen_kernels((case.n, case.c, case.h, case.w), (case.oc, case.c, *case.kernel), case.stride,
+                                   case.padding, case.dilation, case.groups, case.dtype)
+    assert chosen == [SEED_DIRECT.describe()]
+
+
+def test_seed_direct_with_strided_bias_and_pinned_format(only_seed_direct, kernel_launches):
+    x, w, b = torch.randn(2, 3, 9, 9), torch.randn(8, 3, 3, 3), torch.randn(16)[::2]
+    y = launch_conv2d(x, w, b, (1, 1), (1, 1), (1, 1), 1, "ieee", "auto", "channels_last")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(y, reference(x, w, b, (1, 1), (1, 1), (1, 1), 1)) <= 1e-5
+    assert kernel_launches.names == ["seed_conv2d_kernel"]
+
+
+def test_seed_candidates_only_for_few_channel_ungrouped_convs(monkeypatch):
+    if not hasattr(igemm_mod, "seed_candidates"):
+        pytest.skip("no direct-kernel candidates in this version")
+    monkeypatch.setattr(igemm_mod, "interpreter_enabled", lambda: False)
+    assert igemm_mod.seed_candidates(3, 1, 8)
+    assert all(c.kernel == "seed_direct" for c in igemm_mod.seed_candidates(3, 1, 8))
+    assert not igemm_mod.seed_candidates(64, 1, 8)
+    assert not igemm_mod.seed_candidates(3, 3, 8)
+    assert not igemm_mod.seed_candidates(3, 1, 70000)  # grid axis 2 is the batch: at most 65535
+
+
+# ---------------------------------------------------------------- misaligned base addresses (TMA needs 16 bytes)
+
+def misaligned_channels_last(shape, dtype=torch.float32):
+    """A channels_last-contiguous view whose data pointer is one element past a 16-byte boundary."""
+    n, c, h, w = shape
+    t = torch.randn(n * h * w * c + 1).to(dtype)[1:].view(n, h, w, c).permute(0, 3, 1, 2)
+    assert t.is_contiguous(memory_format=torch.channels_last) and t.data_ptr() % 16 != 0
+    return t
+
+
+@pytest.mark.parametrize("algorithm", PATHS)
+def test_misaligned_channels_last_input(algorithm, kernel_launches):
+    groups = 8 if algorithm == "depthwise" else 1
+    x = misaligned_channels_last((2, 8, 6, 7))
+    w, b = torch.randn(8, 8 // groups, 3, 3), torch.randn(8)
+    y = launch_conv2d(x, w, b, (1, 1), (1, 1), (1, 1), groups, "ieee", algorithm)
+    assert rel_err(y, reference(x, w, b, (1, 1), (1, 1), (1, 1), groups)) <= 1e-5
+    assert len(kernel_launches) == 1
+    if algorithm in ("auto", "gemm_tma"):
+        assert kernel_launches.names == ["igemm_pointer_kernel"], "a misaligned base cannot be a TMA box source"
+
+
+def test_alignment_is_part_of_the_launch_plan(kernel_launches):
+    """Same shapes and strides, different alignment: each call gets the load path it can use.
+
+    Regression: the in-process tuning choice (TMA, from the aligned call) was reused for the misaligned
+    call and TensorDescriptor asserted 'base must be 16-byte aligned'.
+    """
+    w = torch.randn(8, 8, 3, 3)
+    x_odd = misaligned_channels_last((1, 8, 6, 7))
+    x_even = x_odd.clone(memory_format=torch.channels_last)
+    assert x_even.stride() == x_odd.stride() and x_even.data_ptr() % 16 == 0
+    for x in (x_even, x_odd, x_even):
+        y = launch_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1, "ieee", "auto")
+        assert rel_err(y, reference(x, w, None, (1, 1), (1, 1), (1, 1), 1)) <= 1e-5
+    assert kernel_launches.names == ["igemm_tma_kernel", "igemm_pointer_kernel", "igemm_tma_kernel"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_misaligned_channels_last_weight_on_tma(dtype, kernel_launches):
+    x = torch.randn(1, 16, 6, 7).to(dtype).to(memory_format=torch.channels_last)
+    w = misaligned_channels_last((8, 16, 3, 3), dtype)  # 16 channels: the packed weight can be a view of it
+    y = launch_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1, "ieee", "gemm_tma")
+    assert kernel_launches.names == ["igemm_tma_kernel"]
+    assert rel_err(y, reference(x, w, None, (1, 1), (1, 1), (1, 1), 1)) <= tolerance(dtype)
+
+
+# ---------------------------------------------------------------- 64-bit offsets
+
+@pytest.mark.parametrize("algorithm", sorted(KERNEL_MODULES))
+def test_int64_offset_path(algorithm, monkeypatch):
+    """Force the USE_INT64 variant of each kernel on a small problem: same answer."""
+    module = KERNEL_MODULES[algorithm]
+    asked = []
+
+    def force(*tensors):
+        asked.append(len(tensors))
+        return True
+
+    monkeypatch.setattr(module, "needs_int64", force)
+    case = POISON_CASES[algorithm]
+    x, w, b = case.tensors()
+    y = launch_conv2d(x, w, b, *case.args(), "ieee", algorithm)
+    assert asked, "the kernel never asked whether it needs 64-bit offsets"
+    assert rel_err(y, reference(x, w, b, *case.args())) <= 1e-5
+
+
+
+# ---------------------------------------------------------------- fallbacks to ATen
+
+def test_zero_batch_falls_back(kernel_launches):
+    for algorithm in PATHS:
+        groups = 4 if algorithm == "depthwise" else 1
+        x = torch.randn(0, 4, 6, 6)
+        w = torch.randn(8, 4 // groups, 3, 3)
+        b = torch.randn(8)
+        y = launch_conv2d(x, w, b, (1, 1), (1, 1), (1, 1), groups, "ieee", algorithm)
+        assert y.shape == (0, 8, 6, 6)
+        torch.testing.assert_close(y, F.conv2d(x, w, b, 1, 1, 1, groups))
+    assert not kernel_launches
+
+
+IMPOSSIBLE = [
+    ("seed", Case(1, 4, 8, 6, 6, (3, 3), groups=2)),
+    ("gemm_tma", Case(1, 8, 8, 7, 7, (3, 3), stride=(2, 2))),
+    ("gemm_tma", Case(1, 3, 8, 6, 6, (3, 3))),  # 12-byte channel rows
+    ("gemm_tma", Case(1, 16, 8, 6, 6, (3, 3), groups=2)),  # 8 channels per group
+    ("depthwise", Case(1, 4, 8, 6, 6, (3, 3), groups=2)),
+    ("depthwise", Case(1, 4, 8, 6, 6, (3, 3))),
+]
+
+
+@pytest.mark.parametrize("algorithm,case", IMPOSSIBLE, ids=[f"{a}-{i}" for i, (a, _) in enumerate(IMPOSSIBLE)])
+def test_forced_impossible_algorithm_falls_back(algorithm, case, kernel_launches, caplog):
+    x, w, b = case.tensors()
+    with caplog.at_level("INFO", logger="conv_backend"):
+        y = launch_conv2d(x, w, b, *case.args(), "ieee", algorithm)
+    assert not kernel_launches, "an impossible forced algorithm must not launch a kernel"
+    torch.testing.assert_close(y, F.conv2d(x, w, b, *case.args()))
+    assert any("falls back to ATen" in r.getMessage() and algorithm in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("algorithm", PATHS)
+def test_float64_falls_back(algorithm, kernel_launches):
+    groups = 4 if algorithm == "depthwise" else 1
+    x, w = torch.randn(1, 4, 6, 6, dtype=torch.float64), torch.randn(8, 4 // groups, 3, 3, dtype=torch.float64)
+    b = torch.randn(8, dtype=torch.float64)
+    y = launch_conv2d(x, w, b, (1, 1), (1, 1), (1, 1), groups, "ieee", algorithm)
+    assert not kernel_launches
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, F.conv2d(x, w, b, 1, 1, 1, groups))
+
+
+def test_mixed_dtypes_fall_back_to_aten_error(kernel_launches):
+    """ATen defines the behaviour (an error), not a silently converted Triton result."""
+    x, w = torch.randn(1, 4, 6, 6), torch.randn(8, 4, 3, 3, dtype=torch.float16)
+    with pytest.raises(RuntimeError):
+        F.conv2d(x, w)
+    with pytest.raises(RuntimeError):
+        launch_conv2d(x, w, None, (1, 1), (0, 0), (1, 1), 1, "ieee", "auto")
+    assert not kernel_launches
+
+
+def test_tma_load_path_rejects_stride2():
+    x, w = torch.randn(1, 8, 7, 7), torch.randn(8, 8, 3, 3)
+    with pytest.raises(ValueError, match="TMA"):
+        implicit_gemm_conv2d(x, w, None, (2, 2), (0, 0), (1, 1), 1, "ieee", load_path="tma")
+
+
+def test_tma_load_path_rejects_misaligned_channels():
+    x, w = torch.randn(1, 3, 7, 7), torch.randn(8, 3, 3, 3)
+    with pytest.raises(ValueError, match="TMA"):
+        implicit_gemm_conv2d(x, w, None, (1, 1), (0, 0), (1, 1), 1, "ieee", load_path="tma")
+
+
+def test_no_kernel_falls_back_to_aten(monkeypatch, caplog):
+    """Every candidate failing (NoKernelError) leaves the convolution to ATen, with a warning."""
+    def no_kernel(*args, **kwargs):
+        raise tuning.NoKernelError("every kernel candidate failed")
+
+    monkeypatch.setattr(igemm_mod, "select", no_kernel)
+    x, w, b = torch.randn(1, 8, 6, 6), torch.randn(8, 8, 3, 3), torch.randn(8)
+    with caplog.at_level("WARNING", logger="conv_backend"):
+        y = launch_conv2d(x, w, b, (1, 1), (1, 1), (1, 1), 1, "ieee", "auto")
+    torch.testing.assert_close(y, F.conv2d(x, w, b, 1, 1))
+    assert any("falls back to ATen" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_custom_op_matches_launch_and_has_autograd():
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    y = torch.ops.tritonconv.conv2d(x, w, b, [1, 1], [1, 1], [1, 1], 1, "ieee", "gemm_pointer")
+    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    ref = F.conv2d(x2, w2, b2, 1, 1)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    y.backward(g)
+    ref.backward(g)
+    for got, want in ((x.grad, x2.grad), (w.grad, w2.grad), (b.grad, b2.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- regressions (bugs this suite found)
+
+@pytest.mark.parametrize("bias_kind", ["strided", "expanded"])
+@pytest.mark.parametrize("algorithm", ["seed", "gemm_pointer", "gemm_tma", "depthwise"])
+def test_non_contiguous_bias(algorithm, bias_kind, kernel_launches):
+    """Kernels once read the bias as b_ptr + oc, ignoring its stride."""
+    groups = 4 if algorithm == "depthwise" else 1
+    x, w = torch.randn(1, 4, 6, 6), torch.randn(8, 4 // groups, 3, 3)
+    b = torch.randn(16)[::2] if bias_kind == "strided" else torch.randn(1).expand(8)
+    y = launch_conv2d(x, w, b, (1, 1), (1, 1), (1, 1), groups, "ieee", algorithm)
+    assert kernel_launches.names == [KERNEL_FUNCTIONS[algorithm]]
+    assert rel_err(y, reference(x, w, b, (1, 1), (1, 1), (1, 1), groups)) <= 1e-5
+
+
+@pytest.mark.parametrize("algorithm", ["seed", "gemm_pointer", "gemm_tma", "depthwise"])
+def test_channels_last_weight_contiguous_input_format(algorithm):
+    """Eager CPU convolution (and FakeTensor's rule) is channels_last when the input OR the weight is."""
+    groups = 8 if algorithm == "depthwise" else 1
+    x = torch.randn(1, 8, 6, 6)
+    w = torch.randn(8, 8 // groups, 3, 3).to(memory_format=torch.channels_last)
+    y = launch_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), groups, "ieee", algorithm)
+    eager = F.conv2d(x, w, None, 1, 1, 1, groups)
+    assert rel_err(y, reference(x, w, None, (1, 1), (1, 1), (1, 1), groups)) <= 1e-5
+    assert format_flags(y) == format_flags(eager), (y.stride(), eager.stride())

@@ -1,0 +1,333 @@
+"""conv_backend.tuning: choosing among candidates, and the on-disk cache that makes warm processes re-tune nothing."""
+from __future__ import annotations
+
+import inspect
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+import conv_backend.tuning as tuning
+from conv_backend.tuning import Candidate, NoKernelError, TuningCache
+
+CPU = torch.device("cpu")
+A = Candidate.make("k", num_warps=4, num_stages=3, BLOCK=16)
+B = Candidate.make("k", num_warps=8, num_stages=2, BLOCK=32)
+C = Candidate.make("other", num_warps=4, num_stages=4, BLOCK=64, GROUP=8)
+SIGNATURE = ("problem",)
+
+
+def _candidate_of(fn) -> Candidate:
+    """The candidate a do_bench callable will run (the closure tuning._benchmark builds)."""
+    found = [v for v in inspect.getclosurevars(fn).nonlocals.values() if isinstance(v, Candidate)]
+    assert len(found) == 1, "do_bench was not handed a callable for exactly one candidate"
+    return found[0]
+
+
+class FakeBench:
+    """Stands in for triton.testing.do_bench: a fake clock per candidate (an exception: the candidate fails).
+
+    The candidate still runs once, as under the real do_bench.
+    """
+
+    def __init__(self, times: dict):
+        self.times = times
+        self.timed = []
+
+    def run(self, candidate: Candidate) -> None:
+        pass
+
+    def __call__(self, fn, *args, **kwargs):
+        candidate = _candidate_of(fn)
+        outcome = self.times[candidate]
+        if isinstance(outcome, Exception):
+            raise outcome
+        fn()
+        self.timed.append(candidate)
+        return outcome
+
+
+@pytest.fixture
+def gpu_like(monkeypatch):
+    """select() as on a GPU: tune for real (but with a fake clock)."""
+    monkeypatch.setattr(tuning, "interpreter_enabled", lambda: False)
+
+    def install(times: dict) -> FakeBench:
+        bench = FakeBench(times)
+        monkeypatch.setattr(triton.testing, "do_bench", bench)
+        return bench
+
+    return install
+
+
+def no_benchmark(*args, **kwargs):
+    raise AssertionError("a warm cache must not benchmark")
+
+
+def read_cache() -> dict:
+    return json.loads(tuning.cache_path().read_text())
+
+
+def select(key="prob", candidates=(A, B, C), bench: FakeBench | None = None):
+    run = bench.run if bench is not None else (lambda cand: None)
+    return tuning.select(key, SIGNATURE, CPU, list(candidates), run)
+
+
+# ---------------------------------------------------------------- where the cache lives
+
+def test_cache_path_respects_xdg_cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = tuning.cache_path()
+    assert path.parent == tmp_path / "tritonconv"
+    assert path.suffix == ".json"
+
+
+def test_cache_path_defaults_to_home_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert tuning.cache_path().parent == tmp_path / ".cache" / "tritonconv"
+
+
+# ---------------------------------------------------------------- choosing and remembering
+
+def test_select_picks_fastest_and_writes_cache(gpu_like):
+    bench = gpu_like({A: 3.0, B: 1.0, C: 2.0})
+    assert select(bench=bench) == B
+    assert sorted(map(str, bench.timed)) == sorted(map(str, [A, B, C])), "every candidate is timed once"
+    data = read_cache()
+    assert data["format"] == tuning.CACHE_FORMAT
+    (key,) = data["entries"]
+    assert key.endswith("|prob")
+    assert f"triton {triton.__version__}" in key and f"torch {torch.__version__}" in key
+    entry = data["entries"][key]
+    assert entry["kernel"] == "k" and entry["num_warps"] == 8 and entry["num_stages"] == 2
+    assert dict(map(tuple, entry["meta"])) == {"BLOCK": 32}
+
+
+def test_chosen_kernels_records_the_choice(gpu_like):
+    bench = gpu_like({A: 3.0, B: 1.0, C: 2.0})
+    signature = tuning.problem_signature((1, 4, 6, 6), (8, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1, torch.float32)
+    tuning.select("prob", signature, CPU, [A, B, C], bench.run)
+    assert tuning.chosen_kernels((1, 4, 6, 6), (8, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1, "float32") == [B.describe()]
+
+
+def test_in_process_memory_needs_no_disk(gpu_like, monkeypatch):
+    bench = gpu_like({A: 3.0, B: 1.0, C: 2.0})
+    assert select(bench=bench) == B
+    tuning.cache_path().unlink()
+    monkeypatch.setattr(triton.testing, "do_bench", no_benchmark)
+    assert select() == B
+
+
+def test_warm_process_reuses_cache_without_benchmarking(gpu_like, monkeypatch):
+    bench = gpu_like({A: 3.0, B: 1.0, C: 2.0})
+    assert select(bench=bench) == B
+    tuning.reset_memory()  # a new process: only the file remains
+    monkeypatch.setattr(triton.testing, "do_bench", no_benchmark)
+    monkeypatch.setattr(tuning, "_benchmark", no_benchmark)
+    assert select(candidates=(C, A, B)) == B
+    assert select(key="prob", candidates=(B, C)) == B
+
+
+def test_distinct_problems_get_distinct_entries(gpu_like):
+    select("p1", bench=gpu_like({A: 1.0, B: 2.0, C: 3.0}))
+    select("p2", bench=gpu_like({A: 3.0, B: 2.0, C: 1.0}))
+    entries = read_cache()["entries"]
+    assert len(entries) == 2
+    tuning.reset_memory()
+    gpu_like({})  # any benchmark would fail with KeyError
+    assert select("p1") == A and select("p2") == C
+
+
+def test_stale_entry_not_among_candidates_is_retuned(gpu_like):
+    select(bench=gpu_like({A: 3.0, B: 1.0, C: 2.0}))
+    tuning.reset_memory()
+    bench = gpu_like({A: 3.0, C: 2.0})
+    assert select(candidates=(A, C), bench=bench) == C
+    assert bench.timed, "the cached choice is not a candidate any more: tune again"
+
+
+def test_in_process_choice_not_among_candidates_is_not_used(gpu_like):
+    """Regression: select() returned the in-process choice even when it was not a candidate any more."""
+    assert select(bench=gpu_like({A: 3.0, B: 1.0, C: 2.0})) == B
+    bench = gpu_like({A: 3.0, C: 2.0})
+    assert select(candidates=(A, C), bench=bench) in (A, C)
+
+
+@pytest.mark.parametrize("content", [
+    "{not json",
+    "",
+    "\x00\xff\xfe garbage",
+    json.dumps([1, 2, 3]),
+    json.dumps({"format": 999, "entries": {}}),
+    json.dumps({"entries": {}}),
+    json.dumps({"format": tuning.CACHE_FORMAT, "entries": ["not", "a", "dict"]}),
+], ids=["truncated", "empty", "binary", "list", "future_format", "no_format", "entries_not_dict"])
+def test_corrupt_or_foreign_cache_is_ignored_and_rebuilt(content, gpu_like, caplog):
+    path = tuning.cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    bench = gpu_like({A: 3.0, B: 1.0, C: 2.0})
+    assert select(bench=bench) == B
+    assert bench.timed
+    data = read_cache()
+    assert data["format"] == tuning.CACHE_FORMAT and len(data["entries"]) == 1
+
+
+def test_wrong_format_entries_are_not_used(gpu_like):
+    """A cache of another format is not trusted, even when it names a candidate for this very key."""
+    select(bench=gpu_like({A: 3.0, B: 1.0, C: 2.0}))
+    data = read_cache()
+    (key,) = data["entries"]
+    data["format"] = tuning.CACHE_FORMAT + 1
+    data["entries"][key] = {"kernel": "k", "meta": [["BLOCK", 16]], "num_warps": 4, "num_stages": 3}  # = A
+    tuning.cache_path().write_text(json.dumps(data))
+    tuning.reset_memory()
+    bench = gpu_like({A: 3.0, B: 1.0, C: 2.0})
+    assert select(bench=bench) == B and bench.timed
+    assert read_cache()["format"] == tuning.CACHE_FORMAT
+
+
+@pytest.mark.parametrize("entry", [{"kernel": "k"}, "B", None, {"kernel": "k", "meta": 5, "num_warps": 8,
+                                                                "num_stages": 2}])
+def test_malformed_entry_is_retuned(entry, gpu_like):
+    select(bench=gpu_like({A: 3.0, B: 1.0, C: 2.0}))
+    data = read_cache()
+    (key,) = data["entries"]
+    data["entries"][key] = entry
+    tuning.cache_path().write_text(json.dumps(data))
+    tuning.reset_memory()
+    bench = gpu_like({A: 1.0, B: 3.0, C: 2.0})
+    assert select(bench=bench) == A and bench.timed
+
+
+def _write_keys(path: str, worker: int, count: int) -> None:
+    cache = TuningCache(Path(path))
+    for i in range(count):
+        cache.put(f"worker{worker}-key{i}", Candidate.make("k", num_warps=4, num_stages=worker % 4 + 1, BLOCK=i))
+
+
+def test_concurrent_writers_keep_a_valid_file_with_every_key(tmp_path):
+    path = tmp_path / "tritonconv" / "tuning.json"
+    workers, per_worker = 6, 15
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_write_keys, args=(str(path), w, per_worker)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    data = json.loads(path.read_text())
+    assert data["format"] == tuning.CACHE_FORMAT
+    assert set(data["entries"]) == {f"worker{w}-key{i}" for w in range(workers) for i in range(per_worker)}
+    fresh = TuningCache(path)
+    assert fresh.get("worker3-key7") == Candidate.make("k", num_warps=4, num_stages=4, BLOCK=7)
+    leftovers = [p.name for p in path.parent.iterdir() if p.name.startswith(".tuning-")]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+
+
+def test_writer_merges_with_entries_written_by_another_process(tmp_path):
+    path = tmp_path / "cache.json"
+    mine, theirs = TuningCache(path), TuningCache(path)
+    assert mine.get("nothing") is None  # loads (empty) state before the other process writes
+    theirs.put("theirs", A)
+    mine.put("mine", B)
+    assert set(json.loads(path.read_text())["entries"]) == {"theirs", "mine"}
+
+
+def test_unwritable_cache_does_not_break_selection(gpu_like, tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # $XDG_CACHE_HOME/tritonconv cannot be created
+    bench = gpu_like({A: 3.0, B: 1.0, C: 2.0})
+    with caplog.at_level("WARNING", logger="conv_backend"):
+        assert select(bench=bench) == B
+    assert any("could not write tuning cache" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------- failing candidates
+
+def test_failing_candidates_are_skipped(gpu_like):
+    bench = gpu_like({A: RuntimeError("out of shared memory"), B: ValueError("bad config"), C: 5.0})
+    assert select(bench=bench) == C
+    assert next(iter(read_cache()["entries"].values()))["kernel"] == "other"
+
+
+def test_all_candidates_failing_raises_no_kernel_error(gpu_like):
+    bench = gpu_like({A: RuntimeError("a"), B: RuntimeError("b"), C: RuntimeError("c")})
+    with pytest.raises(NoKernelError):
+        select(bench=bench)
+    assert not tuning.cache_path().exists(), "a failure must not be cached as a choice"
+
+
+def test_no_candidates_raises_no_kernel_error():
+    with pytest.raises(NoKernelError):
+        select(candidates=())
+
+
+def test_no_kernel_error_is_a_runtime_error():
+    assert issubclass(NoKernelError, RuntimeError)
+
+
+def test_single_candidate_is_not_timed(gpu_like):
+    bench = gpu_like({})
+    assert select(candidates=(C,), bench=bench) == C
+    assert not bench.timed
+
+
+def test_interpreter_takes_first_candidate_without_timing(monkeypatch):
+    monkeypatch.setattr(tuning, "interpreter_enabled", lambda: True)
+    monkeypatch.setattr(triton.testing, "do_bench", no_benchmark)
+    assert select(candidates=(C, B, A)) == C
+    assert not tuning.cache_path().exists(), "interpreter timings must never reach the GPU cache"
+
+
+# ---------------------------------------------------------------- through launch_conv2d
+
+@pytest.mark.interpreter
+def test_launch_falls_back_to_aten_when_every_candidate_fails(gpu_like, kernel_launches, caplog):
+    from conv_backend.dispatch import launch_conv2d
+    gpu_like(_AlwaysFails())
+    x, w, b = torch.randn(1, 8, 6, 6), torch.randn(8, 8, 3, 3), torch.randn(8)  # TMA and pointer candidates
+    with caplog.at_level("WARNING", logger="conv_backend"):
+        y = launch_conv2d(x, w, b, (1, 1), (1, 1), (1, 1), 1, "ieee", "auto")
+    torch.testing.assert_close(y, F.conv2d(x, w, b, 1, 1))
+    assert any("falls back to ATen" in r.getMessage() for r in caplog.records)
+    assert not tuning.cache_path().exists()
+
+
+class _AlwaysFails(dict):
+    def __missing__(self, key):
+        return RuntimeError("cannot run")
+
+
+@pytest.mark.interpreter
+def test_launch_tunes_once_then_reuses_disk_choice(gpu_like, kernel_launches, monkeypatch):
+    """launch_conv2d on a 'GPU-like' tuner: first call times both load paths; a fresh process re-tunes nothing."""
+    from conv_backend import dispatch
+    from conv_backend.dispatch import launch_conv2d
+
+    class Times(dict):
+        def __missing__(self, cand):
+            return 1.0 if cand.kernel == "igemm_pointer" else 2.0
+
+    bench = gpu_like(Times())
+    x, w = torch.randn(1, 8, 6, 6), torch.randn(8, 8, 3, 3)
+    ref = F.conv2d(x, w, None, 1, 1)
+    torch.testing.assert_close(launch_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1, "ieee", "auto"), ref,
+                               rtol=1e-5, atol=1e-5)
+    assert {c.kernel for c in bench.timed} == {"igemm_tma", "igemm_pointer"}
+    assert kernel_launches.names[-1] == "igemm_pointer_kernel", "the faster candidate runs the convolution"
+    tuning.reset_memory()
+    getattr(dispatch, "_plans", {}).clear()
+    monkeypatch.setattr(tuning, "_benchmark", no_benchmark)
+    del kernel_launches[:]
+    torch.testing.assert_close(launch_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1, "ieee", "auto"), ref,
+                               rtol=1e-5, atol=1e-5)
+    assert kernel_launches.names == ["igemm_pointer_kernel"]
