@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

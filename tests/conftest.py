@@ -67,14 +67,6 @@ def forget_in_process_state() -> None:
         plans.clear()
 
 
-@pytest.fixture
-def cache_home(monkeypatch):
-    """The XDG_CACHE_HOME this test runs with (set by _isolated_test)."""
-    import os
-    from pathlib import Path
-    return Path(os.environ["XDG_CACHE_HOME"])
-
-
 class KernelLaunches(list):
     """Every Triton kernel launch seen during a test: (kernel name, launch keyword arguments)."""
 

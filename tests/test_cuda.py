@@ -303,9 +303,12 @@ def test_resnet_block_training_step(channels_last, one_candidate, kernel_launche
         g = torch.randn_like(ref)
         out.backward(g)
         ref.backward(g)
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    # Gradients pass through BatchNorm's batch statistics, which amplify last-bit differences of
+    # single elements: compare whole tensors (a wrong kernel is off by O(1)).
+    assert rel_err(x1.grad, x2.grad) <= 2e-4
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+        err = rel_err(p.grad, q.grad)
+        assert err <= 2e-4, f"{name}: relative error {err:.3g}"
     report = last_report()
     assert len([d for d in report.replaced if d.graph.startswith("forward")]) == 5
     assert {"igemm_pointer_kernel", "depthwise_kernel"} <= set(kernel_launches.names)

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
-import conv_backend
 from conv_backend import BackendOptions, Report, replace_convolutions
 
 from _util import format_flags

@@ -10,13 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import conv_backend.dispatch as dispatch
 import conv_backend.kernels.depthwise as depthwise_mod
 import conv_backend.kernels.implicit_gemm as igemm_mod
 import conv_backend.kernels.seed as seed_mod
 from conv_backend import tuning
 from conv_backend.dispatch import launch_conv2d
-from conv_backend.kernels.common import needs_int64
 from conv_backend.kernels.implicit_gemm import implicit_gemm_conv2d
 from conv_backend.layout import empty_output
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import inspect
 import json
 import multiprocessing
-import os
 from pathlib import Path
 
 import pytest
