@@ -26,11 +26,14 @@ ORIGINAL_CONFIGS = [
 ]
 
 # The seed's micro-tuning stage: same block sizes, num_warps / num_stages moved by one step.
+# Kept only variants that beat their original config by >= 2% on the seed problem (H100,
+# bench/results/2026-11-25-h100-80gb-hbm3-seed.md); (64, 64, 64) with 4 warps lost 2.4%
+# and was reverted. The last one replaces an original config that needs more shared
+# memory than an H100 has (the autotuner skips that one).
 NEARBY_CONFIGS = [
     triton.Config({"BLOCK_OC": 32, "BLOCK_HW": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_OC": 64, "BLOCK_HW": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_OC": 64, "BLOCK_HW": 128, "BLOCK_K": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_OC": 64, "BLOCK_HW": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_OC": 32, "BLOCK_HW": 256, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_OC": 64, "BLOCK_HW": 256, "BLOCK_K": 64}, num_warps=8, num_stages=2),
 ]
