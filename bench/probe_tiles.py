@@ -9,7 +9,7 @@ and the relative error against a float64 reference. Logs of runs: bench/results/
 import sys, time, math, json, os, re
 import torch, triton
 import torch.nn.functional as F
-from conv_backend.kernels import implicit_gemm as ig, depthwise as dw
+from conv_backend.kernels import implicit_gemm as ig, depthwise as dw, common
 from conv_backend import tuning
 torch.backends.cudnn.benchmark = True
 torch.backends.cudnn.allow_tf32 = True
@@ -67,7 +67,7 @@ for name, n, c, oc, h, w, kh, kw, s, p, d, g, dt in PROBLEMS:
         for xin, lay in ((x, "nchw"), (xcl, "cl")):
             for cand in dw.depthwise_candidates(xin.stride(1) == 1):
                 try:
-                    dw.select = lambda key, sig, dev, cs, run, cand=cand: cand
+                    common.select = lambda key, sig, dev, cs, run, cand=cand: cand
                     plan = dw.depthwise_plan(xin, wt, None, s, p, d)
                     e = relerr(plan(xin, wt, None), ref)
                     t = bench(lambda: plan(xin, wt, None))
@@ -82,7 +82,7 @@ for name, n, c, oc, h, w, kh, kw, s, p, d, g, dt in PROBLEMS:
     for wuse, wname in ((wt, "w-nchw"), (wcl, "w-cl")):
         for cand in cands:
             try:
-                ig.select = lambda key, sig, dev, cs, run, cand=cand: cand
+                common.select = lambda key, sig, dev, cs, run, cand=cand: cand
                 plan = ig.implicit_gemm_plan(xcl, wuse, None, s, p, d, g, prec, "auto")
                 e = relerr(plan(xcl, wuse, None), ref)
                 t = bench(lambda: plan(xcl, wuse, None))

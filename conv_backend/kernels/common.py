@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from ..runtime import interpreter_enabled
+from ..tuning import problem_signature, select
 
 INT32_MAX = 2**31 - 1
 
@@ -30,3 +31,24 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
         if span > INT32_MAX:
             return True
     return False
+
+
+def tuned_plan(kind: str, x, weight, bias, y, stride, padding, dilation, groups, candidates, make, extra_key=""):
+    """Choose among `candidates` for this problem (timing them into `y`); return run(x, weight, bias) -> y.
+
+    `make(candidate)` returns launch(x, weight, bias, out). The tuning key holds
+    everything a launch depends on: shapes and strides of the operands and of the
+    output, the convolution's arguments, dtype, bias, and what the caller adds.
+    """
+    key = (f"{kind}|x{tuple(x.shape)}{tuple(x.stride())}|w{tuple(weight.shape)}{tuple(weight.stride())}"
+           f"|y{tuple(y.stride())}|s{tuple(stride)}p{tuple(padding)}d{tuple(dilation)}g{groups}|{x.dtype}"
+           f"|b{bias is not None}|{extra_key}")
+    signature = problem_signature(x.shape, weight.shape, stride, padding, dilation, groups, x.dtype)
+    launch = make(select(key, signature, x.device, candidates, lambda cand: make(cand)(x, weight, bias, y)))
+    y_size, y_stride = tuple(y.shape), y.stride()
+
+    def run(x, weight, bias):
+        out = torch.empty_strided(y_size, y_stride, dtype=x.dtype, device=x.device)
+        launch(x, weight, bias, out)
+        return out
+    return run

@@ -18,8 +18,8 @@ import triton.language as tl
 
 from ..layout import empty_output
 from ..runtime import interpreter_enabled
-from ..tuning import Candidate, problem_signature, select
-from .common import needs_int64
+from ..tuning import Candidate
+from .common import needs_int64, tuned_plan
 
 
 @triton.jit
@@ -116,18 +116,8 @@ def depthwise_plan(x, weight, bias, stride, padding, dilation, output_format="ea
                                    num_warps=cand.num_warps, num_stages=cand.num_stages, **p)
         return launch
 
-    key = (f"depthwise|x{tuple(x.shape)}{tuple(x.stride())}|w{tuple(weight.shape)}{tuple(weight.stride())}"
-           f"|y{y.stride()}|s{tuple(stride)}p{tuple(padding)}d{tuple(dilation)}|{x.dtype}|b{bias is not None}")
-    signature = problem_signature(x.shape, weight.shape, stride, padding, dilation, c, x.dtype)
     candidates = depthwise_candidates(x.stride(1) == 1 and c > 1)
-    launch = make(select(key, signature, x.device, candidates, lambda cand: make(cand)(x, weight, bias, y)))
-    y_size, y_stride = tuple(y.shape), y.stride()
-
-    def run(x, weight, bias):
-        out = torch.empty_strided(y_size, y_stride, dtype=x.dtype, device=x.device)
-        launch(x, weight, bias, out)
-        return out
-    return run
+    return tuned_plan("depthwise", x, weight, bias, y, stride, padding, dilation, c, candidates, make)
 
 
 def depthwise_conv2d(x, weight, bias, stride, padding, dilation):

@@ -22,8 +22,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..layout import empty_output
 from ..runtime import interpreter_enabled
 from ..support import tma_reason
-from ..tuning import Candidate, problem_signature, select
-from .common import mma, needs_dot_upcast, needs_int64
+from ..tuning import Candidate
+from .common import mma, needs_dot_upcast, needs_int64, tuned_plan
 from .seed import seed_conv2d_kernel, seed_launch_args
 
 log = logging.getLogger("conv_backend")
@@ -298,19 +298,8 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
     def make(cand):
         return _launcher(cand, x, weight, bias, y, stride, padding, dilation, groups, input_precision)
 
-    key = (f"igemm|{load_path}|x{tuple(x.shape)}{tuple(x.stride())}|w{tuple(weight.shape)}{tuple(weight.stride())}"
-           f"|y{y.stride()}|s{tuple(stride)}p{tuple(padding)}d{tuple(dilation)}g{groups}|{x.dtype}|{input_precision}"
-           f"|b{bias is not None}|tma:{not tma_why}")
-    signature = problem_signature(x.shape, weight.shape, stride, padding, dilation, groups, x.dtype)
-    choice = select(key, signature, x.device, candidates, lambda cand: make(cand)(x, weight, bias, y))
-    launch = make(choice)
-    y_size, y_stride = tuple(y.shape), y.stride()
-
-    def run(x, weight, bias):
-        out = torch.empty_strided(y_size, y_stride, dtype=x.dtype, device=x.device)
-        launch(x, weight, bias, out)
-        return out
-    return run
+    return tuned_plan(f"igemm-{load_path}", x, weight, bias, y, stride, padding, dilation, groups, candidates, make,
+                      extra_key=f"{input_precision}|tma:{not tma_why}")
 
 
 def implicit_gemm_conv2d(x, weight, bias, stride, padding, dilation, groups, input_precision, load_path="auto"):
