@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import conv_backend.kernels.common as common_mod
 import conv_backend.kernels.depthwise as depthwise_mod
 import conv_backend.kernels.implicit_gemm as igemm_mod
 import conv_backend.kernels.seed as seed_mod
@@ -119,11 +120,23 @@ GROUPED_CASES = [
                        x_layout="channels_last", w_layout="channels_last")),
     ("depthwise", Case(2, 3, 3, 6, 6, (3, 3), padding=(1, 1), groups=3, x_layout="transposed_hw", bias=False)),
     ("auto", Case(1, 4, 8, 6, 6, (3, 3), padding=(1, 1), groups=4, x_layout="channels_last")),  # auto -> depthwise
+    # Channels spanning several BLOCK_K chunks, the last one partial.
+    ("gemm_pointer", Case(1, 37, 9, 5, 6, (3, 3), padding=(1, 1))),
+    ("gemm_pointer", Case(1, 40, 12, 5, 4, (3, 2), stride=(2, 1), padding=(1, 1), groups=2, x_layout="channels_last")),
+    ("gemm_tma", Case(1, 20, 9, 5, 6, (3, 3), padding=(1, 1))),
+    ("gemm_tma", Case(2, 36, 17, 4, 5, (2, 3), padding=(1, 1), x_layout="channels_last", w_layout="channels_last")),
+    ("gemm_tma", Case(1, 64, 20, 4, 5, (3, 3), padding=(1, 1), groups=2)),
+    ("seed", Case(1, 37, 9, 5, 6, (3, 3), padding=(1, 1))),
+    # Padding far wider than the kernel: whole tiles and TMA boxes lie in the padding.
+    ("gemm_tma", Case(1, 8, 8, 4, 5, (1, 1), padding=(6, 9))),
+    ("gemm_pointer", Case(1, 8, 8, 4, 5, (1, 1), padding=(6, 9))),
+    ("depthwise", Case(1, 8, 8, 4, 5, (3, 3), padding=(7, 9), groups=8)),
+    ("seed", Case(1, 8, 8, 4, 5, (1, 1), padding=(6, 9))),
 ]
 
 
 @pytest.mark.parametrize("algorithm,case", GROUPED_CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(GROUPED_CASES)])
-def test_grouped_and_depthwise(algorithm, case, kernel_launches):
+def test_grouped_wide_and_padded(algorithm, case, kernel_launches):
     check(case, algorithm, "ieee", kernel_launches)
 
 
@@ -445,7 +458,7 @@ def test_no_kernel_falls_back_to_aten(monkeypatch, caplog):
     def no_kernel(*args, **kwargs):
         raise tuning.NoKernelError("every kernel candidate failed")
 
-    monkeypatch.setattr(igemm_mod, "select", no_kernel)
+    monkeypatch.setattr(common_mod, "select", no_kernel)
     x, w, b = torch.randn(1, 8, 6, 6), torch.randn(8, 8, 3, 3), torch.randn(8)
     with caplog.at_level("WARNING", logger="conv_backend"):
         y = launch_conv2d(x, w, b, (1, 1), (1, 1), (1, 1), 1, "ieee", "auto")
