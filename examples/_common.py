@@ -90,3 +90,14 @@ def bench_ms(fn) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, return_mode="median")
+
+
+def report_speed(compiled, model, x, what: str, baseline: str) -> None:
+    """Time compiled(x) against model(x) under no_grad and print both and the ratio."""
+    import torch
+
+    with torch.no_grad():
+        t_ours = bench_ms(lambda: compiled(x))
+        t_eager = bench_ms(lambda: model(x))
+    print(f"{what} (median, triton.testing.do_bench): tritonconv {t_ours:.3f} ms, {baseline} "
+          f"{t_eager:.3f} ms -> speed-up {t_eager / t_ours:.2f}x")

@@ -26,8 +26,8 @@ import sys
 import torch
 import torch.nn as nn
 
-from _common import (add_common_args, bench_ms, check_options, choose_device, describe_environment, fp32_math,
-                     rel_err)
+from _common import (add_common_args, check_options, choose_device, describe_environment, fp32_math, rel_err,
+                     report_speed)
 
 
 class Model(nn.Module):
@@ -124,11 +124,7 @@ def main() -> int:
         return 1
 
     if device == "cuda":
-        with torch.no_grad():
-            t_ours = bench_ms(lambda: compiled(x))
-            t_eager = bench_ms(lambda: model(x))
-        print(f"time (median, triton.testing.do_bench): tritonconv {t_ours:.3f} ms, eager (cuDNN) "
-              f"{t_eager:.3f} ms -> speed-up {t_eager / t_ours:.2f}x")
+        report_speed(compiled, model, x, "time", "eager (cuDNN)")
     return 0
 
 

@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from _common import (add_common_args, bench_ms, check_options, choose_device, describe_environment, fp32_math,
-                     rel_err)
+from _common import (add_common_args, check_options, choose_device, describe_environment, fp32_math, rel_err,
+                     report_speed)
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 GPU_INPUT = (32, 224)  # batch, image size
@@ -98,11 +98,7 @@ def main() -> int:
         return 1
 
     if device == "cuda":
-        with torch.no_grad():
-            t_ours = bench_ms(lambda: compiled(x))
-            t_eager = bench_ms(lambda: model(x))
-        print(f"time per forward (median, triton.testing.do_bench): tritonconv {t_ours:.3f} ms, "
-              f"eager {t_eager:.3f} ms -> speed-up {t_eager / t_ours:.2f}x")
+        report_speed(compiled, model, x, "time per forward", "eager")
     return 0
 
 
