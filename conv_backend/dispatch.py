@@ -33,8 +33,7 @@ def _tensor_key(t):
 def launch_conv2d(x, weight, bias, stride, padding, dilation, groups, input_precision="auto", algorithm="auto",
                   output_format="eager"):
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
-    precision = (resolve_input_precision(input_precision, x.dtype, x.device) if isinstance(x, torch.Tensor)
-                 else input_precision)
+    precision = resolve_input_precision(input_precision, x.dtype, x.device)
     key = (_tensor_key(x), _tensor_key(weight), _tensor_key(bias), stride, padding, dilation, groups, precision,
            algorithm, output_format)
     plan = _plans.get(key)
