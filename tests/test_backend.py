@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import conv_backend
 from conv_backend import Report, explain, last_report
 
-from _util import format_flags
+from _util import format_flags, rel_err
 
 REPO = Path(__file__).resolve().parents[1]
 needs_interpreter = pytest.mark.interpreter
@@ -95,6 +95,33 @@ def test_backend_by_name_in_fresh_process_without_import():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["err"] < 1e-4
     assert result["replaced"] == 1 and result["kept"] == 0
+
+
+_LOGGING_CHILD = textwrap.dedent("""
+    import logging, sys
+    import torch
+    {setup}
+    model = torch.nn.Conv2d(4, 8, 3, padding=1)
+    with torch.no_grad():
+        torch.compile(model, backend="tritonconv")(torch.randn(1, 4, 6, 6))
+""")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("how", ["TORCH_LOGS", "set_logs"])
+def test_decisions_reach_torch_logging(how):
+    """README: TORCH_LOGS="+conv_backend", or torch._logging.set_logs(modules={"tritonconv": ...}) after import."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("TORCH_LOGS", None)
+    if how == "TORCH_LOGS":
+        env["TORCH_LOGS"] = "+conv_backend"
+        setup = ""
+    else:
+        setup = "import conv_backend; torch._logging.set_logs(modules={'tritonconv': logging.DEBUG})"
+    proc = subprocess.run([sys.executable, "-c", _LOGGING_CHILD.format(setup=setup)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "-> tritonconv::conv2d" in proc.stderr, proc.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- outputs and gradients match eager
@@ -232,6 +259,33 @@ def test_output_strides_match_eager(channels_last_option):
         assert format_flags(out) == format_flags(ref), (out.stride(), ref.stride())
 
 
+@needs_interpreter
+def test_autocast_bfloat16(kernel_launches):
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(2, 4, 8, 9)
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).double()(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = torch.compile(model, backend="tritonconv")(x)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref64) <= 2e-2
+    assert [d.dtype for d in last_report().replaced] == ["bfloat16", "bfloat16"]
+    assert len(kernel_launches) == 2
+
+
+@needs_interpreter
+def test_same_and_reflect_padding(kernel_launches):
+    model = nn.Sequential(nn.Conv2d(4, 8, 4, padding="same", dilation=2),
+                          nn.Conv2d(8, 8, 3, padding=2, padding_mode="reflect"),
+                          nn.Conv2d(8, 8, (1, 3), padding="same"))
+    x = torch.randn(2, 4, 8, 9)
+    with torch.no_grad():
+        out = torch.compile(model, backend="tritonconv", options=IEEE)(x)
+        ref = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert len(last_report().replaced) == 3 and len(kernel_launches) == 3
+
+
 # ---------------------------------------------------------------- reports
 
 @needs_interpreter
@@ -263,6 +317,29 @@ def test_explain_after_compiling_the_same_model():
         torch.compile(model, backend="tritonconv", options=IEEE)(x)
     report = explain(model, x, options={"enabled": False})
     assert len(report.decisions) == TRITON_CONVS + ATEN_CONVS and not report.replaced
+
+
+class GraphBreak(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Conv2d(4, 8, 3)
+        self.second = nn.Conv2d(8, 8, 3).double()
+
+    def forward(self, x):
+        y = self.first(x)
+        torch._dynamo.graph_break()
+        return self.second(y.double())
+
+
+@needs_interpreter
+def test_explain_combines_graphs_around_a_graph_break():
+    model = GraphBreak()
+    x = torch.randn(2, 4, 8, 9)
+    report = explain(model, x)
+    assert len(report.decisions) == 2 and len({d.graph for d in report.decisions}) == 2
+    assert len(report.replaced) == 1 and report.kept[0].reason == FLOAT64_REASON
+    # last_report() is the last graph's alone.
+    assert [d.reason for d in last_report().decisions] == [FLOAT64_REASON]
 
 
 @needs_interpreter

@@ -161,6 +161,42 @@ def test_misaligned_channels_last_input(one_candidate, kernel_launches):
         assert rel_err(y, reference(x, wt, None, (1, 1), (1, 1), (1, 1), 1)) <= 1e-5
 
 
+def test_forced_seed_with_batch_beyond_grid_limit(one_candidate):
+    """The seed kernel puts the batch on grid axis 2, which CUDA caps at 65535: it must not fail to launch."""
+    x = torch.randn(70000, 2, 5, 5, device=DEV)
+    w = torch.randn(4, 2, 3, 3, device=DEV)
+    y = launch_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1, "ieee", "seed")
+    torch.cuda.synchronize()
+    assert rel_err(y, reference(x, w, None, 1, 1, 1, 1)) <= 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("algorithm", ["auto", "gemm_pointer", "depthwise", "seed"] + (["gemm_tma"] if hopper() else []))
+def test_tensors_on_a_second_gpu(algorithm, one_candidate):
+    """Triton launches on the *current* device: tensors on cuda:1 while cuda:0 is current must still work."""
+    assert torch.cuda.current_device() == 0
+    groups = 16 if algorithm == "depthwise" else 1
+    x = torch.randn(2, 16, 19, 21, device="cuda:1").to(memory_format=torch.channels_last)
+    w = torch.randn(32, 16 // groups, 3, 3, device="cuda:1")
+    b = torch.randn(32, device="cuda:1")
+    y = launch_conv2d(x, w, b, (1, 1), (1, 1), (1, 1), groups, "ieee", algorithm)
+    torch.cuda.synchronize(1)
+    assert y.device == x.device
+    assert rel_err(y, reference(x, w, b, 1, 1, 1, groups)) <= 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_compiled_model_on_a_second_gpu(one_candidate):
+    model = Block().to("cuda:1").eval()
+    x = torch.randn(2, 32, 20, 18, device="cuda:1")
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        out = torch.compile(model, backend="tritonconv")(x)
+        ref = model(x)
+    assert out.device == x.device
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert len(last_report().replaced) == 5
+
+
 # ---------------------------------------------------------------- every tuner config is correct
 
 def _candidate_problems():
