@@ -32,6 +32,15 @@ def _tensor_key(t):
 
 def launch_conv2d(x, weight, bias, stride, padding, dilation, groups, input_precision="auto", algorithm="auto",
                   output_format="eager"):
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        # Triton launches on the current device: make it the tensors' one (as eager ops do).
+        with torch.cuda.device(x.device):
+            return _launch(x, weight, bias, stride, padding, dilation, groups, input_precision, algorithm,
+                           output_format)
+    return _launch(x, weight, bias, stride, padding, dilation, groups, input_precision, algorithm, output_format)
+
+
+def _launch(x, weight, bias, stride, padding, dilation, groups, input_precision, algorithm, output_format):
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     precision = resolve_input_precision(input_precision, x.dtype, x.device)
     key = (_tensor_key(x), _tensor_key(weight), _tensor_key(bias), stride, padding, dilation, groups, precision,

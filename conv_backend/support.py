@@ -12,6 +12,9 @@ import torch
 from .runtime import SUPPORTED_DTYPES, device_supported, has_tma
 
 
+MAX_GRID_YZ = 65535  # CUDA's limit on grid axes y and z
+
+
 def _is_static_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -71,6 +74,12 @@ def unsupported_reason(
             return "kernel larger than padded input (ATen raises the error)"
     if algorithm == "seed" and groups != 1:
         return "algorithm='seed' handles groups == 1 only"
+    if algorithm == "seed" and _is_static_int(x.shape[0]) and x.shape[0] > MAX_GRID_YZ:
+        return f"algorithm='seed' launches one grid row per image (at most {MAX_GRID_YZ})"
+    if groups > MAX_GRID_YZ:
+        return f"more than {MAX_GRID_YZ} groups (one grid row per group)"
+    if _is_static_int(out_c) and out_c > MAX_GRID_YZ and depthwise_like(in_c, out_c, groups):
+        return f"depthwise with more than {MAX_GRID_YZ} output channels (grid rows of channels)"
     if algorithm == "depthwise" and not depthwise_like(in_c, out_c, groups):
         return "algorithm='depthwise' needs groups == input channels"
     if algorithm == "gemm_tma":

@@ -148,6 +148,14 @@ def _three_channels():
     return lambda x, w: F.conv2d(x, w), (torch.randn(1, 3, 6, 6), torch.randn(8, 3, 3, 3))
 
 
+def _huge_batch():
+    return lambda x, w: F.conv2d(x, w), (torch.randn(70000, 2, 3, 3), torch.randn(4, 2, 3, 3))
+
+
+def _huge_groups():
+    return lambda x, w: F.conv2d(x, w, groups=65536), (torch.randn(1, 65536, 2, 2), torch.randn(65536, 1, 1, 1))
+
+
 def _plain():
     return lambda x, w: F.conv2d(x, w, padding=1), (torch.randn(1, 4, 6, 6), torch.randn(8, 4, 3, 3))
 
@@ -164,6 +172,9 @@ UNSUPPORTED_TRACED = {
                        "algorithm='gemm_tma': channels (per group) must fill 16-byte rows"),
     "depthwise_not_depthwise": (_grouped, {"algorithm": "depthwise"},
                                 "algorithm='depthwise' needs groups == input channels"),
+    "seed_batch_beyond_grid": (_huge_batch, {"algorithm": "seed"},
+                               "algorithm='seed' launches one grid row per image (at most 65535)"),
+    "groups_beyond_grid": (_huge_groups, {}, "more than 65535 groups (one grid row per group)"),
 }
 
 
