@@ -32,7 +32,7 @@ def tritonconv_backend(gm: torch.fx.GraphModule, example_inputs, options: Option
 
     def make_compiler(kind: str):
         def compile_graph(aten_gm: torch.fx.GraphModule, aten_inputs):
-            replace_convolutions(aten_gm, opts, report, f"{kind}{graph_id}")
+            replace_convolutions(aten_gm, opts, report, f"{kind}{graph_id}", allow_layout_copies=kind == "inference")
             return make_boxed_func(aten_gm.forward)
         return compile_graph
 

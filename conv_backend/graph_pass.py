@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import operator
+
 import torch
 import torch.fx as fx
 from torch._prims_common import suggest_memory_format
@@ -26,6 +28,14 @@ LAYOUT_PRESERVING = {
     aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default, aten.silu.default,
     aten.silu_.default, aten.gelu.default, aten.sigmoid.default, aten.leaky_relu.default, aten.hardswish.default,
     aten.clamp_min.default, aten.clamp.default, aten.mul.Scalar, aten.add.Scalar,
+}
+# Ops that read only sizes: any memory format will do, and nothing flows on from them.
+LAYOUT_BLIND = {aten.sym_size.int, aten.sym_numel.default}
+# Ops that compute the same values for any input memory format (their output's may differ).
+LAYOUT_TOLERANT = LAYOUT_PRESERVING | {
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
+    aten._native_batch_norm_legit_no_training.default, aten.max_pool2d_with_indices.default,
+    aten.avg_pool2d.default, aten._adaptive_avg_pool2d.default, aten.mean.dim, operator.getitem,
 }
 
 
@@ -55,8 +65,13 @@ def _decision(graph_name: str, node: fx.Node, x_arg, weight_arg, stride, padding
 
 
 def replace_convolutions(gm: fx.GraphModule, options: Optional[BackendOptions] = None,
-                         report: Optional[Report] = None, graph_name: str = "graph") -> fx.GraphModule:
-    """Rewrite `gm` in place and return it; record every convolution node in `report`."""
+                         report: Optional[Report] = None, graph_name: str = "graph",
+                         allow_layout_copies: bool = False) -> fx.GraphModule:
+    """Rewrite `gm` in place and return it; record every convolution node in `report`.
+
+    `allow_layout_copies`: see keep_channels_last_between_convs (the backend sets
+    it for inference graphs, which save no activations for backward).
+    """
     options = options or BackendOptions()
     report = report if report is not None else Report()
     changed = False
@@ -91,7 +106,7 @@ def replace_convolutions(gm: fx.GraphModule, options: Optional[BackendOptions] =
         gm.graph.erase_node(node)
         changed = True
     if changed and options.channels_last:
-        keep_channels_last_between_convs(gm)
+        keep_channels_last_between_convs(gm, allow_layout_copies)
     if changed:
         gm.graph.lint()
         gm.recompile()
@@ -106,43 +121,85 @@ def _traced_format(node: fx.Node) -> str:
     return "contiguous" if isinstance(val, torch.Tensor) else "eager"
 
 
-def _feeds_only_convs(node: fx.Node) -> bool:
-    """Every use of `node` is as the input of our conv, directly or through layout-preserving ops."""
-    if not node.users:
-        return False
-    for user in node.users:
-        if user.op == "call_function" and user.target == TRITON_CONV:
-            if user.args[0] is not node or node in user.args[1:]:
-                return False
-        elif not (user.op == "call_function" and user.target in LAYOUT_PRESERVING and user.args[0] is node
-                  and _feeds_only_convs(user)):
-            return False
-    return True
+def _is_4d(node) -> bool:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dim() == 4
 
 
 def _channels_last_meta(node: fx.Node) -> None:
     val = node.meta.get("val")
     fake_mode = getattr(val, "fake_mode", None)
-    if isinstance(val, torch.Tensor) and val.dim() == 4 and fake_mode is not None:
+    if _is_4d(node) and fake_mode is not None:
         with fake_mode:
             node.meta["val"] = torch.empty_like(val, memory_format=torch.channels_last)
 
 
-def keep_channels_last_between_convs(gm: fx.GraphModule) -> None:
-    """Let a convolution whose output only feeds other convolutions write it channels_last.
+def _feeds_conv(user: fx.Node, node: fx.Node) -> bool:
+    """`user` is one of our convolutions reading `node` as its input (not as weight or bias)."""
+    return user.op == "call_function" and user.target == TRITON_CONV and user.args[0] is node \
+        and node not in user.args[1:]
+
+
+def _channels_last_region(conv: fx.Node, tolerant: set, restored: set):
+    """Follow `conv`'s output through ops that take any memory format (`tolerant`).
+
+    Returns the region's 4-D nodes, the convolutions fed from it, and the other
+    uses (user, node) that would see a channels_last tensor where eager had not
+    (`restored`: copies back to eager's format made for an earlier region).
+    """
+    region, convs, boundary = [conv], [], []
+    pending = [conv]
+    while pending:
+        node = pending.pop()
+        for user in node.users:
+            if user in restored or user.target in LAYOUT_BLIND:
+                continue
+            if _feeds_conv(user, node):
+                convs.append(user)
+            elif user.op == "call_function" and user.target in tolerant:
+                if user.target is operator.getitem and not _is_4d(user):
+                    continue  # a statistic of batch norm, say: not an activation
+                if user not in region:
+                    region.append(user)
+                    pending.append(user)
+            else:
+                boundary.append((user, node))
+    return region, convs, boundary
+
+
+def keep_channels_last_between_convs(gm: fx.GraphModule, allow_layout_copies: bool = False) -> None:
+    """Let activations flowing from one of our convolutions into another stay channels_last.
 
     Our GEMM kernels read NHWC; producing it directly saves a layout conversion
-    per edge. Anything else that consumes the activation (and every graph
-    output) still sees eager's memory format.
+    in the next convolution and gives the kernel coalesced stores. By default a
+    convolution switches only when everything downstream of it, through unary
+    pointwise ops, is another convolution. With `allow_layout_copies` the region
+    also spans batch norm, pooling and binary pointwise ops, and wherever the
+    activation leaves it (any other op, a graph output) a copy restores eager's
+    memory format: worth it where no activation is saved for backward.
     """
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target == TRITON_CONV and _feeds_only_convs(node):
-            args = list(node.args)
-            args[OUTPUT_FORMAT_ARG] = "channels_last"
-            node.args = tuple(args)
+    tolerant = LAYOUT_TOLERANT if allow_layout_copies else LAYOUT_PRESERVING
+    copies: dict = {}  # region node -> its copy in eager's format, shared by all boundary uses
+    for conv in list(gm.graph.nodes):
+        if not (conv.op == "call_function" and conv.target == TRITON_CONV
+                and conv.args[OUTPUT_FORMAT_ARG] == "contiguous"):
+            continue
+        region, convs, boundary = _channels_last_region(conv, tolerant, set(copies.values()))
+        if not convs or (boundary and not allow_layout_copies):
+            continue
+        conv.args = conv.args[:OUTPUT_FORMAT_ARG] + ("channels_last",) + conv.args[OUTPUT_FORMAT_ARG + 1:]
+        for user, node in boundary:
+            if node not in copies:
+                copies[node] = _eager_format_copy(gm, node)
+            user.replace_input_with(node, copies[node])
+        for node in region:
             _channels_last_meta(node)
-            pending = [u for u in node.users if u.target in LAYOUT_PRESERVING]
-            while pending:
-                user = pending.pop()
-                _channels_last_meta(user)
-                pending.extend(u for u in user.users if u.target in LAYOUT_PRESERVING)
+
+
+def _eager_format_copy(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """A copy of `node` in the memory format eager traced for it (read before the meta changes)."""
+    val = node.meta["val"]
+    with gm.graph.inserting_after(node):
+        copy = gm.graph.call_function(aten.clone.default, (node,), {"memory_format": suggest_memory_format(val)})
+    copy.meta["val"] = val
+    return copy
