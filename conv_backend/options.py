@@ -19,8 +19,9 @@ class BackendOptions:
                       applies), "gemm_tma" / "gemm_pointer" force one of its load paths,
                       "depthwise" the direct depthwise kernel, "seed" the baseline kernel.
                       A forced algorithm that cannot take a convolution leaves it on ATen.
-    channels_last:    keep activations channels_last between consecutive replaced
-                      convolutions (graph outputs keep eager's strides).
+    channels_last:    keep activations channels_last between replaced convolutions
+                      (through batch norm, pooling and adds too in inference graphs;
+                      graph outputs keep eager's strides).
     verbose:          log every decision at INFO instead of DEBUG.
     """
 
