@@ -44,6 +44,19 @@ def choose_device(requested: str) -> str:
     return requested
 
 
+def start(args):
+    """Common start of an example: device (the interpreter for CPU, set before triton is imported),
+    options checked, RNG seeded, environment printed. Returns (device, dtype, memory_format)."""
+    import torch
+
+    device = choose_device(args.device)
+    check_options(args.options)
+    torch.manual_seed(args.seed)
+    print(describe_environment(device))
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    return device, getattr(torch, args.dtype), memory_format
+
+
 def check_options(options) -> None:
     """Fail early, with the list of valid names, on a bad --options value."""
     from conv_backend import BackendOptions

@@ -26,8 +26,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from _common import (add_common_args, check_options, choose_device, describe_environment, fp32_math, rel_err,
-                     report_speed)
+from _common import add_common_args, fp32_math, rel_err, report_speed, start
 
 
 class Model(nn.Module):
@@ -78,14 +77,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, help=f"input height and width (default {height}; {CPU_SIZE} on CPU)")
     args = parser.parse_args()
 
-    device = choose_device(args.device)  # sets TRITON_INTERPRET=1 for CPU, before triton is imported
-    import conv_backend  # noqa: E402  (after choose_device, on purpose)
-
-    check_options(args.options)
-    dtype = getattr(torch, args.dtype)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    torch.manual_seed(args.seed)
-    print(describe_environment(device))
+    device, dtype, memory_format = start(args)  # sets TRITON_INTERPRET=1 for CPU, before triton is imported
+    import conv_backend  # noqa: E402  (after start, on purpose)
 
     full = (batch_size, height, width)
     batch = args.batch or (batch_size if device == "cuda" else CPU_BATCH)

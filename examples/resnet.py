@@ -24,8 +24,7 @@ import time
 
 import torch
 
-from _common import (add_common_args, check_options, choose_device, describe_environment, fp32_math, rel_err,
-                     report_speed)
+from _common import add_common_args, fp32_math, rel_err, report_speed, start
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 GPU_INPUT = (32, 224)  # batch, image size
@@ -43,15 +42,9 @@ def main() -> int:
                                                  f"{CPU_INPUT[1]} on CPU)")
     args = parser.parse_args()
 
-    device = choose_device(args.device)  # sets TRITON_INTERPRET=1 for CPU, before triton is imported
+    device, dtype, memory_format = start(args)  # sets TRITON_INTERPRET=1 for CPU, before triton is imported
     import torchvision  # noqa: E402
     import conv_backend  # noqa: E402
-
-    check_options(args.options)
-    dtype = getattr(torch, args.dtype)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    torch.manual_seed(args.seed)
-    print(describe_environment(device))
 
     default_batch, default_size = GPU_INPUT if device == "cuda" else CPU_INPUT
     batch, size = args.batch or default_batch, args.size or default_size
