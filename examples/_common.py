@@ -44,7 +44,7 @@ def choose_device(requested: str) -> str:
     return requested
 
 
-def start(args):
+def setup_example(args):
     """Common start of an example: device (the interpreter for CPU, set before triton is imported),
     options checked, RNG seeded, environment printed. Returns (device, dtype, memory_format)."""
     import torch

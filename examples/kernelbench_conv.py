@@ -26,7 +26,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from _common import add_common_args, fp32_math, rel_err, report_speed, start
+from _common import add_common_args, fp32_math, rel_err, report_speed, setup_example
 
 
 class Model(nn.Module):
@@ -77,8 +77,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, help=f"input height and width (default {height}; {CPU_SIZE} on CPU)")
     args = parser.parse_args()
 
-    device, dtype, memory_format = start(args)  # sets TRITON_INTERPRET=1 for CPU, before triton is imported
-    import conv_backend  # noqa: E402  (after start, on purpose)
+    device, dtype, memory_format = setup_example(args)  # sets TRITON_INTERPRET=1 for CPU, before triton is imported
+    import conv_backend  # noqa: E402  (after setup_example, on purpose)
 
     full = (batch_size, height, width)
     batch = args.batch or (batch_size if device == "cuda" else CPU_BATCH)

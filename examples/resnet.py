@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from _common import add_common_args, fp32_math, rel_err, report_speed, start
+from _common import add_common_args, fp32_math, rel_err, report_speed, setup_example
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 GPU_INPUT = (32, 224)  # batch, image size
@@ -42,7 +42,7 @@ def main() -> int:
                                                  f"{CPU_INPUT[1]} on CPU)")
     args = parser.parse_args()
 
-    device, dtype, memory_format = start(args)  # sets TRITON_INTERPRET=1 for CPU, before triton is imported
+    device, dtype, memory_format = setup_example(args)  # sets TRITON_INTERPRET=1 for CPU, before triton is imported
     import torchvision  # noqa: E402
     import conv_backend  # noqa: E402
 
