@@ -35,7 +35,8 @@ LAYOUT_BLIND = {aten.sym_size.int, aten.sym_numel.default}
 LAYOUT_TOLERANT = LAYOUT_PRESERVING | {
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
     aten._native_batch_norm_legit_no_training.default, aten.max_pool2d_with_indices.default,
-    aten.avg_pool2d.default, aten._adaptive_avg_pool2d.default, aten.mean.dim, operator.getitem,
+    aten.avg_pool2d.default, aten._adaptive_avg_pool2d.default, aten.mean.dim, aten.cat.default,
+    operator.getitem,
 }
 
 

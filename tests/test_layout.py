@@ -108,3 +108,30 @@ def test_channels_last_option_off_keeps_inference_graph_eager(compiled_graphs):
         torch.compile(model, backend="tritonconv", options={"channels_last": False})(torch.randn(1, 4, 8, 8))
     (_, gm), = compiled_graphs
     assert _formats(gm) == ["contiguous"] * 3 and not _copies(gm)
+
+
+class Branches(nn.Module):
+    """Two branches concatenated along channels, then a convolution (an Inception-style join)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 6, 3, padding=1)
+        self.b = nn.Conv2d(4, 2, 1)
+        self.join = nn.Conv2d(8, 5, 3, padding=1)
+
+    def forward(self, x):
+        return self.join(torch.cat([F.relu(self.a(x)), self.b(x)], dim=1))
+
+
+@needs_interpreter
+def test_inference_region_spans_concatenation(compiled_graphs, kernel_launches):
+    model = Branches().eval()
+    x = torch.randn(2, 4, 7, 8)
+    with torch.no_grad():
+        out = torch.compile(model, backend="tritonconv", options={"input_precision": "ieee"})(x)
+        ref = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert format_flags(out) == format_flags(ref)
+    (_, gm), = compiled_graphs
+    assert sorted(_formats(gm)) == ["channels_last", "channels_last", "contiguous"] and not _copies(gm)
+    assert len(kernel_launches) == 3
