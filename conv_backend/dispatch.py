@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from .layout import _MEMORY_FORMATS
+from .layout import memory_format_for
 from .runtime import resolve_input_precision
 from .support import depthwise_like, unsupported_reason
 from .tuning import NoKernelError
@@ -71,9 +71,7 @@ def _make_plan(x, weight, bias, stride, padding, dilation, groups, precision, al
 
 def _aten_plan(x, weight, bias, *, stride, padding, dilation, groups, output_format):
     y = aten_conv2d(x, weight, bias, stride, padding, dilation, groups)
-    if output_format == "eager":
-        return y
-    return y.contiguous(memory_format=_MEMORY_FORMATS[output_format])
+    return y.contiguous(memory_format=memory_format_for(output_format, x, weight))
 
 
 def _triton_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm, output_format):

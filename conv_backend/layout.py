@@ -30,7 +30,17 @@ def output_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_
 # between consecutive convolutions), so that a channels_last input it arranged for
 # does not leak channels_last into the rest of the graph.
 OUTPUT_FORMATS = ("eager", "contiguous", "channels_last")
-_MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def memory_format_for(output_format: str, x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The memory format an output_format (one of OUTPUT_FORMATS) names for these operands."""
+    if output_format == "contiguous":
+        return torch.contiguous_format
+    if output_format == "channels_last":
+        return torch.channels_last
+    if output_format == "eager":
+        return output_memory_format(x, weight)
+    raise ValueError(f"tritonconv: output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
 
 
 def empty_output(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
@@ -40,4 +50,4 @@ def empty_output(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], p
     out_c, _, kernel_h, kernel_w = weight.shape
     out_h, out_w = conv_output_hw(in_h, in_w, kernel_h, kernel_w, stride, padding, dilation)
     return torch.empty((n, out_c, out_h, out_w), dtype=x.dtype, device=x.device,
-                       memory_format=_MEMORY_FORMATS.get(output_format) or output_memory_format(x, weight))
+                       memory_format=memory_format_for(output_format, x, weight))

@@ -135,3 +135,19 @@ def test_inference_region_spans_concatenation(compiled_graphs, kernel_launches):
     (_, gm), = compiled_graphs
     assert sorted(_formats(gm)) == ["channels_last", "channels_last", "contiguous"] and not _copies(gm)
     assert len(kernel_launches) == 3
+
+
+@needs_interpreter
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "eager"])
+def test_output_format_argument(fmt):
+    x, w = torch.randn(2, 4, 6, 7), torch.randn(8, 4, 3, 3)
+    y = torch.ops.tritonconv.conv2d.default(x, w, None, [1, 1], [1, 1], [1, 1], 1, "ieee", "auto", fmt)
+    torch.testing.assert_close(y, F.conv2d(x, w, None, 1, 1), rtol=1e-5, atol=1e-5)
+    expected = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=expected)
+
+
+def test_unknown_output_format_is_an_error():
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
+    with pytest.raises(ValueError, match="output_format must be one of"):
+        torch.ops.tritonconv.conv2d.default(x, w, None, [1, 1], [1, 1], [1, 1], 1, "ieee", "auto", "bogus")
