@@ -201,6 +201,14 @@ def _packed_weight(weight: torch.Tensor, block_k: int) -> torch.Tensor:
     return packed.view(oc, kh * kw * cpad)
 
 
+def _nhwc_strides(shape) -> tuple:
+    """(N, C, H, W) strides of a dense channels_last tensor of `shape`. They equal those of
+    t.contiguous(memory_format=torch.channels_last) wherever an index can be nonzero (a
+    size-1 dim may carry any stride), without copying t to find out."""
+    _, c, h, w = shape
+    return (h * w * c, 1, w * c, c)
+
+
 def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, groups, input_precision):
     """A closure that runs `cand` on tensors shaped like these; every scalar argument is fixed once here."""
     n, c, in_h, in_w = x.shape
@@ -211,7 +219,6 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     if cand.kernel == "seed_direct":
         return _seed_launcher(cand, x, weight, bias, y, stride, padding, dilation, input_precision)
     bias_stride = bias.stride(0) if bias is not None else 0
-    x_cl_strides = x.contiguous(memory_format=torch.channels_last).stride()
     flags = dict(KH=kernel_h, KW=kernel_w, HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision,
                  USE_INT64=needs_int64(x, weight, y), UPCAST_DOT=needs_dot_upcast(x.dtype),
                  num_warps=cand.num_warps, num_stages=cand.num_stages, **p)
@@ -221,9 +228,9 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
 
     if cand.kernel == "igemm_pointer":
         grid = (triton.cdiv(n * out_h * out_w, p["BLOCK_M"]) * triton.cdiv(ocg, p["BLOCK_N"]), groups)
-        w_strides = channels_last(weight).stride()
         scalars = (n * out_h * out_w, out_h, out_w, in_h, in_w, cg, ocg, triton.cdiv(cg, p["BLOCK_K"]),
-                   *x_cl_strides, *w_strides, *y.stride(), bias_stride, *stride, *padding, *dilation)
+                   *_nhwc_strides(x.shape), *_nhwc_strides(weight.shape), *y.stride(), bias_stride,
+                   *stride, *padding, *dilation)
 
         def launch(x, weight, bias, y):
             igemm_pointer_kernel[grid](channels_last(x), channels_last(weight), y if bias is None else bias, y,
@@ -236,8 +243,8 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     cpad = triton.cdiv(cg, bk) * bk
     scalars = (out_h, out_w, cg, ocg, triton.cdiv(cg, bk), cpad, *y.stride(), bias_stride, *padding, *dilation)
     x_box = [1, p["BLOCK_H"], p["BLOCK_W"], bk]
-    # Dense NHWC strides: equal to the channels_last input's wherever an index is valid.
-    x_shape, x_strides = [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1]
+    x_shape = [n, in_h, in_w, c]
+    x_strides = [_nhwc_strides(x.shape)[i] for i in (0, 2, 3, 1)]  # as N, H, W, C
     w_shape, w_strides, w_box = [oc, kernel_h * kernel_w * cpad], [kernel_h * kernel_w * cpad, 1], [p["BLOCK_N"], bk]
 
     def launch(x, weight, bias, y):
