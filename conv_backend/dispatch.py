@@ -83,5 +83,5 @@ def _triton_plan(x, weight, bias, stride, padding, dilation, groups, precision, 
         from .kernels.depthwise import depthwise_plan
         return depthwise_plan(x, weight, bias, stride, padding, dilation, output_format)
     from .kernels.implicit_gemm import implicit_gemm_plan
-    load_path = {"gemm_tma": "tma", "gemm_pointer": "pointer"}.get(algorithm, "auto")
+    load_path = {"gemm_tma": "tma", "gemm_pointer": "pointer", "gemm_nchw": "nchw"}.get(algorithm, "auto")
     return implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, precision, load_path, output_format)

@@ -5,7 +5,7 @@ import dataclasses
 from typing import Any, Mapping
 
 PRECISIONS = ("auto", "tf32", "ieee")
-ALGORITHMS = ("auto", "gemm", "gemm_tma", "gemm_pointer", "depthwise", "seed")
+ALGORITHMS = ("auto", "gemm", "gemm_tma", "gemm_pointer", "gemm_nchw", "depthwise", "seed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +17,7 @@ class BackendOptions:
                       (torch.backends.cudnn), "tf32" forces TF32, "ieee" forces exact fp32.
     algorithm:        "auto" picks per problem; "gemm" is the implicit GEMM (TMA where it
                       applies), "gemm_tma" / "gemm_pointer" force one of its load paths,
+                      "gemm_nchw" its kernel that reads and writes NCHW in place,
                       "depthwise" the direct depthwise kernel, "seed" the baseline kernel.
                       A forced algorithm that cannot take a convolution leaves it on ATen.
     channels_last:    keep activations channels_last between replaced convolutions

@@ -114,7 +114,7 @@ def draw_case(rng: random.Random, path: str, dtype=torch.float32) -> Case:
             else:
                 groups, cg = 1, rng.choice([4, 8, 12]) if dtype == torch.float32 else rng.choice([8, 16])
             c, oc = cg * groups, rng.randint(1, 20) * groups
-        elif path in ("gemm_pointer", "auto"):
+        elif path in ("gemm_pointer", "gemm_nchw", "auto"):
             groups = rng.choice([1, 1, 2, 3])
             c, oc = rng.randint(1, 6) * groups, rng.randint(1, 7) * groups
         else:  # seed

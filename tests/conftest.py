@@ -78,17 +78,30 @@ class KernelLaunches(list):
 @pytest.fixture
 def kernel_launches(monkeypatch):
     """Record Triton kernel launches (interpreter or GPU) without changing what they do."""
+    from conv_backend.kernels.common import KernelLauncher
+
     launches = KernelLaunches()
     if interpreter_enabled():
         from triton.runtime.interpreter import InterpretedFunction as cls
     else:
         from triton.runtime.jit import JITFunction as cls
-    real_run = cls.run
+    real_run, real_call = cls.run, KernelLauncher.__call__
+    inside_launcher = []  # a KernelLauncher's first call also goes through the JIT: count it once
 
     def run(self, *args, **kwargs):
-        if not kwargs.get("warmup", False):
+        if not kwargs.get("warmup", False) and not inside_launcher:
             launches.append((getattr(self.fn, "__name__", "?"), dict(kwargs)))
         return real_run(self, *args, **kwargs)
 
+    def call(self, *args):
+        # Later launches skip the JIT (direct launch), so they are recorded here.
+        launches.append((getattr(self.kernel.fn, "__name__", "?"), dict(self.meta)))
+        inside_launcher.append(self)
+        try:
+            return real_call(self, *args)
+        finally:
+            inside_launcher.pop()
+
     monkeypatch.setattr(cls, "run", run)
+    monkeypatch.setattr(KernelLauncher, "__call__", call)
     return launches

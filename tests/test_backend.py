@@ -148,6 +148,28 @@ def test_inference_matches_eager(mode, kernel_launches):
 
 
 @needs_interpreter
+def test_compiled_graphs_call_the_launch_wrapper_directly(monkeypatch):
+    """The pass's graph holds the custom op; the graph that runs calls launch_conv2d without the dispatcher."""
+    from conv_backend import backend, dispatch
+    from conv_backend.graph_pass import TRITON_CONV
+
+    pairs = []
+    real = backend.direct_calls
+    monkeypatch.setattr(backend, "direct_calls", lambda gm: pairs.append((gm, real(gm))) or pairs[-1][1])
+    model = Net().eval()
+    x = torch.randn(2, 4, 9, 9)
+    compiled = torch.compile(model, backend="tritonconv", options=IEEE)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    (traced, executable), = pairs
+
+    def targets(gm):
+        return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets(traced).count(TRITON_CONV) == TRITON_CONVS and TRITON_CONV not in targets(executable)
+    assert targets(executable).count(dispatch.launch_conv2d) == TRITON_CONVS
+
+
+@needs_interpreter
 def test_training_step_gradients_match_eager(kernel_launches):
     model = Net()
     twin = copy.deepcopy(model)

@@ -28,8 +28,9 @@ from _util import Case, format_flags, reference, rel_err, tolerance
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
 KERNEL_FUNCTIONS = {"seed": "seed_conv2d_kernel", "gemm_pointer": "igemm_pointer_kernel",
-                    "gemm_tma": "igemm_tma_kernel", "depthwise": "depthwise_kernel"}
+                    "gemm_tma": "igemm_tma_kernel", "gemm_nchw": "igemm_nchw_kernel", "depthwise": "depthwise_kernel"}
 CANDIDATE_FUNCTIONS = [(igemm_mod, "tma_candidates"), (igemm_mod, "pointer_candidates"),
+                       (igemm_mod, "nchw_candidates"), (igemm_mod, "split_k_candidates"),
                        (depthwise_mod, "depthwise_candidates")]
 if hasattr(igemm_mod, "seed_candidates"):  # the seed's direct kernel, offered for few-channel convolutions
     CANDIDATE_FUNCTIONS.append((igemm_mod, "seed_candidates"))
@@ -95,6 +96,9 @@ PATH_CASES = [
     ("gemm_tma", Case(1, 64, 96, 17, 15, (1, 1), x_layout="channels_last", w_layout="channels_last")),
     ("gemm_tma", Case(2, 64, 64, 21, 22, (3, 3), padding=(1, 1), groups=2, x_layout="channels_last")),
     ("gemm_tma", Case(1, 16, 40, 9, 70, (3, 3), padding=(1, 1), x_layout="transposed_hw")),
+    ("gemm_nchw", Case(2, 64, 96, 28, 28, (1, 1))),  # flat pixels
+    ("gemm_nchw", Case(2, 24, 40, 33, 31, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(2, 1))),
+    ("gemm_nchw", Case(2, 48, 48, 20, 19, (3, 3), padding=(1, 1), groups=3, x_layout="sliced")),
     ("depthwise", Case(2, 32, 32, 37, 41, (3, 3), padding=(1, 1), groups=32)),
     ("depthwise", Case(2, 32, 64, 37, 41, (3, 3), stride=(2, 2), padding=(1, 1), groups=32,
                        x_layout="channels_last")),
@@ -120,7 +124,7 @@ def test_path_against_float64(algorithm, case, dtype, precision, one_candidate, 
     run_case(dataclasses.replace(case, dtype=dtype), algorithm, precision, kernel_launches)
 
 
-FP16_CASES = [(a, c) for a, c in PATH_CASES if a in ("gemm_pointer", "gemm_tma", "depthwise")][::2]
+FP16_CASES = [(a, c) for a, c in PATH_CASES if a in ("gemm_pointer", "gemm_tma", "gemm_nchw", "depthwise")][::2]
 
 
 @pytest.mark.parametrize("algorithm,case", FP16_CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(FP16_CASES)])
@@ -212,6 +216,8 @@ def _candidate_problems():
         problems.append(("auto", Case(2, 3, 40, 45, 39, (7, 7), stride=(2, 2), padding=(3, 3)),
                          "seed_candidates", "seed_conv2d_kernel"))
     problems += [
+        ("gemm_nchw", Case(2, 40, 72, 23, 37, (3, 3), padding=(1, 1)), "nchw_candidates", "igemm_nchw_kernel"),
+        ("gemm_nchw", Case(2, 64, 72, 16, 32, (1, 1)), "nchw_candidates", "igemm_nchw_kernel"),
         ("depthwise", Case(2, 48, 48, 23, 37, (3, 3), padding=(1, 1), groups=48), "depthwise_candidates",
          "depthwise_kernel"),
         ("depthwise", Case(2, 48, 96, 23, 37, (3, 3), padding=(1, 1), groups=48, x_layout="channels_last"),
@@ -430,3 +436,50 @@ def test_auto_precision_with_conv_precision_none(conv_precision_none, one_candid
     x, w, ref = _big_k_problem()
     y = launch_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1, "auto", "gemm_pointer")
     assert rel_err(y, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,precision", [(torch.bfloat16, "ieee"), (torch.float32, "tf32")], ids=["bf16", "tf32"])
+@pytest.mark.parametrize("split", [2, 3])
+def test_split_k_slices_sum_right_on_gpu(split, dtype, precision, monkeypatch, kernel_launches):
+    """Real atomics and memory ordering: every launch must find the partial tiles complete and
+    leave the arrival counters at zero (three launches in a row, each checked)."""
+    case = Case(8, 256, 192, 7, 7, (3, 3), padding=(1, 1), x_layout="channels_last", dtype=dtype)
+    base = igemm_mod.pointer_candidates(256, 192, dtype)[0]
+    cand = tuning.Candidate.make(base.kernel, base.num_warps, base.num_stages, **{**base.params, "SPLIT_K": split})
+    monkeypatch.setattr(igemm_mod, "pointer_candidates", lambda *a, **k: [cand])
+    monkeypatch.setattr(igemm_mod, "split_k_candidates", lambda *a, **k: [])
+    forget()
+    for _ in range(3):
+        run_case(case, "gemm_pointer", precision, kernel_launches)
+    assert [meta["SPLIT_K"] for _, meta in kernel_launches] == [split] * 3
+
+
+@pytest.mark.parametrize("algorithm", ["gemm_pointer", "gemm_nchw", "depthwise"] + (["gemm_tma"] if hopper() else []))
+def test_direct_launch_on_side_stream_and_in_cuda_graph(algorithm, one_candidate, monkeypatch):
+    """After its first launch a kernel skips the JIT; those launches must land on the caller's stream
+    and be capturable in a CUDA graph that replays with new input values."""
+    from conv_backend.kernels.common import KernelLauncher
+    launchers = []
+    real_init = KernelLauncher.__init__
+    monkeypatch.setattr(KernelLauncher, "__init__",
+                        lambda self, *a, **k: launchers.append(self) or real_init(self, *a, **k))
+    groups = 32 if algorithm == "depthwise" else 1
+    layout = "contiguous" if algorithm == "gemm_nchw" else "channels_last"
+    case = Case(4, 32, 64, 20, 21, (3, 3), padding=(1, 1), groups=groups, x_layout=layout, dtype=torch.bfloat16)
+    x, w, b = case.tensors(DEV)
+    forget()
+    launch_conv2d(x, w, b, *case.args(), "ieee", algorithm)  # compiles, through the JIT
+    assert launchers and all(k._direct is not None for k in launchers)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y = launch_conv2d(x, w, b, *case.args(), "ieee", algorithm)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_graph = launch_conv2d(x, w, b, *case.args(), "ieee", algorithm)
+    side.synchronize()
+    assert rel_err(y, reference(x, w, b, *case.args())) <= tolerance(x.dtype)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(y_graph, reference(x, w, b, *case.args())) <= tolerance(x.dtype)

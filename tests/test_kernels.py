@@ -23,13 +23,15 @@ from _util import Case, draw_case, format_flags, reference, rel_err, tolerance
 
 pytestmark = pytest.mark.interpreter
 
-PATHS = ("seed", "gemm_pointer", "gemm_tma", "depthwise", "auto")
-KERNEL_MODULES = {"seed": seed_mod, "gemm_pointer": igemm_mod, "gemm_tma": igemm_mod, "depthwise": depthwise_mod}
+PATHS = ("seed", "gemm_pointer", "gemm_tma", "gemm_nchw", "depthwise", "auto")
+KERNEL_MODULES = {"seed": seed_mod, "gemm_pointer": igemm_mod, "gemm_tma": igemm_mod, "gemm_nchw": igemm_mod,
+                  "depthwise": depthwise_mod}
 # The Triton function each forced path must launch.
 KERNEL_FUNCTIONS = {"seed": "seed_conv2d_kernel", "gemm_pointer": "igemm_pointer_kernel",
-                    "gemm_tma": "igemm_tma_kernel", "depthwise": "depthwise_kernel"}
+                    "gemm_tma": "igemm_tma_kernel", "gemm_nchw": "igemm_nchw_kernel", "depthwise": "depthwise_kernel"}
 # The kernel the tuner records for a path (tuning.chosen_kernels, what the report prints).
-TUNER_NAMES = {"gemm_pointer": "igemm_pointer[", "gemm_tma": "igemm_tma[", "depthwise": "depthwise["}
+TUNER_NAMES = {"gemm_pointer": "igemm_pointer[", "gemm_tma": "igemm_tma[", "gemm_nchw": "igemm_nchw[",
+               "depthwise": "depthwise["}
 
 
 def check(case: Case, algorithm: str, precision: str = "ieee", launches=None):
@@ -130,6 +132,12 @@ GROUPED_CASES = [
     # Padding far wider than the kernel: whole tiles and TMA boxes lie in the padding.
     ("gemm_tma", Case(1, 8, 8, 4, 5, (1, 1), padding=(6, 9))),
     ("gemm_pointer", Case(1, 8, 8, 4, 5, (1, 1), padding=(6, 9))),
+    ("gemm_nchw", Case(1, 8, 8, 4, 5, (1, 1), padding=(6, 9))),
+    # The NCHW kernel: groups, channels over several chunks, 1x1 on dense planes (its flat-pixel variant).
+    ("gemm_nchw", Case(2, 6, 9, 7, 8, (3, 3), padding=(1, 1), groups=3)),
+    ("gemm_nchw", Case(1, 37, 9, 5, 6, (3, 3), padding=(1, 1))),
+    ("gemm_nchw", Case(2, 40, 24, 6, 11, (1, 1))),
+    ("gemm_nchw", Case(2, 16, 24, 6, 11, (1, 1), groups=2, bias=False)),
     ("depthwise", Case(1, 8, 8, 4, 5, (3, 3), padding=(7, 9), groups=8)),
     ("seed", Case(1, 8, 8, 4, 5, (1, 1), padding=(6, 9))),
 ]
@@ -146,6 +154,7 @@ DTYPE_CASES = {
     "seed": Case(2, 5, 7, 7, 8, (3, 3), padding=(1, 1), dilation=(1, 2)),
     "gemm_pointer": Case(2, 6, 10, 7, 6, (3, 3), stride=(2, 1), padding=(1, 1), groups=2),
     "gemm_tma": Case(1, 8, 12, 6, 7, (3, 3), padding=(1, 1), x_layout="channels_last"),
+    "gemm_nchw": Case(2, 6, 10, 7, 6, (1, 1), groups=2),
     "depthwise": Case(2, 4, 8, 7, 7, (3, 3), padding=(1, 1), groups=4),
     "auto": Case(1, 16, 8, 6, 5, (3, 3), padding=(1, 1)),
 }
@@ -160,7 +169,7 @@ def test_half_precision(algorithm, dtype, kernel_launches):
     assert y.dtype == dtype
 
 
-@pytest.mark.parametrize("algorithm", ["seed", "gemm_pointer", "gemm_tma"])
+@pytest.mark.parametrize("algorithm", ["seed", "gemm_pointer", "gemm_tma", "gemm_nchw"])
 def test_tf32_policy_runs(algorithm, kernel_launches):
     # The interpreter computes TF32 dots exactly; on a GPU this is the 2e-3 bound.
     check(DTYPE_CASES["gemm_tma"], algorithm, "tf32", kernel_launches)
@@ -199,6 +208,7 @@ POISON_CASES = {
     "seed": Case(2, 3, 19, 7, 9, (3, 2), stride=(2, 1), padding=(1, 0), x_layout="channels_last"),
     "gemm_pointer": Case(2, 6, 21, 9, 7, (3, 3), stride=(1, 2), padding=(1, 1), groups=3),
     "gemm_tma": Case(1, 8, 19, 9, 11, (3, 3), padding=(1, 1), x_layout="channels_last"),
+    "gemm_nchw": Case(2, 6, 21, 9, 7, (3, 3), stride=(1, 2), padding=(1, 1), groups=3),
     "depthwise": Case(2, 5, 10, 9, 10, (3, 3), stride=(2, 1), padding=(1, 1), groups=5, x_layout="channels_last"),
 }
 
@@ -277,6 +287,7 @@ def only_seed_direct(monkeypatch):
         pytest.skip("no direct-kernel candidates in this version")
     monkeypatch.setattr(igemm_mod, "tma_candidates", lambda *a, **k: [])
     monkeypatch.setattr(igemm_mod, "pointer_candidates", lambda *a, **k: [])
+    monkeypatch.setattr(igemm_mod, "nchw_candidates", lambda *a, **k: [])
     monkeypatch.setattr(igemm_mod, "seed_candidates", lambda *a, **k: [SEED_DIRECT])
 
 
@@ -484,7 +495,7 @@ def test_custom_op_matches_launch_and_has_autograd():
 # ---------------------------------------------------------------- regressions (bugs this suite found)
 
 @pytest.mark.parametrize("bias_kind", ["strided", "expanded"])
-@pytest.mark.parametrize("algorithm", ["seed", "gemm_pointer", "gemm_tma", "depthwise"])
+@pytest.mark.parametrize("algorithm", ["seed", "gemm_pointer", "gemm_tma", "gemm_nchw", "depthwise"])
 def test_non_contiguous_bias(algorithm, bias_kind, kernel_launches):
     """Kernels once read the bias as b_ptr + oc, ignoring its stride."""
     groups = 4 if algorithm == "depthwise" else 1
@@ -495,7 +506,7 @@ def test_non_contiguous_bias(algorithm, bias_kind, kernel_launches):
     assert rel_err(y, reference(x, w, b, (1, 1), (1, 1), (1, 1), groups)) <= 1e-5
 
 
-@pytest.mark.parametrize("algorithm", ["seed", "gemm_pointer", "gemm_tma", "depthwise"])
+@pytest.mark.parametrize("algorithm", ["seed", "gemm_pointer", "gemm_tma", "gemm_nchw", "depthwise"])
 def test_channels_last_weight_contiguous_input_format(algorithm):
     """Eager CPU convolution (and FakeTensor's rule) is channels_last when the input OR the weight is."""
     groups = 8 if algorithm == "depthwise" else 1
@@ -505,3 +516,41 @@ def test_channels_last_weight_contiguous_input_format(algorithm):
     eager = F.conv2d(x, w, None, 1, 1, 1, groups)
     assert rel_err(y, reference(x, w, None, (1, 1), (1, 1), (1, 1), groups)) <= 1e-5
     assert format_flags(y) == format_flags(eager), (y.stride(), eager.stride())
+
+
+@pytest.mark.parametrize("case,flat", [
+    (Case(2, 40, 24, 6, 11, (1, 1)), True),  # 1x1 on dense planes: input pixel p feeds output pixel p
+    (Case(2, 40, 24, 6, 11, (1, 1), padding=(1, 0)), False),
+    (Case(2, 40, 24, 6, 11, (1, 1), stride=(2, 1)), False),
+    (Case(2, 40, 24, 6, 11, (1, 1), x_layout="strided_w"), False),
+], ids=["dense", "padded", "strided", "strided_w"])
+def test_nchw_kernel_flat_pixels_only_where_valid(case, flat, kernel_launches):
+    x, w, b = case.tensors()
+    y = launch_conv2d(x, w, b, *case.args(), "ieee", "gemm_nchw")
+    assert kernel_launches.names == ["igemm_nchw_kernel"]
+    assert kernel_launches[0][1]["PIXELS_FLAT"] is flat
+    assert rel_err(y, reference(x, w, b, *case.args())) <= 1e-5
+
+
+SPLIT_K_CASES = [
+    Case(2, 37, 9, 5, 6, (3, 3), padding=(1, 1)),  # 3 channel chunks x 9 taps: slices of unequal length
+    Case(1, 40, 12, 5, 4, (3, 2), stride=(2, 1), padding=(1, 1), groups=2, x_layout="channels_last"),
+    Case(1, 8, 8, 3, 3, (1, 1), bias=False),  # one K step: some slices are empty
+    Case(2, 24, 20, 6, 5, (3, 3), padding=(1, 1), dtype=torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("split", [2, 3, 4])
+@pytest.mark.parametrize("case", SPLIT_K_CASES, ids=[str(i) for i in range(len(SPLIT_K_CASES))])
+def test_split_k(case, split, monkeypatch, kernel_launches):
+    """Split-K slices summed by the last program to arrive; twice, since each launch must leave its
+    arrival counters at zero for the next one."""
+    cand = tuning.Candidate.make("igemm_pointer", BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, SPLIT_K=split)
+    monkeypatch.setattr(igemm_mod, "pointer_candidates", lambda *a, **k: [cand])
+    x, w, b = case.tensors()
+    ref = reference(x, w, b, *case.args())
+    for _ in range(2):
+        y = launch_conv2d(x, w, b, *case.args(), "ieee", "gemm_pointer")
+        assert rel_err(y, ref) <= tolerance(x.dtype)
+    assert kernel_launches.names == ["igemm_pointer_kernel"] * 2
+    assert kernel_launches[0][1]["SPLIT_K"] == split

@@ -52,3 +52,59 @@ def tuned_plan(kind: str, x, weight, bias, y, stride, padding, dilation, groups,
         launch(x, weight, bias, out)
         return out
     return run
+
+
+def _launch_hooks_set() -> bool:
+    """Whether a profiler (e.g. Triton's proton) hooks launches; the JIT path then runs its hooks."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    return runtime is not None and (runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None)
+
+
+def _current_device() -> int:
+    return triton.runtime.driver.active.get_current_device()
+
+
+def _current_stream(device: int):
+    return triton.runtime.driver.active.get_current_stream(device)
+
+
+class KernelLauncher:
+    """One Triton kernel with its grid, trailing scalars and constexprs fixed; call it with the leading arguments.
+
+    The first call goes through the JIT, which compiles (or finds) the kernel
+    specialized for these arguments. Later calls hand the compiled kernel
+    straight to its launcher and skip the JIT's per-call argument binding and
+    cache lookup, which dominates the host cost of a launch on small problems.
+    That is sound because everything the JIT specializes on is fixed per
+    launcher: the scalars and constexprs here, and the pointers' 16-byte
+    alignment, which is part of every plan's key (dispatch.py).
+    """
+
+    def __init__(self, kernel, grid, scalars=(), **meta):
+        self.kernel, self.grid, self.scalars, self.meta = kernel, tuple(grid), tuple(scalars), meta
+        self._direct = None  # (run, grid, function, metadata, device, constexpr values) once compiled
+
+    def __call__(self, *leading):
+        args = leading + self.scalars
+        direct = self._direct
+        if direct is not None and not _launch_hooks_set():
+            run, grid, function, metadata, device, constexprs = direct
+            run(*grid, _current_stream(device), function, metadata, None, None, None, *args, *constexprs)
+            return
+        compiled = self.kernel[self.grid](*args, **self.meta)
+        if direct is None:
+            self._direct = self._adopt(compiled, len(args))
+
+    def _adopt(self, compiled, n_args: int):
+        """The direct-launch state for `compiled`, or None where only the JIT path can launch it
+        (the interpreter, or a Triton whose compiled kernels lack this interface)."""
+        names = getattr(self.kernel, "arg_names", None)
+        if interpreter_enabled() or names is None or not all(
+                hasattr(compiled, attr) for attr in ("run", "function", "packed_metadata")):
+            return None
+        try:
+            constexprs = tuple(self.meta[name] for name in names[n_args:])
+        except KeyError:  # a parameter left to its default: only the JIT knows its value
+            return None
+        grid = (self.grid + (1, 1))[:3]
+        return compiled.run, grid, compiled.function, compiled.packed_metadata, _current_device(), constexprs

@@ -19,7 +19,7 @@ import triton.language as tl
 from ..layout import empty_output
 from ..runtime import interpreter_enabled
 from ..tuning import Candidate
-from .common import needs_int64, tuned_plan
+from .common import KernelLauncher, needs_int64, tuned_plan
 
 
 @triton.jit
@@ -111,9 +111,11 @@ def depthwise_plan(x, weight, bias, stride, padding, dilation, output_format="ea
         p = cand.params
         grid = (n * triton.cdiv(out_h, p["BLOCK_H"]) * triton.cdiv(out_w, p["BLOCK_W"]), triton.cdiv(oc, p["BLOCK_C"]))
 
+        kernel = KernelLauncher(depthwise_kernel, grid, scalars, **flags, num_warps=cand.num_warps,
+                                num_stages=cand.num_stages, **p)
+
         def launch(x, weight, bias, y):
-            depthwise_kernel[grid](x, weight, y if bias is None else bias, y, *scalars, **flags,
-                                   num_warps=cand.num_warps, num_stages=cand.num_stages, **p)
+            kernel(x, weight, y if bias is None else bias, y)
         return launch
 
     candidates = depthwise_candidates(x.stride(1) == 1 and c > 1)

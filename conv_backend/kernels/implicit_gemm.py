@@ -23,7 +23,7 @@ from ..layout import empty_output
 from ..runtime import interpreter_enabled
 from ..support import tma_reason
 from ..tuning import Candidate
-from .common import mma, needs_dot_upcast, needs_int64, tuned_plan
+from .common import KernelLauncher, mma, needs_dot_upcast, needs_int64, tuned_plan
 from .seed import seed_conv2d_kernel, seed_launch_args
 
 log = logging.getLogger("conv_backend")
@@ -39,14 +39,19 @@ def _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc
 
 @triton.jit
 def igemm_pointer_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, partial_ptr, arrivals_ptr,
     M, OH, OW, IH, IW, CG, OCG, C_CHUNKS,
     sxn, sxc, sxh, sxw, swo, swc, swh, sww, syn, syc, syh, syw, sb,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
+    """SPLIT_K > 1 (grid axis 2) cuts K into slices for maps too small to fill the GPU with tiles:
+    each program stores its fp32 partial tile, and the last of a tile's programs to arrive
+    (counted in `arrivals`, which it leaves at zero again) sums the slices in a fixed order,
+    so the result does not depend on which slice finished first."""
     pid = tl.program_id(0)
     group = tl.program_id(1)
     # Grouped tile order: GROUP_M pixel tiles share their input rows in L2.
@@ -76,8 +81,15 @@ def igemm_pointer_kernel(
     x_rows = x_ptr + img * sxn + group * CG * sxc
     w_cols = w_ptr + oc * swo
 
+    k_steps = KH * KW * C_CHUNKS
+    k_first = 0
+    k_last = k_steps
+    if SPLIT_K > 1:
+        per_slice = tl.cdiv(k_steps, SPLIT_K)
+        k_first = tl.program_id(2) * per_slice
+        k_last = min(k_first + per_slice, k_steps)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, KH * KW * C_CHUNKS):
+    for k in range(k_first, k_last):
         tap = k // C_CHUNKS
         c = (k - tap * C_CHUNKS) * BLOCK_K + offs_k
         kh = tap // KW
@@ -92,7 +104,20 @@ def igemm_pointer_kernel(
                     mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         acc = mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
 
-    _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw, HAS_BIAS)
+    if SPLIT_K > 1:
+        tile = group * (num_pid_m * num_pid_n) + pid
+        in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        partials = partial_ptr + tile * (SPLIT_K * BLOCK_M * BLOCK_N) + in_tile
+        tl.store(partials + tl.program_id(2) * (BLOCK_M * BLOCK_N), acc)
+        tl.debug_barrier()  # every thread's partial is written before the arrival is counted
+        if tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k_slice in range(SPLIT_K):
+                acc += tl.load(partials + k_slice * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
+            tl.store(arrivals_ptr + tile, 0)
+            _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw, HAS_BIAS)
+    else:
+        _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw, HAS_BIAS)
 
 
 @triton.jit
@@ -141,12 +166,91 @@ def igemm_tma_kernel(
                     offs_n < OCG, syn, syc, syh, syw, HAS_BIAS)
 
 
+@triton.jit
+def igemm_nchw_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    OH, OW, IH, IW, CG, OCG, C_CHUNKS,
+    sxn, sxc, sxh, sxw, swo, swc, swh, sww, syn, syc, syh, syw, sb,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PIXELS_FLAT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The transposed GEMM for NCHW tensors: M = output channels, N = one image's output pixels.
+
+    Each K step reads BLOCK_K input channel planes along a run of pixels, which
+    NCHW stores contiguously, and the output tile is stored along pixels too: no
+    layout copy on either side. PIXELS_FLAT (1x1 kernel, stride 1, no padding,
+    dense planes) reads input pixel p for output pixel p, so loads vectorise.
+    """
+    pid = tl.program_id(0)
+    group = tl.program_id(1)
+    # Output-channel tiles of one pixel tile run next to each other: the input tile is reused from L2.
+    num_pid_m = tl.cdiv(OCG, BLOCK_M)
+    num_pid_n = tl.cdiv(OH * OW, BLOCK_N)
+    pid_m = pid % num_pid_m
+    pid_n = (pid // num_pid_m) % num_pid_n
+    img = pid // (num_pid_m * num_pid_n)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < OCG
+    n_ok = offs_n < OH * OW
+    if USE_INT64:
+        img = img.to(tl.int64)
+        group = group.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+    oh = offs_n // OW
+    ow = offs_n % OW
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    oc = group * OCG + offs_m
+    x_img = x_ptr + img * sxn + group * CG * sxc
+    w_rows = w_ptr + oc * swo
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, KH * KW * C_CHUNKS):
+        tap = k // C_CHUNKS
+        c = (k - tap * C_CHUNKS) * BLOCK_K + offs_k
+        kh = tap // KW
+        kw = tap - kh * KW
+        c_ok = c < CG
+        if PIXELS_FLAT:
+            pix_off = offs_n
+            pix_ok = n_ok
+        else:
+            ih = ih0 + kh * dil_h
+            iw = iw0 + kw * dil_w
+            pix_off = ih * sxh + iw * sxw
+            pix_ok = n_ok & (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+        a = tl.load(w_rows[:, None] + c[None, :] * swc + (kh * swh + kw * sww),
+                    mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(x_img + c[:, None] * sxc + pix_off[None, :], mask=c_ok[:, None] & pix_ok[None, :], other=0.0)
+        acc = mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + oc * sb, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+    if PIXELS_FLAT:
+        pix_out = offs_n
+    else:
+        pix_out = oh * syh + ow * syw
+    y_offsets = img * syn + (oc * syc)[:, None] + pix_out[None, :]
+    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
 # Tile shapes worth timing, from sweeps on an H100 (devices differ: the tuner times them).
 # Pointer path: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
 POINTER_SHAPES_FP32 = [(256, 64, 32, 8, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4),
                        (64, 128, 32, 4, 3)]
 POINTER_SHAPES_16BIT = [(256, 64, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 4),
                         (64, 128, 32, 4, 3)]
+# NCHW path: (BLOCK_M output channels, BLOCK_N pixels, BLOCK_K, num_warps, num_stages).
+NCHW_SHAPES_FP32 = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (64, 256, 32, 8, 3),
+                    (64, 64, 32, 4, 4)]
+NCHW_SHAPES_16BIT = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 256, 64, 8, 3),
+                     (64, 64, 64, 4, 4)]
 # TMA path: (BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K is capped at a 128-byte row.
 # Direct (seed) kernel: (BLOCK_OC, BLOCK_HW, BLOCK_K, num_warps, num_stages), from the seed's configs.
 SEED_SHAPES = [(32, 128, 32, 4, 2), (64, 128, 32, 8, 2), (64, 64, 64, 8, 3)]
@@ -165,6 +269,33 @@ def pointer_candidates(cg: int, ocg: int, dtype: torch.dtype) -> list:
     max_n, max_k = _pow2_at_least(ocg), _pow2_at_least(cg)
     picked = {Candidate.make("igemm_pointer", num_warps=w, num_stages=s, BLOCK_M=m, BLOCK_N=min(n, max_n),
                              BLOCK_K=min(k, max_k), GROUP_M=8) for m, n, k, w, s in shapes}
+    return sorted(picked, key=lambda c: c.describe())
+
+
+def split_k_candidates(candidates: list, m: int, ocg: int, groups: int, cg: int, taps: int, device) -> list:
+    """Split-K variants of pointer candidates whose tiles would leave most SMs idle (small maps, deep K)."""
+    if interpreter_enabled() or device.type != "cuda":
+        return []
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    picked = []
+    for cand in candidates:
+        p = cand.params
+        tiles = triton.cdiv(m, p["BLOCK_M"]) * triton.cdiv(ocg, p["BLOCK_N"]) * groups
+        k_steps = taps * triton.cdiv(cg, p["BLOCK_K"])
+        for split in (2, 3, 4, 6):
+            if (tiles * split <= 2 * sms and k_steps >= 4 * split
+                    and tiles * split * p["BLOCK_M"] * p["BLOCK_N"] < 2**31):
+                picked.append(Candidate.make(cand.kernel, cand.num_warps, cand.num_stages, SPLIT_K=split, **p))
+    return picked
+
+
+def nchw_candidates(cg: int, ocg: int, dtype: torch.dtype) -> list:
+    if interpreter_enabled():
+        return [Candidate.make("igemm_nchw", BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)]
+    shapes = NCHW_SHAPES_FP32 if dtype == torch.float32 else NCHW_SHAPES_16BIT
+    max_m, max_k = _pow2_at_least(ocg), _pow2_at_least(cg)
+    picked = {Candidate.make("igemm_nchw", num_warps=w, num_stages=s, BLOCK_M=min(m, max_m), BLOCK_N=n,
+                             BLOCK_K=min(k, max_k)) for m, n, k, w, s in shapes}
     return sorted(picked, key=lambda c: c.describe())
 
 
@@ -232,9 +363,35 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
                    *_nhwc_strides(x.shape), *_nhwc_strides(weight.shape), *y.stride(), bias_stride,
                    *stride, *padding, *dilation)
 
+        split = p.get("SPLIT_K", 1)
+        kernel = KernelLauncher(igemm_pointer_kernel, grid + (split,), scalars, **{**flags, "SPLIT_K": split})
+        if split == 1:
+            def launch(x, weight, bias, y):
+                kernel(channels_last(x), channels_last(weight), y if bias is None else bias, y, y, y)
+            return launch
+
+        tiles = grid[0] * groups
+        arrivals = {}  # per stream: a launch leaves its counters at zero, so launches in one stream share them
+
         def launch(x, weight, bias, y):
-            igemm_pointer_kernel[grid](channels_last(x), channels_last(weight), y if bias is None else bias, y,
-                                       *scalars, **flags)
+            stream = torch.cuda.current_stream(y.device).cuda_stream if y.is_cuda else 0
+            if stream not in arrivals:
+                arrivals[stream] = torch.zeros(tiles, dtype=torch.int32, device=y.device)
+            partial = torch.empty(tiles * split * p["BLOCK_M"] * p["BLOCK_N"], dtype=torch.float32, device=y.device)
+            kernel(channels_last(x), channels_last(weight), y if bias is None else bias, y, partial,
+                   arrivals[stream])
+        return launch
+
+    if cand.kernel == "igemm_nchw":
+        grid = (n * triton.cdiv(out_h * out_w, p["BLOCK_N"]) * triton.cdiv(ocg, p["BLOCK_M"]), groups)
+        flat = (kernel_h, kernel_w, *stride, *padding) == (1, 1, 1, 1, 0, 0) and \
+            x.stride()[2:] == (in_w, 1) and y.stride()[2:] == (out_w, 1)
+        scalars = (out_h, out_w, in_h, in_w, cg, ocg, triton.cdiv(cg, p["BLOCK_K"]), *x.stride(), *weight.stride(),
+                   *y.stride(), bias_stride, *stride, *padding, *dilation)
+        kernel = KernelLauncher(igemm_nchw_kernel, grid, scalars, PIXELS_FLAT=flat, **flags)
+
+        def launch(x, weight, bias, y):
+            kernel(x, weight, y if bias is None else bias, y)
         return launch
 
     bk = p["BLOCK_K"]
@@ -247,10 +404,23 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     x_strides = [_nhwc_strides(x.shape)[i] for i in (0, 2, 3, 1)]  # as N, H, W, C
     w_shape, w_strides, w_box = [oc, kernel_h * kernel_w * cpad], [kernel_h * kernel_w * cpad, 1], [p["BLOCK_N"], bk]
 
+    kernel = KernelLauncher(igemm_tma_kernel, grid, scalars, **flags)
+    last = {}
+
+    def weight_descriptor(weight):
+        # A descriptor over the weight's own memory (channels_last, channels a multiple of BLOCK_K) stays valid
+        # for as long as that memory does, whatever is written there; a repacked copy is made afresh each call.
+        if last.get("ptr") == weight.data_ptr():
+            return last["desc"]
+        packed = _packed_weight(weight, bk)
+        desc = TensorDescriptor(packed, w_shape, w_strides, w_box)
+        if packed.data_ptr() == weight.data_ptr():
+            last.update(ptr=weight.data_ptr(), desc=desc)
+        return desc
+
     def launch(x, weight, bias, y):
         x_desc = TensorDescriptor(channels_last(x), x_shape, x_strides, x_box)
-        w_desc = TensorDescriptor(_packed_weight(weight, bk), w_shape, w_strides, w_box)
-        igemm_tma_kernel[grid](x_desc, w_desc, y if bias is None else bias, y, *scalars, **flags)
+        kernel(x_desc, weight_descriptor(weight), y if bias is None else bias, y)
     return launch
 
 
@@ -260,9 +430,11 @@ def _seed_launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilatio
     scalars, flags, grid_of = seed_launch_args(x, weight, bias, y, stride, padding, dilation, input_precision)
     grid = grid_of(cand.params)
 
+    kernel = KernelLauncher(seed_conv2d_kernel, grid, scalars, **flags, num_warps=cand.num_warps,
+                            num_stages=cand.num_stages, **cand.params)
+
     def launch(x, weight, bias, y):
-        seed_conv2d_kernel[grid](x, weight, y if bias is None else bias, y, *scalars, **flags,
-                                 num_warps=cand.num_warps, num_stages=cand.num_stages, **cand.params)
+        kernel(x, weight, y if bias is None else bias, y)
     return launch
 
 
@@ -274,11 +446,17 @@ def seed_candidates(cg: int, groups: int, batch: int) -> list:
             for oc, hw, k, w, s in SEED_SHAPES]
 
 
+def _planes_contiguous(x: torch.Tensor) -> bool:
+    """An NCHW-ordered input (rows of W contiguous, channels not innermost): the NCHW kernel reads it in place."""
+    return x.stride(3) == 1 and (x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last))
+
+
 def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input_precision, load_path="auto",
                        output_format="eager"):
     """Tune (or recall) the best kernel for this problem; return `run(x, weight, bias) -> y`.
 
-    `load_path` is "auto", "tma" or "pointer". The plan serves any tensors with
+    `load_path` is "auto", "tma", "pointer" (either pointer-load kernel) or "nchw"
+    (the NCHW kernel alone). The plan serves any tensors with
     the same shapes, strides, dtype and device as the ones given here.
     """
     tma_why = tma_reason(x, weight, stride, groups)
@@ -298,7 +476,12 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
     if load_path in ("auto", "tma") and not tma_why:
         candidates += tma_candidates(cg, oc // groups, y.shape[3], groups, x.dtype)
     if load_path in ("auto", "pointer"):
-        candidates += pointer_candidates(cg, oc // groups, x.dtype)
+        pointer = pointer_candidates(cg, oc // groups, x.dtype)
+        m = x.shape[0] * y.shape[2] * y.shape[3]
+        candidates += pointer + split_k_candidates(pointer, m, oc // groups, groups, cg,
+                                                   weight.shape[2] * weight.shape[3], x.device)
+    if load_path == "nchw" or (load_path in ("auto", "pointer") and _planes_contiguous(x)):
+        candidates += nchw_candidates(cg, oc // groups, x.dtype)
     if load_path == "auto":
         candidates += seed_candidates(cg, groups, x.shape[0])
 
