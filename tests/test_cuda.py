@@ -27,8 +27,11 @@ from _util import Case, format_flags, reference, rel_err, tolerance
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
-KERNEL_FUNCTIONS = {"seed": "seed_conv2d_kernel", "gemm_pointer": "igemm_pointer_kernel",
-                    "gemm_tma": "igemm_tma_kernel", "gemm_nchw": "igemm_nchw_kernel", "depthwise": "depthwise_kernel"}
+# The Triton functions a forced path may launch (the tuner runs each candidate it times).
+# "gemm_pointer" is every pointer-load GEMM: on an NCHW input that includes the NCHW kernel.
+KERNEL_FUNCTIONS = {"seed": {"seed_conv2d_kernel"}, "gemm_pointer": {"igemm_pointer_kernel", "igemm_nchw_kernel"},
+                    "gemm_tma": {"igemm_tma_kernel"}, "gemm_nchw": {"igemm_nchw_kernel"},
+                    "depthwise": {"depthwise_kernel"}}
 CANDIDATE_FUNCTIONS = [(igemm_mod, "tma_candidates"), (igemm_mod, "pointer_candidates"),
                        (igemm_mod, "nchw_candidates"), (igemm_mod, "split_k_candidates"),
                        (depthwise_mod, "depthwise_candidates")]
@@ -77,7 +80,7 @@ def run_case(case: Case, algorithm: str, precision: str, launches=None):
     assert err <= tolerance(x.dtype, precision), f"{algorithm} {precision} {case}: relative error {err:.3g}"
     assert format_flags(y) == format_flags(eager), (y.stride(), eager.stride())
     if launches is not None and algorithm in KERNEL_FUNCTIONS:
-        assert launches.names and set(launches.names) == {KERNEL_FUNCTIONS[algorithm]}, set(launches.names)
+        assert launches.names and set(launches.names) <= KERNEL_FUNCTIONS[algorithm], set(launches.names)
     return y
 
 
