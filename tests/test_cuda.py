@@ -473,6 +473,10 @@ def test_direct_launch_on_side_stream_and_in_cuda_graph(algorithm, one_candidate
     forget()
     launch_conv2d(x, w, b, *case.args(), "ieee", algorithm)  # compiles, through the JIT
     assert launchers and all(k._direct is not None for k in launchers)
+    from triton.runtime.jit import JITFunction
+    jit_runs = []
+    real_run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: jit_runs.append(self) or real_run(self, *a, **k))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -486,3 +490,4 @@ def test_direct_launch_on_side_stream_and_in_cuda_graph(algorithm, one_candidate
     graph.replay()
     torch.cuda.synchronize()
     assert rel_err(y_graph, reference(x, w, b, *case.args())) <= tolerance(x.dtype)
+    assert not jit_runs, "launches after the first went through the JIT"

@@ -81,3 +81,26 @@ def test_interpreter_keeps_the_jit_path(monkeypatch):
     launcher("x", "y")
     launcher("x", "y")
     assert len(kernel.jit_launches) == 2 and kernel.compiled.launches == []
+
+
+def test_empty_hook_chains_count_as_no_hooks(monkeypatch):
+    """Newer Triton keeps launch hooks in chains that are never None: only a chain with calls is a hook."""
+    class Chain:
+        def __init__(self, calls):
+            self.calls = calls
+
+    assert not common._hook_active(None)
+    assert not common._hook_active(Chain([]))
+    assert common._hook_active(Chain([print]))
+    assert common._hook_active(print)  # older Triton: the hook itself
+    runtime = common.triton.knobs.runtime
+    for enter, exit_, expected in ((Chain([]), Chain([]), False), (Chain([print]), None, True),
+                                   (None, Chain([print]), True), (None, None, False)):
+        monkeypatch.setattr(runtime, "launch_enter_hook", enter, raising=False)
+        monkeypatch.setattr(runtime, "launch_exit_hook", exit_, raising=False)
+        assert common._launch_hooks_set() is expected
+
+
+def test_no_launch_hooks_by_default():
+    """The direct path is only worth having if a plain process takes it."""
+    assert not common._launch_hooks_set()

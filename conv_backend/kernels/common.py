@@ -54,10 +54,19 @@ def tuned_plan(kind: str, x, weight, bias, y, stride, padding, dilation, groups,
     return run
 
 
+def _hook_active(hook) -> bool:
+    """Triton keeps launch hooks as None or, in newer versions, as a chain that may be empty."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return calls is None or len(calls) > 0
+
+
 def _launch_hooks_set() -> bool:
     """Whether a profiler (e.g. Triton's proton) hooks launches; the JIT path then runs its hooks."""
     runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
-    return runtime is not None and (runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None)
+    return runtime is not None and (_hook_active(getattr(runtime, "launch_enter_hook", None))
+                                    or _hook_active(getattr(runtime, "launch_exit_hook", None)))
 
 
 def _current_device() -> int:
