@@ -181,16 +181,16 @@ def select(problem_key: str, signature: tuple, device: torch.device, candidates:
     return choice
 
 
-def _time_candidate(fn: Callable[[], None], device: torch.device) -> float:
-    """Milliseconds per call in a stream of calls: the larger of GPU time and host (launch) time.
+def _time_candidate(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """(GPU milliseconds per call, host milliseconds per launch) of `fn`.
 
     GPU time comes from CUDA-graph replays, so launch overhead can't blur the
-    ranking of short kernels; host time is then compared on its own, since
-    without CUDA graphs a launch that costs more on the CPU than the kernel
-    on the GPU sets the pace.
+    ranking of short kernels; host time is measured on its own, since without
+    CUDA graphs a launch that costs more on the CPU than the kernel on the GPU
+    sets the pace. Off CUDA there is one clock (do_bench) and no separate host cost.
     """
     if device.type != "cuda":
-        return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"), 0.0
     fn()  # compile and warm up outside the graph capture
     gpu_ms = triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
     torch.cuda.synchronize(device)
@@ -200,7 +200,34 @@ def _time_candidate(fn: Callable[[], None], device: torch.device) -> float:
         fn()
     host_ms = (time.perf_counter() - start) * 1e3 / calls
     torch.cuda.synchronize(device)
-    return max(gpu_ms, host_ms)
+    return gpu_ms, host_ms
+
+
+def _launch_family(candidate: Candidate) -> tuple:
+    """Candidates that launch the same way: block sizes don't change the host cost, split-K's buffers do."""
+    return candidate.kernel, dict(candidate.meta).get("SPLIT_K", 1) > 1
+
+
+def rank(timings: dict) -> list:
+    """Candidates from best to worst, given {candidate: (gpu_ms, host_ms)}; infinite times mean failed.
+
+    A candidate costs max(GPU time, host time of its launch family): in a stream of
+    launches the slower of the two sets the pace. The family's host time is its
+    fastest measurement, since launches of one kernel cost the same on the host
+    and the spread between them is timer noise; where that host time dominates,
+    the tie is broken by GPU time, which still decides under CUDA graphs.
+    Ranking by each candidate's own host time instead let that noise pick among
+    configs whose GPU times differed by 2x on sub-50 us problems.
+    """
+    host = {}
+    for cand, (_, host_ms) in timings.items():
+        family = _launch_family(cand)
+        host[family] = min(host.get(family, math.inf), host_ms)
+
+    def cost(cand):
+        gpu_ms = timings[cand][0]
+        return max(gpu_ms, host[_launch_family(cand)]), gpu_ms
+    return sorted(timings, key=cost)
 
 
 def _benchmark(candidates: Sequence[Candidate], run: Callable[[Candidate], None], device: torch.device) -> Candidate:
@@ -210,9 +237,9 @@ def _benchmark(candidates: Sequence[Candidate], run: Callable[[Candidate], None]
             timings[candidate] = _time_candidate(lambda: run(candidate), device)
         except Exception as exc:  # e.g. out of shared memory for this shape: skip the config
             log.debug("tritonconv: candidate %s failed: %s", candidate.describe(), exc)
-            timings[candidate] = math.inf
-    best = min(timings, key=timings.get)
-    if math.isinf(timings[best]):
+            timings[candidate] = (math.inf, math.inf)
+    best = rank(timings)[0]
+    if math.isinf(timings[best][0]):
         raise NoKernelError("every kernel candidate failed to run for this convolution")
-    log.debug("tritonconv: tuned %s", {c.describe(): round(t, 4) for c, t in timings.items()})
+    log.debug("tritonconv: tuned %s", {c.describe(): tuple(round(t, 4) for t in ts) for c, ts in timings.items()})
     return best

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import multiprocessing
 from pathlib import Path
 
@@ -331,3 +332,38 @@ def test_launch_tunes_once_then_reuses_disk_choice(gpu_like, kernel_launches, mo
     torch.testing.assert_close(launch_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1, "ieee", "auto"), ref,
                                rtol=1e-5, atol=1e-5)
     assert kernel_launches.names == ["igemm_pointer_kernel"]
+
+
+# ---------------------------------------------------------------- ranking by GPU and host time
+
+def _cand(kernel, **meta):
+    return Candidate.make(kernel, BLOCK_M=meta.pop("m", 64), **meta)
+
+
+def test_rank_host_noise_cannot_outvote_gpu_time():
+    """Configs of one kernel launch at the same host cost: the fastest host measurement stands for all,
+    so where the host dominates the GPU time decides (one candidate's lucky host timing used to)."""
+    slow_gpu, fast_gpu = _cand("igemm_pointer", m=256), _cand("igemm_pointer", m=64)
+    # Each one's own max(GPU, host) would pick slow_gpu (0.028 < 0.035).
+    ranked = tuning.rank({slow_gpu: (0.028, 0.022), fast_gpu: (0.018, 0.035)})
+    assert ranked == [fast_gpu, slow_gpu]
+
+
+def test_rank_host_cost_counts_per_launch_family():
+    """A kernel family whose launches cost more on the host than another's GPU time loses to it."""
+    tma, pointer = _cand("igemm_tma"), _cand("igemm_pointer")
+    assert tuning.rank({tma: (0.010, 0.060), pointer: (0.030, 0.025)}) == [pointer, tma]
+    # On a long problem the host cost hides behind the GPU time: GPU time decides.
+    assert tuning.rank({tma: (1.0, 0.060), pointer: (1.3, 0.025)}) == [tma, pointer]
+
+
+def test_rank_split_k_is_its_own_launch_family():
+    """Split-K allocates per launch: its host time is not the plain kernel's."""
+    plain, split = _cand("igemm_pointer"), _cand("igemm_pointer", SPLIT_K=2)
+    assert tuning.rank({plain: (0.030, 0.020), split: (0.015, 0.045)}) == [plain, split]
+    assert tuning.rank({plain: (0.060, 0.020), split: (0.030, 0.025)}) == [split, plain]
+
+
+def test_rank_puts_failed_candidates_last():
+    ok, failed = _cand("igemm_pointer"), _cand("igemm_pointer", m=128)
+    assert tuning.rank({failed: (math.inf, math.inf), ok: (5.0, 0.02)}) == [ok, failed]
