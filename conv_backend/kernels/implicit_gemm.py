@@ -202,6 +202,7 @@ def igemm_nchw_kernel(
         img = img.to(tl.int64)
         group = group.to(tl.int64)
         offs_n = offs_n.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)  # channel * plane size passes int32 in one large image
     oh = offs_n // OW
     ow = offs_n % OW
     ih0 = oh * stride_h - pad_h
