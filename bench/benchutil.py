@@ -155,6 +155,20 @@ def make_timer(device: str, warmup_ms: float, rep_ms: float, cpu_reps: int = 2):
     return cpu_timer
 
 
+def host_us(fn, calls: int = 200, warmup: int = 20) -> float:
+    """Host microseconds per call of `fn` (a CUDA launch path), the GPU drained before and after."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = (time.perf_counter() - start) / calls * 1e6
+    torch.cuda.synchronize()
+    return elapsed
+
+
 def conv_weight(oc: int, icg: int, kh: int, kw: int, dtype, device: str):
     """Random weight scaled like nn.Conv2d's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     import torch

@@ -3,26 +3,17 @@
 Usage: python bench/probe_host.py   (prints microseconds per call and a cProfile of launch_conv2d)
 """
 import cProfile
-import math
 import pstats
-import time
+import sys
+from pathlib import Path
 
 import torch
 import triton
 
 from conv_backend import dispatch
 
-
-def host_us(fn, n=2000):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t = (time.perf_counter() - t) / n * 1e6
-    torch.cuda.synchronize()
-    return t
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchutil import host_us  # noqa: E402
 
 
 def main():
@@ -32,9 +23,9 @@ def main():
     args = ((1, 1), (1, 1), (1, 1), 1)
     for algo in ("gemm_pointer", "gemm_tma"):
         f = lambda: dispatch.launch_conv2d(x, w, None, *args, algorithm=algo)
-        print(f"{algo}: launch_conv2d {host_us(f):.1f} us")
+        print(f"{algo}: launch_conv2d {host_us(f, 2000):.1f} us")
         f = lambda: torch.ops.tritonconv.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1, "auto", algo)
-        print(f"{algo}: torch.ops.tritonconv.conv2d {host_us(f):.1f} us")
+        print(f"{algo}: torch.ops.tritonconv.conv2d {host_us(f, 2000):.1f} us")
         pr = cProfile.Profile()
         pr.enable()
         for _ in range(500):
@@ -42,7 +33,7 @@ def main():
         pr.disable()
         pstats.Stats(pr).sort_stats("tottime").print_stats(18)
     f = lambda: torch.nn.functional.conv2d(x, w, None, *args)
-    print(f"F.conv2d {host_us(f):.1f} us")
+    print(f"F.conv2d {host_us(f, 2000):.1f} us")
     print(f"torch.empty {host_us(lambda: torch.empty(100, device='cuda')):.1f} us")
     print(f"x.contiguous(cl) {host_us(lambda: x.contiguous(memory_format=torch.channels_last)):.1f} us")
 

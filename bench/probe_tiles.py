@@ -11,6 +11,8 @@ import torch, triton
 import torch.nn.functional as F
 from conv_backend.kernels import implicit_gemm as ig, depthwise as dw, common
 from conv_backend import tuning
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchutil import host_us  # noqa: E402
 torch.backends.cudnn.benchmark = True
 torch.backends.cudnn.allow_tf32 = True
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -21,15 +23,6 @@ def bench(fn):
 
 def gbench(fn):
     return triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")
-
-def host_us(fn, n=200):
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t = (time.perf_counter() - t) / n * 1e6
-    torch.cuda.synchronize()
-    return t
 
 def relerr(y, ref):
     return float((y.double() - ref).norm() / ref.norm())
