@@ -16,8 +16,7 @@ class BackendOptions:
     input_precision:  fp32 math: "auto" follows cuDNN's TF32 setting at run time
                       (torch.backends.cudnn), "tf32" forces TF32, "ieee" forces exact fp32.
     algorithm:        "auto" picks per problem; "gemm" is the implicit GEMM (TMA where it
-                      applies), "gemm_tma" / "gemm_pointer" force one of its load paths
-                      (pointer loads include the NCHW kernel on NCHW inputs),
+                      applies), "gemm_tma" / "gemm_pointer" force one of its load paths,
                       "gemm_nchw" its kernel that reads and writes NCHW in place,
                       "depthwise" the direct depthwise kernel, "seed" the baseline kernel.
                       A forced algorithm that cannot take a convolution leaves it on ATen.

@@ -28,8 +28,7 @@ from _util import Case, format_flags, reference, rel_err, tolerance
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
 # The Triton functions a forced path may launch (the tuner runs each candidate it times).
-# "gemm_pointer" is every pointer-load GEMM: on an NCHW input that includes the NCHW kernel.
-KERNEL_FUNCTIONS = {"seed": {"seed_conv2d_kernel"}, "gemm_pointer": {"igemm_pointer_kernel", "igemm_nchw_kernel"},
+KERNEL_FUNCTIONS = {"seed": {"seed_conv2d_kernel"}, "gemm_pointer": {"igemm_pointer_kernel"},
                     "gemm_tma": {"igemm_tma_kernel"}, "gemm_nchw": {"igemm_nchw_kernel"},
                     "depthwise": {"depthwise_kernel"}}
 CANDIDATE_FUNCTIONS = [(igemm_mod, "tma_candidates"), (igemm_mod, "pointer_candidates"),

@@ -287,7 +287,6 @@ def only_seed_direct(monkeypatch):
         pytest.skip("no direct-kernel candidates in this version")
     monkeypatch.setattr(igemm_mod, "tma_candidates", lambda *a, **k: [])
     monkeypatch.setattr(igemm_mod, "pointer_candidates", lambda *a, **k: [])
-    monkeypatch.setattr(igemm_mod, "nchw_candidates", lambda *a, **k: [])
     monkeypatch.setattr(igemm_mod, "seed_candidates", lambda *a, **k: [SEED_DIRECT])
 
 

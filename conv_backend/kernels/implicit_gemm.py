@@ -447,17 +447,12 @@ def seed_candidates(cg: int, groups: int, batch: int) -> list:
             for oc, hw, k, w, s in SEED_SHAPES]
 
 
-def _planes_contiguous(x: torch.Tensor) -> bool:
-    """An NCHW-ordered input (rows of W contiguous, channels not innermost): the NCHW kernel reads it in place."""
-    return x.stride(3) == 1 and (x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last))
-
-
 def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input_precision, load_path="auto",
                        output_format="eager"):
     """Tune (or recall) the best kernel for this problem; return `run(x, weight, bias) -> y`.
 
-    `load_path` is "auto", "tma", "pointer" (either pointer-load kernel) or "nchw"
-    (the NCHW kernel alone). The plan serves any tensors with
+    `load_path` is "auto", "tma", "pointer" or "nchw" (the NCHW kernel, offered only
+    when asked for). The plan serves any tensors with
     the same shapes, strides, dtype and device as the ones given here.
     """
     tma_why = tma_reason(x, weight, stride, groups)
@@ -481,7 +476,9 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
         m = x.shape[0] * y.shape[2] * y.shape[3]
         candidates += pointer + split_k_candidates(pointer, m, oc // groups, groups, cg,
                                                    weight.shape[2] * weight.shape[3], x.device)
-    if load_path == "nchw" or (load_path in ("auto", "pointer") and _planes_contiguous(x)):
+    if load_path == "nchw":
+        # Opt-in for now: on the one benchmark row where the tuner picked it (1x1 64->256 at 56x56, NCHW
+        # bf16) it measured 0.119 ms against 0.067 for copy-then-GEMM (bench/NOTES.md, run 10).
         candidates += nchw_candidates(cg, oc // groups, x.dtype)
     if load_path == "auto":
         candidates += seed_candidates(cg, groups, x.shape[0])
