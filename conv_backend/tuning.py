@@ -216,8 +216,9 @@ def rank(timings: dict) -> list:
     fastest measurement, since launches of one kernel cost the same on the host
     and the spread between them is timer noise; where that host time dominates,
     the tie is broken by GPU time, which still decides under CUDA graphs.
-    Ranking by each candidate's own host time instead let that noise pick among
-    configs whose GPU times differed by 2x on sub-50 us problems.
+    Ranking by each candidate's own host time lets that noise pick among configs
+    whose GPU times differ by 2x on sub-50 us problems (the suspected cause of the
+    unstable choices in bench/NOTES.md, run 10).
     """
     host = {}
     for cand, (_, host_ms) in timings.items():
