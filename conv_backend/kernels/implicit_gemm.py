@@ -5,10 +5,13 @@ Two load paths share the same math:
   (kh, kw) tap and channel chunk, through a tensor descriptor; boxes that start
   in the padding are zero-filled by the copy engine, so padding costs nothing.
 - Pointer loads (any GPU, any stride, any channel count): the same loop with
-  masked gathers, vectorised along channels when the input is channels_last.
+  masked gathers, vectorised along channels when the input is channels_last;
+  for maps too small to fill the GPU it can also split K (grid axis 2).
 Grouped convolution runs one GEMM per group (grid axis 1). For a few input
 channels (a network's stem) the tuner also times the seed's direct kernel,
-whose flattened K = C*KH*KW wastes no lanes.
+whose flattened K = C*KH*KW wastes no lanes. A third kernel, the transposed
+GEMM over NCHW tensors (M = output channels, N = pixels), runs only when asked
+for (algorithm "gemm_nchw").
 """
 from __future__ import annotations
 
