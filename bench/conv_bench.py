@@ -648,6 +648,8 @@ def parse_args(argv=None):
     ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                     help="no measuring: combine result JSONs of split runs into one JSON/MD/PNG in --out")
     ap.add_argument("--list", action="store_true", help="print the suite and exit")
+    ap.add_argument("--tuner-log", action="store_true",
+                    help="print the tuner's timing of every candidate (conv_backend's debug log) to stderr")
     return ap.parse_args(argv)
 
 
@@ -698,6 +700,10 @@ def main(argv=None) -> int:
     bu.install_sigterm_handler()
     import torch
     import conv_backend  # noqa: F401
+    if args.tuner_log:
+        import logging
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("conv_backend").setLevel(logging.DEBUG)
 
     precision = bu.set_fp32_precision(args.ieee)
     if device == "cuda":

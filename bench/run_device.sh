@@ -3,7 +3,8 @@
 #
 #   bash bench/run_device.sh [STEP...] [-- ARGS FOR conv_bench.py]
 #
-# STEP: tests     python -m pytest -m cuda -q tests/          -> $OUT/pytest_cuda.log
+# STEP: tests     python -m pytest -m cuda -q --durations=15 [-n PYTEST_WORKERS, default 6, where pytest-xdist
+#                 is installed] tests/ -> $OUT/pytest_cuda.log
 #       seed      bench/seed_bench.py --out $OUT               -> $OUT/<date>-<gpu>-seed.{json,md}, log in $OUT/bench.log
 #       conv      bench/conv_bench.py --out $OUT [ARGS]        -> $OUT/<date>-<gpu>.{json,md,png}, log in $OUT/bench.log
 #       examples  every examples/*.py but _*.py                      -> $OUT/examples.log
@@ -87,7 +88,11 @@ run_step() {
 for step in "${steps[@]}"; do
   case "$step" in
     tests)
-      run_step tests "$OUT/pytest_cuda.log" "${T_TESTS:-240}" "$PY" -m pytest -m cuda -q tests/ ;;
+      # Compiling every config is most of the suite's time, and it runs on the CPUs: spread it with xdist.
+      xdist=()
+      "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${PYTEST_WORKERS:-6}")
+      run_step tests "$OUT/pytest_cuda.log" "${T_TESTS:-240}" "$PY" -m pytest -m cuda -q --durations=15 \
+        ${xdist[@]+"${xdist[@]}"} tests/ ;;
     seed)
       run_step seed "$OUT/bench.log" "${T_SEED:-150}" "$PY" bench/seed_bench.py --out "$OUT" ;;
     conv)

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -157,8 +156,12 @@ def chosen_kernels(x_shape, w_shape, stride, padding, dilation, groups, dtype) -
 
 
 def select(problem_key: str, signature: tuple, device: torch.device, candidates: Sequence[Candidate],
-           run: Callable[[Candidate], None]) -> Candidate:
-    """Pick the fastest candidate for `problem_key`, timing them only on a cold cache."""
+           prepare: Callable[[Candidate], Callable[[], None]]) -> Candidate:
+    """Pick the fastest candidate for `problem_key`, timing them only on a cold cache.
+
+    `prepare(candidate)` builds that candidate's launch once and returns a
+    callable that runs it, so the timing covers launches as a plan makes them.
+    """
     if not candidates:
         raise NoKernelError("no kernel candidate for this convolution")
     key = f"{environment_key(device)}|{problem_key}"
@@ -171,7 +174,7 @@ def select(problem_key: str, signature: tuple, device: torch.device, candidates:
         cached = tuning_cache().get(key)
         choice = cached if cached in candidates else None
     if choice is None:
-        choice = _benchmark(candidates, run, device)
+        choice = _benchmark(candidates, prepare)
         tuning_cache().put(key, choice)
     _memory[key] = choice
     described = choice.describe()
@@ -181,66 +184,29 @@ def select(problem_key: str, signature: tuple, device: torch.device, candidates:
     return choice
 
 
-def _time_candidate(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
-    """(GPU milliseconds per call, host milliseconds per launch) of `fn`.
+def _time_candidate(fn: Callable[[], None]) -> float:
+    """Median milliseconds per call of `fn`, by triton.testing.do_bench: the same clock as the benchmark.
 
-    GPU time comes from CUDA-graph replays, so launch overhead can't blur the
-    ranking of short kernels; host time is measured on its own, since without
-    CUDA graphs a launch that costs more on the CPU than the kernel on the GPU
-    sets the pace. Off CUDA there is one clock (do_bench) and no separate host cost.
+    do_bench clears the L2 cache before each timed call, and that clearing keeps
+    the GPU busy long enough for the host to queue the next launch, so the clock
+    reads the kernel's GPU time even where a launch costs more on the CPU
+    (bench/NOTES.md, run 11). Host cost per launch is about the same for every
+    kernel family since launches skip the JIT (kernels/common.py), so it does not
+    enter the ranking.
     """
-    if device.type != "cuda":
-        return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"), 0.0
-    fn()  # compile and warm up outside the graph capture
-    gpu_ms = triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
-    torch.cuda.synchronize(device)
-    calls = 20
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host_ms = (time.perf_counter() - start) * 1e3 / calls
-    torch.cuda.synchronize(device)
-    return gpu_ms, host_ms
+    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
-def _launch_family(candidate: Candidate) -> tuple:
-    """Candidates that launch the same way: block sizes don't change the host cost, split-K's buffers do."""
-    return candidate.kernel, dict(candidate.meta).get("SPLIT_K", 1) > 1
-
-
-def rank(timings: dict) -> list:
-    """Candidates from best to worst, given {candidate: (gpu_ms, host_ms)}; infinite times mean failed.
-
-    A candidate costs max(GPU time, host time of its launch family): in a stream of
-    launches the slower of the two sets the pace. The family's host time is its
-    fastest measurement, since launches of one kernel cost the same on the host
-    and the spread between them is timer noise; where that host time dominates,
-    the tie is broken by GPU time, which still decides under CUDA graphs.
-    Ranking by each candidate's own host time lets that noise pick among configs
-    whose GPU times differ by 2x on sub-50 us problems (the suspected cause of the
-    unstable choices in bench/NOTES.md, run 10).
-    """
-    host = {}
-    for cand, (_, host_ms) in timings.items():
-        family = _launch_family(cand)
-        host[family] = min(host.get(family, math.inf), host_ms)
-
-    def cost(cand):
-        gpu_ms = timings[cand][0]
-        return max(gpu_ms, host[_launch_family(cand)]), gpu_ms
-    return sorted(timings, key=cost)
-
-
-def _benchmark(candidates: Sequence[Candidate], run: Callable[[Candidate], None], device: torch.device) -> Candidate:
+def _benchmark(candidates: Sequence[Candidate], prepare: Callable[[Candidate], Callable[[], None]]) -> Candidate:
     timings = {}
     for candidate in candidates:
         try:
-            timings[candidate] = _time_candidate(lambda: run(candidate), device)
+            timings[candidate] = _time_candidate(prepare(candidate))
         except Exception as exc:  # e.g. out of shared memory for this shape: skip the config
             log.debug("tritonconv: candidate %s failed: %s", candidate.describe(), exc)
-            timings[candidate] = (math.inf, math.inf)
-    best = rank(timings)[0]
-    if math.isinf(timings[best][0]):
+            timings[candidate] = math.inf
+    best = min(timings, key=timings.get)
+    if math.isinf(timings[best]):
         raise NoKernelError("every kernel candidate failed to run for this convolution")
-    log.debug("tritonconv: tuned %s", {c.describe(): tuple(round(t, 4) for t in ts) for c, ts in timings.items()})
+    log.debug("tritonconv: tuned %s", {c.describe(): round(t, 4) for c, t in timings.items()})
     return best

@@ -214,6 +214,9 @@ def _candidate_problems():
                          "tma_candidates", "igemm_tma_kernel"))
         problems.append(("auto", Case(2, 64, 64, 13, 37, (3, 3), padding=(1, 1), groups=2, x_layout="channels_last"),
                          "tma_candidates", "igemm_tma_kernel"))
+        # Maps smaller than a box: tiles of several images, the last tile running past the batch.
+        problems.append(("auto", Case(5, 64, 72, 7, 7, (3, 3), padding=(1, 1), x_layout="channels_last"),
+                         "tma_candidates", "igemm_tma_kernel"))
     if hasattr(igemm_mod, "seed_candidates"):
         problems.append(("auto", Case(2, 3, 40, 45, 39, (7, 7), stride=(2, 2), padding=(3, 3)),
                          "seed_candidates", "seed_conv2d_kernel"))

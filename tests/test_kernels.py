@@ -148,6 +148,37 @@ def test_grouped_wide_and_padded(algorithm, case, kernel_launches):
     check(case, algorithm, "ieee", kernel_launches)
 
 
+# ---------------------------------------------------------------- TMA tiles spanning several images
+
+MULTI_IMAGE_TMA = tuning.Candidate.make("igemm_tma", BLOCK_B=2, BLOCK_H=2, BLOCK_W=8, BLOCK_N=16, BLOCK_K=16)
+
+
+@pytest.mark.parametrize("case", [
+    Case(3, 8, 12, 3, 5, (3, 3), padding=(1, 1), x_layout="channels_last"),  # odd batch: the last tile's 2nd image
+    Case(2, 20, 9, 2, 7, (3, 3), padding=(1, 1)),  # channels over two chunks, the last partial
+    Case(3, 32, 24, 2, 6, (2, 3), padding=(1, 1), dilation=(1, 2), groups=2, bias=False),
+], ids=["odd_batch", "partial_chunk", "grouped_dilated"])
+def test_tma_tiles_of_several_images(case, monkeypatch, kernel_launches):
+    """Boxes of BLOCK_B images (small maps): each image's pixels land in its own output, none past the batch."""
+    monkeypatch.setattr(igemm_mod, "tma_candidates", lambda *a, **k: [MULTI_IMAGE_TMA])
+    x, w, b = case.tensors()
+    y = launch_conv2d(x, w, b, *case.args(), "ieee", "gemm_tma")
+    assert kernel_launches.names == ["igemm_tma_kernel"]
+    assert rel_err(y, reference(x, w, b, *case.args())) <= 1e-5
+
+
+def test_tma_candidates_fit_small_maps(monkeypatch):
+    """A map smaller than a tile's box gets a smaller box and several images per tile, at the same pixel count."""
+    monkeypatch.setattr(igemm_mod, "interpreter_enabled", lambda: False)
+    cands = igemm_mod.tma_candidates(256, 256, 7, 7, 32, 1, torch.bfloat16)
+    assert cands
+    for cand in cands:
+        p = cand.params
+        assert p["BLOCK_H"] <= 8 and p["BLOCK_W"] == 8, cand.describe()
+        assert p["BLOCK_B"] * p["BLOCK_H"] * p["BLOCK_W"] in (64, 128, 256), cand.describe()
+    assert any(c.params["BLOCK_B"] > 1 for c in cands)
+
+
 # ---------------------------------------------------------------- half precision and TF32 policy
 
 DTYPE_CASES = {
@@ -287,6 +318,7 @@ def only_seed_direct(monkeypatch):
         pytest.skip("no direct-kernel candidates in this version")
     monkeypatch.setattr(igemm_mod, "tma_candidates", lambda *a, **k: [])
     monkeypatch.setattr(igemm_mod, "pointer_candidates", lambda *a, **k: [])
+    monkeypatch.setattr(igemm_mod, "nchw_candidates", lambda *a, **k: [])
     monkeypatch.setattr(igemm_mod, "seed_candidates", lambda *a, **k: [SEED_DIRECT])
 
 

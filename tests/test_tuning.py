@@ -1,7 +1,6 @@
 """conv_backend.tuning: choosing among candidates, and the on-disk cache that makes warm processes re-tune nothing."""
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import multiprocessing
@@ -23,11 +22,15 @@ C = Candidate.make("other", num_warps=4, num_stages=4, BLOCK=64, GROUP=8)
 SIGNATURE = ("problem",)
 
 
-def _candidate_of(fn) -> Candidate:
-    """The candidate a do_bench callable will run (the closure tuning._benchmark builds)."""
-    found = [v for v in inspect.getclosurevars(fn).nonlocals.values() if isinstance(v, Candidate)]
-    assert len(found) == 1, "do_bench was not handed a callable for exactly one candidate"
-    return found[0]
+class PreparedRun:
+    """What select()'s `prepare` returns in these tests: a launch that knows its candidate."""
+
+    def __init__(self, candidate: Candidate):
+        self.candidate = candidate
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
 
 
 class FakeBench:
@@ -39,12 +42,15 @@ class FakeBench:
     def __init__(self, times: dict):
         self.times = times
         self.timed = []
+        self.prepared = []
 
-    def run(self, candidate: Candidate) -> None:
-        pass
+    def prepare(self, candidate: Candidate) -> PreparedRun:
+        self.prepared.append(PreparedRun(candidate))
+        return self.prepared[-1]
 
     def __call__(self, fn, *args, **kwargs):
-        candidate = _candidate_of(fn)
+        assert isinstance(fn, _Tagged), "do_bench must time what prepare() returned"
+        candidate = fn.candidate
         outcome = self.times[candidate]
         if isinstance(outcome, Exception):
             raise outcome
@@ -53,10 +59,23 @@ class FakeBench:
         return outcome
 
 
+class _Tagged:
+    """A prepared launch labelled with its candidate, so the fake clock knows what it times."""
+
+    def __init__(self, candidate: Candidate, fn):
+        self.candidate, self.fn = candidate, fn
+
+    def __call__(self) -> None:
+        self.fn()
+
+
 @pytest.fixture
 def gpu_like(monkeypatch):
     """select() as on a GPU: tune for real (but with a fake clock)."""
     monkeypatch.setattr(tuning, "interpreter_enabled", lambda: False)
+    real_benchmark = tuning._benchmark
+    monkeypatch.setattr(tuning, "_benchmark",
+                        lambda cands, prepare: real_benchmark(cands, lambda c: _Tagged(c, prepare(c))))
 
     def install(times: dict) -> FakeBench:
         bench = FakeBench(times)
@@ -75,8 +94,8 @@ def read_cache() -> dict:
 
 
 def select(key="prob", candidates=(A, B, C), bench: FakeBench | None = None):
-    run = bench.run if bench is not None else (lambda cand: None)
-    return tuning.select(key, SIGNATURE, CPU, list(candidates), run)
+    prepare = bench.prepare if bench is not None else PreparedRun
+    return tuning.select(key, SIGNATURE, CPU, list(candidates), prepare)
 
 
 # ---------------------------------------------------------------- where the cache lives
@@ -113,7 +132,7 @@ def test_select_picks_fastest_and_writes_cache(gpu_like):
 def test_chosen_kernels_records_the_choice(gpu_like):
     bench = gpu_like({A: 3.0, B: 1.0, C: 2.0})
     signature = tuning.problem_signature((1, 4, 6, 6), (8, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1, torch.float32)
-    tuning.select("prob", signature, CPU, [A, B, C], bench.run)
+    tuning.select("prob", signature, CPU, [A, B, C], bench.prepare)
     assert tuning.chosen_kernels((1, 4, 6, 6), (8, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1, "float32") == [B.describe()]
 
 
@@ -309,7 +328,7 @@ class _AlwaysFails(dict):
 
 @pytest.mark.interpreter
 def test_launch_tunes_once_then_reuses_disk_choice(gpu_like, kernel_launches, monkeypatch):
-    """launch_conv2d on a 'GPU-like' tuner: first call times both load paths; a fresh process re-tunes nothing."""
+    """launch_conv2d on a "GPU-like" tuner: first call times both load paths; a fresh process re-tunes nothing."""
     from conv_backend import dispatch
     from conv_backend.dispatch import launch_conv2d
 
@@ -333,36 +352,48 @@ def test_launch_tunes_once_then_reuses_disk_choice(gpu_like, kernel_launches, mo
     assert kernel_launches.names == ["igemm_pointer_kernel"]
 
 
-# ---------------------------------------------------------------- ranking by GPU and host time
+# ---------------------------------------------------------------- the clock
 
-def _cand(kernel, **meta):
-    return Candidate.make(kernel, BLOCK_M=meta.pop("m", 64), **meta)
-
-
-def test_rank_host_noise_cannot_outvote_gpu_time():
-    """Configs of one kernel launch at the same host cost: the fastest host measurement stands for all,
-    so where the host dominates the GPU time decides (one candidate's lucky host timing used to)."""
-    slow_gpu, fast_gpu = _cand("igemm_pointer", m=256), _cand("igemm_pointer", m=64)
-    # Each one's own max(GPU, host) would pick slow_gpu (0.028 < 0.035).
-    ranked = tuning.rank({slow_gpu: (0.028, 0.022), fast_gpu: (0.018, 0.035)})
-    assert ranked == [fast_gpu, slow_gpu]
+def test_each_candidate_is_prepared_once_and_timed_by_do_bench(gpu_like):
+    """The launch is built once per candidate, outside the clock; do_bench times that launch."""
+    bench = gpu_like({A: 3.0, B: 1.0, C: 2.0})
+    assert select(bench=bench) == B
+    assert [p.candidate for p in bench.prepared] == [A, B, C]
+    assert all(p.calls == 1 for p in bench.prepared)
 
 
-def test_rank_host_cost_counts_per_launch_family():
-    """A kernel family whose launches cost more on the host than another's GPU time loses to it."""
-    tma, pointer = _cand("igemm_tma"), _cand("igemm_pointer")
-    assert tuning.rank({tma: (0.010, 0.060), pointer: (0.030, 0.025)}) == [pointer, tma]
-    # On a long problem the host cost hides behind the GPU time: GPU time decides.
-    assert tuning.rank({tma: (1.0, 0.060), pointer: (1.3, 0.025)}) == [tma, pointer]
+def test_time_candidate_uses_do_bench_median(monkeypatch):
+    seen = {}
+
+    def fake_do_bench(fn, **kwargs):
+        seen.update(kwargs)
+        fn()
+        return 0.5
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    ran = PreparedRun(A)
+    assert tuning._time_candidate(ran) == 0.5
+    assert ran.calls == 1 and seen.get("return_mode") == "median"
 
 
-def test_rank_split_k_is_its_own_launch_family():
-    """Split-K allocates per launch: its host time is not the plain kernel's."""
-    plain, split = _cand("igemm_pointer"), _cand("igemm_pointer", SPLIT_K=2)
-    assert tuning.rank({plain: (0.030, 0.020), split: (0.015, 0.045)}) == [plain, split]
-    assert tuning.rank({plain: (0.060, 0.020), split: (0.030, 0.025)}) == [split, plain]
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kernel,layout,offered", [
+    ((1, 1), "contiguous", True),  # a batched GEMM over NCHW planes: read in place
+    ((1, 1), "channels_last", False),
+    ((3, 3), "contiguous", False),  # a gather per tap: copying to channels_last wins
+], ids=["1x1_nchw", "1x1_channels_last", "3x3_nchw"])
+def test_auto_offers_the_nchw_kernel_for_1x1_on_nchw_planes(kernel, layout, offered, gpu_like):
+    from conv_backend.dispatch import launch_conv2d
 
+    class Times(dict):
+        def __missing__(self, cand):
+            return 1.0 if cand.kernel == "igemm_nchw" else 2.0
 
-def test_rank_puts_failed_candidates_last():
-    ok, failed = _cand("igemm_pointer"), _cand("igemm_pointer", m=128)
-    assert tuning.rank({failed: (math.inf, math.inf), ok: (5.0, 0.02)}) == [ok, failed]
+    bench = gpu_like(Times())
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 8, 6, 5).contiguous(memory_format=fmt)
+    w = torch.randn(16, 8, *kernel)
+    pad = kernel[0] // 2
+    y = launch_conv2d(x, w, None, (1, 1), (pad, pad), (1, 1), 1, "ieee", "auto")
+    torch.testing.assert_close(y, F.conv2d(x, w, None, 1, pad), rtol=1e-5, atol=1e-5)
+    assert ("igemm_nchw" in {c.kernel for c in bench.timed}) == offered

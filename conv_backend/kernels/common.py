@@ -1,6 +1,8 @@
 """Pieces shared by the GEMM-style kernels."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -44,7 +46,8 @@ def tuned_plan(kind: str, x, weight, bias, y, stride, padding, dilation, groups,
            f"|y{tuple(y.stride())}|s{tuple(stride)}p{tuple(padding)}d{tuple(dilation)}g{groups}|{x.dtype}"
            f"|b{bias is not None}|{extra_key}")
     signature = problem_signature(x.shape, weight.shape, stride, padding, dilation, groups, x.dtype)
-    launch = make(select(key, signature, x.device, candidates, lambda cand: make(cand)(x, weight, bias, y)))
+    launch = make(select(key, signature, x.device, candidates,
+                         lambda cand: functools.partial(make(cand), x, weight, bias, y)))
     y_size, y_stride = tuple(y.shape), y.stride()
 
     def run(x, weight, bias):

@@ -10,8 +10,8 @@ Two load paths share the same math:
 Grouped convolution runs one GEMM per group (grid axis 1). For a few input
 channels (a network's stem) the tuner also times the seed's direct kernel,
 whose flattened K = C*KH*KW wastes no lanes. A third kernel, the transposed
-GEMM over NCHW tensors (M = output channels, N = pixels), runs only when asked
-for (algorithm "gemm_nchw").
+GEMM over NCHW tensors (M = output channels, N = pixels), competes for NCHW
+inputs, which it reads in place.
 """
 from __future__ import annotations
 
@@ -126,13 +126,16 @@ def igemm_pointer_kernel(
 @triton.jit
 def igemm_tma_kernel(
     x_desc, w_desc, b_ptr, y_ptr,
-    OH, OW, CG, OCG, C_CHUNKS, CPAD,
+    N, OH, OW, CG, OCG, C_CHUNKS, CPAD,
     syn, syc, syh, syw, sb, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+    """A pixel tile is a BLOCK_B x BLOCK_H x BLOCK_W box of output pixels: BLOCK_B > 1 stacks
+    several images' maps where one map is smaller than the tile (7x7, 14x14)."""
+    BLOCK_M: tl.constexpr = BLOCK_B * BLOCK_H * BLOCK_W
     pid = tl.program_id(0)
     group = tl.program_id(1)
     # Output-channel tiles of one pixel tile run next to each other: the input box is reused from L2.
@@ -141,7 +144,7 @@ def igemm_tma_kernel(
     tile = pid // num_pid_n
     tiles_w = tl.cdiv(OW, BLOCK_W)
     tiles_hw = tl.cdiv(OH, BLOCK_H) * tiles_w
-    img = tile // tiles_hw
+    img0 = tile // tiles_hw * BLOCK_B
     oh0 = (tile % tiles_hw) // tiles_w * BLOCK_H
     ow0 = (tile % tiles_w) * BLOCK_W
     c_base = group * CG
@@ -153,26 +156,27 @@ def igemm_tma_kernel(
         c0 = (k - tap * C_CHUNKS) * BLOCK_K
         kh = tap // KW
         kw = tap - kh * KW
-        a = x_desc.load([img, oh0 - pad_h + kh * dil_h, ow0 - pad_w + kw * dil_w, c_base + c0])
+        a = x_desc.load([img0, oh0 - pad_h + kh * dil_h, ow0 - pad_w + kw * dil_w, c_base + c0])
         a = a.reshape(BLOCK_M, BLOCK_K)
         b = w_desc.load([n0, tap * CPAD + c0])
         acc = mma(a, b.T, acc, INPUT_PRECISION, UPCAST_DOT)
 
     offs_m = tl.arange(0, BLOCK_M)
-    oh = oh0 + offs_m // BLOCK_W
-    ow = ow0 + offs_m % BLOCK_W
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    img_v = tl.full((BLOCK_M,), 0, tl.int32) + img
+    in_map = offs_m % (BLOCK_H * BLOCK_W)
+    oh = oh0 + in_map // BLOCK_W
+    ow = ow0 + in_map % BLOCK_W
+    img = img0 + offs_m // (BLOCK_H * BLOCK_W)
     if USE_INT64:
-        img_v = img_v.to(tl.int64)
-    _bias_and_store(acc, b_ptr, sb, y_ptr, img_v, oh, ow, (oh < OH) & (ow < OW), group * OCG + offs_n,
+        img = img.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, (img < N) & (oh < OH) & (ow < OW), group * OCG + offs_n,
                     offs_n < OCG, syn, syc, syh, syw, HAS_BIAS)
 
 
 @triton.jit
 def igemm_nchw_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
-    OH, OW, IH, IW, CG, OCG, C_CHUNKS,
+    OH, OW, NPIX, IH, IW, CG, OCG, C_CHUNKS,
     sxn, sxc, sxh, sxw, swo, swc, swh, sww, syn, syc, syh, syw, sb,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
@@ -186,12 +190,15 @@ def igemm_nchw_kernel(
     NCHW stores contiguously, and the output tile is stored along pixels too: no
     layout copy on either side. PIXELS_FLAT (1x1 kernel, stride 1, no padding,
     dense planes) reads input pixel p for output pixel p, so loads vectorise.
+    NPIX = OH*OW comes in as an argument rather than computed here: the JIT then
+    knows when it is a multiple of 16, and with it that the pixel masks are
+    constant over 16-element runs, which vectorised loads and stores need.
     """
     pid = tl.program_id(0)
     group = tl.program_id(1)
     # Output-channel tiles of one pixel tile run next to each other: the input tile is reused from L2.
     num_pid_m = tl.cdiv(OCG, BLOCK_M)
-    num_pid_n = tl.cdiv(OH * OW, BLOCK_N)
+    num_pid_n = tl.cdiv(NPIX, BLOCK_N)
     pid_m = pid % num_pid_m
     pid_n = (pid // num_pid_m) % num_pid_n
     img = pid // (num_pid_m * num_pid_n)
@@ -200,7 +207,7 @@ def igemm_nchw_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < OCG
-    n_ok = offs_n < OH * OW
+    n_ok = offs_n < NPIX
     if USE_INT64:
         img = img.to(tl.int64)
         group = group.to(tl.int64)
@@ -255,11 +262,14 @@ NCHW_SHAPES_FP32 = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 
                     (64, 64, 32, 4, 4)]
 NCHW_SHAPES_16BIT = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 256, 64, 8, 3),
                      (64, 64, 64, 4, 4)]
-# TMA path: (BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K is capped at a 128-byte row.
 # Direct (seed) kernel: (BLOCK_OC, BLOCK_HW, BLOCK_K, num_warps, num_stages), from the seed's configs.
 SEED_SHAPES = [(32, 128, 32, 4, 2), (64, 128, 32, 8, 2), (64, 64, 64, 8, 3)]
-TMA_SHAPES = [(16, 16, 64, 32, 8, 3), (8, 32, 64, 32, 8, 3), (8, 16, 128, 32, 8, 3), (1, 128, 128, 32, 8, 3),
-              (16, 8, 64, 32, 4, 3), (8, 16, 64, 64, 4, 3), (16, 16, 64, 64, 8, 3), (16, 16, 128, 32, 8, 3)]
+# TMA path: (BLOCK_B, BLOCK_H, BLOCK_W, BLOCK_N, num_warps, num_stages); BLOCK_K is a 128-byte box row (the
+# swizzle width: 32 fp32 or 64 16-bit channels) or all the channels where there are fewer. The 8x8 boxes serve
+# small maps (56 = 7*8; 7x7 in one box), where 16-wide boxes waste a quarter of the tile.
+TMA_SHAPES = [(1, 16, 16, 64, 8, 3), (1, 8, 32, 64, 8, 3), (1, 8, 16, 128, 8, 3), (1, 1, 128, 128, 8, 3),
+              (1, 16, 8, 64, 4, 3), (1, 8, 16, 64, 4, 3), (1, 16, 16, 128, 8, 3), (1, 2, 128, 128, 8, 3),
+              (2, 8, 8, 64, 4, 3), (1, 8, 8, 128, 4, 3)]
 
 
 def _pow2_at_least(n: int, least: int = 16) -> int:
@@ -277,7 +287,7 @@ def pointer_candidates(cg: int, ocg: int, dtype: torch.dtype) -> list:
 
 
 def split_k_candidates(candidates: list, m: int, ocg: int, groups: int, cg: int, taps: int, device) -> list:
-    """Split-K variants of pointer candidates whose tiles would leave most SMs idle (small maps, deep K)."""
+    """Split-K variants of pointer candidates whose tiles leave SMs idle (small maps, deep K): K cut in 2 or 3."""
     if interpreter_enabled() or device.type != "cuda":
         return []
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -286,8 +296,8 @@ def split_k_candidates(candidates: list, m: int, ocg: int, groups: int, cg: int,
         p = cand.params
         tiles = triton.cdiv(m, p["BLOCK_M"]) * triton.cdiv(ocg, p["BLOCK_N"]) * groups
         k_steps = taps * triton.cdiv(cg, p["BLOCK_K"])
-        for split in (2, 3, 4, 6):
-            if (tiles * split <= 2 * sms and k_steps >= 4 * split
+        for split in (2, 3):
+            if (tiles < sms and tiles * split <= 2 * sms and k_steps >= 4 * split
                     and tiles * split * p["BLOCK_M"] * p["BLOCK_N"] < 2**31):
                 picked.append(Candidate.make(cand.kernel, cand.num_warps, cand.num_stages, SPLIT_K=split, **p))
     return picked
@@ -303,21 +313,26 @@ def nchw_candidates(cg: int, ocg: int, dtype: torch.dtype) -> list:
     return sorted(picked, key=lambda c: c.describe())
 
 
-def tma_candidates(cg: int, ocg: int, out_w: int, groups: int, dtype: torch.dtype) -> list:
+def tma_candidates(cg: int, ocg: int, out_h: int, out_w: int, batch: int, groups: int, dtype: torch.dtype) -> list:
     if interpreter_enabled():
-        return [Candidate.make("igemm_tma", BLOCK_H=4, BLOCK_W=8, BLOCK_N=16, BLOCK_K=16)]
+        return [Candidate.make("igemm_tma", BLOCK_B=1, BLOCK_H=4, BLOCK_W=8, BLOCK_N=16, BLOCK_K=16),
+                Candidate.make("igemm_tma", BLOCK_B=2, BLOCK_H=2, BLOCK_W=8, BLOCK_N=16, BLOCK_K=16)]
     elem = torch.tensor([], dtype=dtype).element_size()
     max_k = min(128 // elem, _pow2_at_least(cg))  # a box row of at most 128 bytes (the swizzle width)
     max_n = _pow2_at_least(ocg)
     picked = set()
-    for bh, bw, n, k, w, s in TMA_SHAPES:
-        k = min(k, max_k)
+    for bb, bh, bw, n, w, s in TMA_SHAPES:
+        k = max_k
         while groups > 1 and cg % k:
             k //= 2  # a box must not reach into the next group's channels
+        # Where the map is smaller than the box, keep the tile's pixel count: a narrow map gets a taller
+        # box, and a map smaller than that box gets several images per tile.
+        pixels = bb * bh * bw
         bw_fit = min(bw, _pow2_at_least(out_w, 8))
-        bh_fit = bh * (bw // bw_fit)  # keep the tile's pixel count when the image is narrow
-        picked.add(Candidate.make("igemm_tma", num_warps=w, num_stages=s, BLOCK_H=bh_fit, BLOCK_W=bw_fit,
-                                  BLOCK_N=min(n, max_n), BLOCK_K=k))
+        bh_fit = min(pixels // (bb * bw_fit), _pow2_at_least(out_h, 1))
+        bb_fit = min(pixels // (bh_fit * bw_fit), _pow2_at_least(batch, 1))
+        picked.add(Candidate.make("igemm_tma", num_warps=w, num_stages=s, BLOCK_B=bb_fit, BLOCK_H=bh_fit,
+                                  BLOCK_W=bw_fit, BLOCK_N=min(n, max_n), BLOCK_K=k))
     return sorted(picked, key=lambda c: c.describe())
 
 
@@ -334,6 +349,12 @@ def _packed_weight(weight: torch.Tensor, block_k: int) -> torch.Tensor:
     packed = weight.new_zeros((oc, kh, kw, cpad))
     packed[..., :cg] = weight.permute(0, 2, 3, 1)
     return packed.view(oc, kh * kw * cpad)
+
+
+def _flat_nchw(x, weight, y, stride, padding) -> bool:
+    """A 1x1, stride-1, unpadded convolution over dense NCHW planes: output pixel p reads input pixel p."""
+    return (tuple(weight.shape[2:]), tuple(stride), tuple(padding)) == ((1, 1), (1, 1), (0, 0)) and \
+        x.stride()[2:] == (x.shape[3], 1) and y.stride()[2:] == (y.shape[3], 1)
 
 
 def _nhwc_strides(shape) -> tuple:
@@ -388,9 +409,8 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
 
     if cand.kernel == "igemm_nchw":
         grid = (n * triton.cdiv(out_h * out_w, p["BLOCK_N"]) * triton.cdiv(ocg, p["BLOCK_M"]), groups)
-        flat = (kernel_h, kernel_w, *stride, *padding) == (1, 1, 1, 1, 0, 0) and \
-            x.stride()[2:] == (in_w, 1) and y.stride()[2:] == (out_w, 1)
-        scalars = (out_h, out_w, in_h, in_w, cg, ocg, triton.cdiv(cg, p["BLOCK_K"]), *x.stride(), *weight.stride(),
+        flat = _flat_nchw(x, weight, y, stride, padding)
+        scalars = (out_h, out_w, out_h * out_w, in_h, in_w, cg, ocg, triton.cdiv(cg, p["BLOCK_K"]), *x.stride(), *weight.stride(),
                    *y.stride(), bias_stride, *stride, *padding, *dilation)
         kernel = KernelLauncher(igemm_nchw_kernel, grid, scalars, PIXELS_FLAT=flat, **flags)
 
@@ -399,11 +419,11 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
         return launch
 
     bk = p["BLOCK_K"]
-    tiles = n * triton.cdiv(out_h, p["BLOCK_H"]) * triton.cdiv(out_w, p["BLOCK_W"])
+    tiles = triton.cdiv(n, p["BLOCK_B"]) * triton.cdiv(out_h, p["BLOCK_H"]) * triton.cdiv(out_w, p["BLOCK_W"])
     grid = (tiles * triton.cdiv(ocg, p["BLOCK_N"]), groups)
     cpad = triton.cdiv(cg, bk) * bk
-    scalars = (out_h, out_w, cg, ocg, triton.cdiv(cg, bk), cpad, *y.stride(), bias_stride, *padding, *dilation)
-    x_box = [1, p["BLOCK_H"], p["BLOCK_W"], bk]
+    scalars = (n, out_h, out_w, cg, ocg, triton.cdiv(cg, bk), cpad, *y.stride(), bias_stride, *padding, *dilation)
+    x_box = [p["BLOCK_B"], p["BLOCK_H"], p["BLOCK_W"], bk]
     x_shape = [n, in_h, in_w, c]
     x_strides = [_nhwc_strides(x.shape)[i] for i in (0, 2, 3, 1)]  # as N, H, W, C
     w_shape, w_strides, w_box = [oc, kernel_h * kernel_w * cpad], [kernel_h * kernel_w * cpad, 1], [p["BLOCK_N"], bk]
@@ -454,8 +474,8 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
                        output_format="eager"):
     """Tune (or recall) the best kernel for this problem; return `run(x, weight, bias) -> y`.
 
-    `load_path` is "auto", "tma", "pointer" or "nchw" (the NCHW kernel, offered only
-    when asked for). The plan serves any tensors with
+    `load_path` is "auto", "tma", "pointer" or "nchw" (the NCHW kernel alone; "auto"
+    offers it for NCHW inputs). The plan serves any tensors with
     the same shapes, strides, dtype and device as the ones given here.
     """
     tma_why = tma_reason(x, weight, stride, groups)
@@ -473,15 +493,15 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
     oc, cg = weight.shape[0], weight.shape[1]
     candidates = []
     if load_path in ("auto", "tma") and not tma_why:
-        candidates += tma_candidates(cg, oc // groups, y.shape[3], groups, x.dtype)
+        candidates += tma_candidates(cg, oc // groups, y.shape[2], y.shape[3], x.shape[0], groups, x.dtype)
     if load_path in ("auto", "pointer"):
         pointer = pointer_candidates(cg, oc // groups, x.dtype)
         m = x.shape[0] * y.shape[2] * y.shape[3]
         candidates += pointer + split_k_candidates(pointer, m, oc // groups, groups, cg,
                                                    weight.shape[2] * weight.shape[3], x.device)
-    if load_path == "nchw":
-        # Opt-in for now: on the one benchmark row where the tuner picked it (1x1 64->256 at 56x56, NCHW
-        # bf16) it measured 0.119 ms against 0.067 for copy-then-GEMM (bench/NOTES.md, run 10).
+    if load_path == "nchw" or (load_path == "auto" and _flat_nchw(x, weight, y, stride, padding)):
+        # A 1x1 convolution of NCHW planes is a batched GEMM over them: reading them in place saves the copy
+        # to channels_last the other paths make. With a gather per tap (3x3 and up) it lost 4-15x to that copy.
         candidates += nchw_candidates(cg, oc // groups, x.dtype)
     if load_path == "auto":
         candidates += seed_candidates(cg, groups, x.shape[0])
