@@ -585,27 +585,3 @@ def test_split_k(case, split, monkeypatch, kernel_launches):
         assert rel_err(y, ref) <= tolerance(x.dtype)
     assert kernel_launches.names == ["igemm_pointer_kernel"] * 2
     assert kernel_launches[0][1]["SPLIT_K"] == split
-
-
-TMA_SPLIT_K_CASES = [
-    Case(2, 36, 9, 5, 6, (3, 3), padding=(1, 1)),  # 3 channel chunks (the last partial) x 9 taps: unequal slices
-    Case(3, 32, 24, 3, 5, (2, 3), padding=(1, 1), groups=2, x_layout="channels_last"),  # odd batch, 2-image tiles
-    Case(1, 8, 8, 3, 3, (1, 1), bias=False),  # one K step: some slices are empty
-    Case(2, 24, 20, 6, 5, (3, 3), padding=(1, 1), dtype=torch.bfloat16),
-]
-
-
-@pytest.mark.parametrize("split", [2, 3, 4])
-@pytest.mark.parametrize("case", TMA_SPLIT_K_CASES, ids=[str(i) for i in range(len(TMA_SPLIT_K_CASES))])
-def test_split_k_on_tma_tiles(case, split, monkeypatch, kernel_launches):
-    """The TMA kernel's split-K shares the pointer kernel's reduction; twice, for the counters' reset."""
-    cand = tuning.Candidate.make("igemm_tma", BLOCK_B=2, BLOCK_H=2, BLOCK_W=8, BLOCK_N=16, BLOCK_K=16,
-                                 SPLIT_K=split)
-    monkeypatch.setattr(igemm_mod, "tma_candidates", lambda *a, **k: [cand])
-    x, w, b = case.tensors()
-    ref = reference(x, w, b, *case.args())
-    for _ in range(2):
-        y = launch_conv2d(x, w, b, *case.args(), "ieee", "gemm_tma")
-        assert rel_err(y, ref) <= tolerance(x.dtype)
-    assert kernel_launches.names == ["igemm_tma_kernel"] * 2
-    assert kernel_launches[0][1]["SPLIT_K"] == split

@@ -5,14 +5,13 @@ Two load paths share the same math:
   (kh, kw) tap and channel chunk, through a tensor descriptor; boxes that start
   in the padding are zero-filled by the copy engine, so padding costs nothing.
 - Pointer loads (any GPU, any stride, any channel count): the same loop with
-  masked gathers, vectorised along channels when the input is channels_last.
-For maps too small to fill the GPU with tiles, either path can also split K
-(grid axis 2; the slices are summed in a fixed order, so results are deterministic).
+  masked gathers, vectorised along channels when the input is channels_last;
+  for maps too small to fill the GPU it can also split K (grid axis 2).
 Grouped convolution runs one GEMM per group (grid axis 1). For a few input
 channels (a network's stem) the tuner also times the seed's direct kernel,
 whose flattened K = C*KH*KW wastes no lanes. A third kernel, the transposed
-GEMM over NCHW tensors (M = output channels, N = pixels), competes for 1x1
-convolutions of NCHW inputs, which it reads in place.
+GEMM over NCHW tensors (M = output channels, N = pixels), competes for NCHW
+inputs, which it reads in place.
 """
 from __future__ import annotations
 
@@ -42,27 +41,6 @@ def _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc
 
 
 @triton.jit
-def _sum_k_slices(acc, partial_ptr, arrivals_ptr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """Split-K (grid axis 2 is the K slice): store this slice's fp32 tile; the last of the tile's
-    programs to arrive (counted in `arrivals`, which it leaves at zero again) sums the slices in a
-    fixed order, so the result does not depend on which slice finished first.
-    Returns (the sum, whether this program is the one to store it)."""
-    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    partials = partial_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N) + in_tile
-    tl.store(partials + tl.program_id(2) * (BLOCK_M * BLOCK_N), acc)
-    tl.debug_barrier()  # every thread's partial is written before the arrival is counted
-    last = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
-    if last:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k_slice in range(SPLIT_K):
-            acc += tl.load(partials + k_slice * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
-        tl.store(arrivals_ptr + tile, 0)
-    return acc, last
-
-
-@triton.jit
 def igemm_pointer_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, partial_ptr, arrivals_ptr,
     M, OH, OW, IH, IW, CG, OCG, C_CHUNKS,
@@ -73,8 +51,10 @@ def igemm_pointer_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    """SPLIT_K > 1 (grid axis 2) cuts K into slices for maps too small to fill the GPU with tiles
-    (summed by _sum_k_slices)."""
+    """SPLIT_K > 1 (grid axis 2) cuts K into slices for maps too small to fill the GPU with tiles:
+    each program stores its fp32 partial tile, and the last of a tile's programs to arrive
+    (counted in `arrivals`, which it leaves at zero again) sums the slices in a fixed order,
+    so the result does not depend on which slice finished first."""
     pid = tl.program_id(0)
     group = tl.program_id(1)
     # Grouped tile order: GROUP_M pixel tiles share their input rows in L2.
@@ -127,26 +107,34 @@ def igemm_pointer_kernel(
                     mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         acc = mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
 
-    store = True
     if SPLIT_K > 1:
-        acc, store = _sum_k_slices(acc, partial_ptr, arrivals_ptr, SPLIT_K, BLOCK_M, BLOCK_N)
-    if store:
+        tile = group * (num_pid_m * num_pid_n) + pid
+        in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        partials = partial_ptr + tile * (SPLIT_K * BLOCK_M * BLOCK_N) + in_tile
+        tl.store(partials + tl.program_id(2) * (BLOCK_M * BLOCK_N), acc)
+        tl.debug_barrier()  # every thread's partial is written before the arrival is counted
+        if tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k_slice in range(SPLIT_K):
+                acc += tl.load(partials + k_slice * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
+            tl.store(arrivals_ptr + tile, 0)
+            _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw, HAS_BIAS)
+    else:
         _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw, HAS_BIAS)
 
 
 @triton.jit
 def igemm_tma_kernel(
-    x_desc, w_desc, b_ptr, y_ptr, partial_ptr, arrivals_ptr,
+    x_desc, w_desc, b_ptr, y_ptr,
     N, OH, OW, CG, OCG, C_CHUNKS, CPAD,
     syn, syc, syh, syw, sb, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """A pixel tile is a BLOCK_B x BLOCK_H x BLOCK_W box of output pixels: BLOCK_B > 1 stacks
-    several images' maps where one map is smaller than the tile (7x7, 14x14). SPLIT_K > 1 as in
-    the pointer kernel."""
+    several images' maps where one map is smaller than the tile (7x7, 14x14)."""
     BLOCK_M: tl.constexpr = BLOCK_B * BLOCK_H * BLOCK_W
     pid = tl.program_id(0)
     group = tl.program_id(1)
@@ -162,15 +150,8 @@ def igemm_tma_kernel(
     c_base = group * CG
     n0 = group * OCG + pid_n * BLOCK_N
 
-    k_steps = KH * KW * C_CHUNKS
-    k_first = 0
-    k_last = k_steps
-    if SPLIT_K > 1:
-        per_slice = tl.cdiv(k_steps, SPLIT_K)
-        k_first = tl.program_id(2) * per_slice
-        k_last = min(k_first + per_slice, k_steps)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(k_first, k_last):
+    for k in range(0, KH * KW * C_CHUNKS):
         tap = k // C_CHUNKS
         c0 = (k - tap * C_CHUNKS) * BLOCK_K
         kh = tap // KW
@@ -188,12 +169,8 @@ def igemm_tma_kernel(
     if USE_INT64:
         img = img.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    store = True
-    if SPLIT_K > 1:
-        acc, store = _sum_k_slices(acc, partial_ptr, arrivals_ptr, SPLIT_K, BLOCK_M, BLOCK_N)
-    if store:
-        _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, (img < N) & (oh < OH) & (ow < OW),
-                        group * OCG + offs_n, offs_n < OCG, syn, syc, syh, syw, HAS_BIAS)
+    _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, (img < N) & (oh < OH) & (ow < OW), group * OCG + offs_n,
+                    offs_n < OCG, syn, syc, syh, syw, HAS_BIAS)
 
 
 @triton.jit
@@ -309,27 +286,19 @@ def pointer_candidates(cg: int, ocg: int, dtype: torch.dtype) -> list:
     return sorted(picked, key=lambda c: c.describe())
 
 
-def split_k_candidates(candidates: list, batch: int, out_h: int, out_w: int, ocg: int, groups: int, cg: int,
-                       taps: int, device) -> list:
-    """Split-K variants (K cut in 2 or 3) of candidates whose tiles leave SMs idle: small maps, deep K."""
+def split_k_candidates(candidates: list, m: int, ocg: int, groups: int, cg: int, taps: int, device) -> list:
+    """Split-K variants of pointer candidates whose tiles leave SMs idle (small maps, deep K): K cut in 2 or 3."""
     if interpreter_enabled() or device.type != "cuda":
         return []
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     picked = []
     for cand in candidates:
         p = cand.params
-        if cand.kernel == "igemm_tma":
-            block_m = p["BLOCK_B"] * p["BLOCK_H"] * p["BLOCK_W"]
-            pixel_tiles = (triton.cdiv(batch, p["BLOCK_B"]) * triton.cdiv(out_h, p["BLOCK_H"])
-                           * triton.cdiv(out_w, p["BLOCK_W"]))
-        else:
-            block_m = p["BLOCK_M"]
-            pixel_tiles = triton.cdiv(batch * out_h * out_w, block_m)
-        tiles = pixel_tiles * triton.cdiv(ocg, p["BLOCK_N"]) * groups
+        tiles = triton.cdiv(m, p["BLOCK_M"]) * triton.cdiv(ocg, p["BLOCK_N"]) * groups
         k_steps = taps * triton.cdiv(cg, p["BLOCK_K"])
         for split in (2, 3):
             if (tiles < sms and tiles * split <= 2 * sms and k_steps >= 4 * split
-                    and tiles * split * block_m * p["BLOCK_N"] < 2**31):
+                    and tiles * split * p["BLOCK_M"] * p["BLOCK_N"] < 2**31):
                 picked.append(Candidate.make(cand.kernel, cand.num_warps, cand.num_stages, SPLIT_K=split, **p))
     return picked
 
@@ -421,10 +390,21 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
 
         split = p.get("SPLIT_K", 1)
         kernel = KernelLauncher(igemm_pointer_kernel, grid + (split,), scalars, **{**flags, "SPLIT_K": split})
-        scratch = _split_k_scratch(grid[0] * groups, split, p["BLOCK_M"] * p["BLOCK_N"])
+        if split == 1:
+            def launch(x, weight, bias, y):
+                kernel(channels_last(x), channels_last(weight), y if bias is None else bias, y, y, y)
+            return launch
+
+        tiles = grid[0] * groups
+        arrivals = {}  # per stream: a launch leaves its counters at zero, so launches in one stream share them
 
         def launch(x, weight, bias, y):
-            kernel(channels_last(x), channels_last(weight), y if bias is None else bias, y, *scratch(y))
+            stream = torch.cuda.current_stream(y.device).cuda_stream if y.is_cuda else 0
+            if stream not in arrivals:
+                arrivals[stream] = torch.zeros(tiles, dtype=torch.int32, device=y.device)
+            partial = torch.empty(tiles * split * p["BLOCK_M"] * p["BLOCK_N"], dtype=torch.float32, device=y.device)
+            kernel(channels_last(x), channels_last(weight), y if bias is None else bias, y, partial,
+                   arrivals[stream])
         return launch
 
     if cand.kernel == "igemm_nchw":
@@ -448,9 +428,7 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     x_strides = [_nhwc_strides(x.shape)[i] for i in (0, 2, 3, 1)]  # as N, H, W, C
     w_shape, w_strides, w_box = [oc, kernel_h * kernel_w * cpad], [kernel_h * kernel_w * cpad, 1], [p["BLOCK_N"], bk]
 
-    split = p.get("SPLIT_K", 1)
-    kernel = KernelLauncher(igemm_tma_kernel, grid + (split,), scalars, **{**flags, "SPLIT_K": split})
-    scratch = _split_k_scratch(grid[0] * groups, split, p["BLOCK_B"] * p["BLOCK_H"] * p["BLOCK_W"] * p["BLOCK_N"])
+    kernel = KernelLauncher(igemm_tma_kernel, grid, scalars, **flags)
     last = {}
 
     def weight_descriptor(weight):
@@ -466,28 +444,8 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
 
     def launch(x, weight, bias, y):
         x_desc = TensorDescriptor(channels_last(x), x_shape, x_strides, x_box)
-        kernel(x_desc, weight_descriptor(weight), y if bias is None else bias, y, *scratch(y))
+        kernel(x_desc, weight_descriptor(weight), y if bias is None else bias, y)
     return launch
-
-
-def _split_k_scratch(tiles: int, split: int, tile_elems: int):
-    """`scratch(y) -> (partial tiles, arrival counters)` for a split-K launch writing `y`.
-
-    Partial tiles are fp32 and new per launch; the counters are kept per stream, since
-    every launch leaves them at zero for the next one in its stream. Without split-K
-    the kernel never touches either, and `y` stands in for both.
-    """
-    if split == 1:
-        return lambda y: (y, y)
-    arrivals = {}
-
-    def scratch(y):
-        stream = torch.cuda.current_stream(y.device).cuda_stream if y.is_cuda else 0
-        if stream not in arrivals:
-            arrivals[stream] = torch.zeros(tiles, dtype=torch.int32, device=y.device)
-        partial = torch.empty(tiles * split * tile_elems, dtype=torch.float32, device=y.device)
-        return partial, arrivals[stream]
-    return scratch
 
 
 def _seed_launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, input_precision):
@@ -534,14 +492,13 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
     y = empty_output(x, weight, stride, padding, dilation, output_format)
     oc, cg = weight.shape[0], weight.shape[1]
     candidates = []
-    split_k_args = (x.shape[0], y.shape[2], y.shape[3], oc // groups, groups, cg, weight.shape[2] * weight.shape[3],
-                    x.device)
     if load_path in ("auto", "tma") and not tma_why:
-        tma = tma_candidates(cg, oc // groups, y.shape[2], y.shape[3], x.shape[0], groups, x.dtype)
-        candidates += tma + split_k_candidates(tma, *split_k_args)
+        candidates += tma_candidates(cg, oc // groups, y.shape[2], y.shape[3], x.shape[0], groups, x.dtype)
     if load_path in ("auto", "pointer"):
         pointer = pointer_candidates(cg, oc // groups, x.dtype)
-        candidates += pointer + split_k_candidates(pointer, *split_k_args)
+        m = x.shape[0] * y.shape[2] * y.shape[3]
+        candidates += pointer + split_k_candidates(pointer, m, oc // groups, groups, cg,
+                                                   weight.shape[2] * weight.shape[3], x.device)
     if load_path == "nchw" or (load_path == "auto" and _flat_nchw(x, weight, y, stride, padding)):
         # A 1x1 convolution of NCHW planes is a batched GEMM over them: reading them in place saves the copy
         # to channels_last the other paths make. With a gather per tap (3x3 and up) it lost 4-15x to that copy.
