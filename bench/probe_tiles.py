@@ -70,7 +70,7 @@ for name, n, c, oc, h, w, kh, kw, s, p, d, g, dt in PROBLEMS:
         continue
     cands = []
     if not ig.tma_reason(xcl, wt, s, g):
-        cands += ig.tma_candidates(c // g, oc // g, ow, g, dt)
+        cands += ig.tma_candidates(c // g, oc // g, oh, ow, n, g, dt)
     cands += ig.pointer_candidates(c // g, oc // g, dt)
     for wuse, wname in ((wt, "w-nchw"), (wcl, "w-cl")):
         for cand in cands:
