@@ -10,8 +10,8 @@ Two load paths share the same math:
 Grouped convolution runs one GEMM per group (grid axis 1). For a few input
 channels (a network's stem) the tuner also times the seed's direct kernel,
 whose flattened K = C*KH*KW wastes no lanes. A third kernel, the transposed
-GEMM over NCHW tensors (M = output channels, N = pixels), competes for NCHW
-inputs, which it reads in place.
+GEMM over NCHW tensors (M = output channels, N = pixels), competes for 1x1
+convolutions of NCHW inputs, which it reads in place.
 """
 from __future__ import annotations
 
@@ -410,8 +410,8 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     if cand.kernel == "igemm_nchw":
         grid = (n * triton.cdiv(out_h * out_w, p["BLOCK_N"]) * triton.cdiv(ocg, p["BLOCK_M"]), groups)
         flat = _flat_nchw(x, weight, y, stride, padding)
-        scalars = (out_h, out_w, out_h * out_w, in_h, in_w, cg, ocg, triton.cdiv(cg, p["BLOCK_K"]), *x.stride(), *weight.stride(),
-                   *y.stride(), bias_stride, *stride, *padding, *dilation)
+        scalars = (out_h, out_w, out_h * out_w, in_h, in_w, cg, ocg, triton.cdiv(cg, p["BLOCK_K"]), *x.stride(),
+                   *weight.stride(), *y.stride(), bias_stride, *stride, *padding, *dilation)
         kernel = KernelLauncher(igemm_nchw_kernel, grid, scalars, PIXELS_FLAT=flat, **flags)
 
         def launch(x, weight, bias, y):
@@ -475,7 +475,7 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
     """Tune (or recall) the best kernel for this problem; return `run(x, weight, bias) -> y`.
 
     `load_path` is "auto", "tma", "pointer" or "nchw" (the NCHW kernel alone; "auto"
-    offers it for NCHW inputs). The plan serves any tensors with
+    offers it for 1x1 convolutions of NCHW inputs). The plan serves any tensors with
     the same shapes, strides, dtype and device as the ones given here.
     """
     tma_why = tma_reason(x, weight, stride, groups)
