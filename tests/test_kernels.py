@@ -585,3 +585,50 @@ def test_split_k(case, split, monkeypatch, kernel_launches):
         assert rel_err(y, ref) <= tolerance(x.dtype)
     assert kernel_launches.names == ["igemm_pointer_kernel"] * 2
     assert kernel_launches[0][1]["SPLIT_K"] == split
+
+
+# ---------------------------------------------------------------- TMA weight descriptors: cached per weight, held weakly
+
+def _tma_weight_case():
+    x = torch.randn(2, 16, 6, 7).to(memory_format=torch.channels_last)
+    return x, lambda: torch.randn(24, 16, 3, 3).to(memory_format=torch.channels_last)
+
+
+def test_tma_plan_does_not_keep_weights_alive(kernel_launches):
+    """A channels_last weight is read in place and its descriptor cached; the plan outlives a model,
+    so the cache must not keep the model's weights (or their memory) alive."""
+    import gc
+    import weakref
+    x, new_weight = _tma_weight_case()
+    w = new_weight()
+    y = launch_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1, "ieee", "gemm_tma")
+    assert kernel_launches.names == ["igemm_tma_kernel"]
+    assert rel_err(y, reference(x, w, None, 1, 1, 1, 1)) <= 1e-5
+    alive = weakref.ref(w)
+    del w
+    gc.collect()
+    assert alive() is None, "the TMA plan keeps a freed weight alive"
+
+
+def test_tma_weight_descriptors_per_weight(monkeypatch, kernel_launches):
+    """Layers of one shape share a plan: each weight keeps its own descriptor (no rebuild when they
+    alternate), and a weight whose memory moved (`.data = ...`) gets a new one."""
+    x, new_weight = _tma_weight_case()
+    w1, w2 = new_weight(), new_weight()
+    built = []
+    real = igemm_mod.TensorDescriptor
+
+    def counting(base, shape, strides, block_shape, *args, **kwargs):
+        if len(shape) == 2:  # the weight's descriptor ([OC, KH*KW*C]); the input's is 4-D
+            built.append(base.data_ptr())
+        return real(base, shape, strides, block_shape, *args, **kwargs)
+
+    monkeypatch.setattr(igemm_mod, "TensorDescriptor", counting)
+    for w in (w1, w2, w1, w2):
+        y = launch_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1, "ieee", "gemm_tma")
+        assert rel_err(y, reference(x, w, None, 1, 1, 1, 1)) <= 1e-5
+    assert built == [w1.data_ptr(), w2.data_ptr()]
+    w1.data = new_weight()
+    y = launch_conv2d(x, w1, None, (1, 1), (1, 1), (1, 1), 1, "ieee", "gemm_tma")
+    assert rel_err(y, reference(x, w1, None, 1, 1, 1, 1)) <= 1e-5
+    assert built[-1] == w1.data_ptr() and len(built) == 3

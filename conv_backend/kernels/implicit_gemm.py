@@ -20,6 +20,7 @@ import logging
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..layout import empty_output
@@ -339,16 +340,48 @@ def tma_candidates(cg: int, ocg: int, out_h: int, out_w: int, batch: int, groups
 def _packed_weight(weight: torch.Tensor, block_k: int) -> torch.Tensor:
     """Weight as [OC, KH*KW*CPAD], channels innermost, each tap padded with zeros to a multiple of BLOCK_K.
 
-    A channels_last weight whose channel count is a multiple of BLOCK_K is used as is (a view).
+    A channels_last weight whose channel count is a multiple of BLOCK_K is read in place: the result
+    shares its memory but is not a view of it, so holding the result does not keep the weight object
+    (a model's parameter) alive.
     """
     oc, cg, kh, kw = weight.shape
     cpad = triton.cdiv(cg, block_k) * block_k
     if cpad == cg:
-        packed = weight.permute(0, 2, 3, 1).contiguous().view(oc, kh * kw * cg)
-        return packed if packed.data_ptr() % 16 == 0 else packed.clone()  # TMA needs a 16-byte aligned base
+        packed = weight.permute(0, 2, 3, 1).contiguous()
+        if packed.data_ptr() != weight.data_ptr():
+            return packed.view(oc, kh * kw * cg)  # a copy
+        if packed.data_ptr() % 16:
+            return packed.reshape(oc, kh * kw * cg).clone()  # TMA needs a 16-byte aligned base
+        return packed.new_empty(0).set_(packed.untyped_storage(), packed.storage_offset(), (oc, kh * kw * cg),
+                                        (kh * kw * cg, 1))
     packed = weight.new_zeros((oc, kh, kw, cpad))
     packed[..., :cg] = weight.permute(0, 2, 3, 1)
     return packed.view(oc, kh * kw * cpad)
+
+
+class _WeightDescriptors:
+    """`descriptor(weight)`: the TMA descriptor of a weight as [OC, KH*KW*CPAD].
+
+    A weight read in place keeps its descriptor for as long as the weight lives: layers
+    of one shape share a plan, so it is kept per weight tensor, in a dict whose keys are
+    held weakly (a plan outlives the models it served and must not keep their weights
+    alive), and rebuilt when the weight's memory moved (`param.data = ...`). A weight
+    that needs repacking is repacked on every call: its values may have changed.
+    """
+
+    def __init__(self, block_k: int, shape, strides, box):
+        self.block_k, self.shape, self.strides, self.box = block_k, shape, strides, box
+        self._in_place = WeakIdKeyDictionary()
+
+    def __call__(self, weight: torch.Tensor):
+        cached = self._in_place.get(weight)
+        if cached is not None and cached[0] == weight.data_ptr():
+            return cached[1]
+        packed = _packed_weight(weight, self.block_k)
+        desc = TensorDescriptor(packed, self.shape, self.strides, self.box)
+        if packed.data_ptr() == weight.data_ptr():
+            self._in_place[weight] = (weight.data_ptr(), desc)
+        return desc
 
 
 def _flat_nchw(x, weight, y, stride, padding) -> bool:
@@ -429,18 +462,7 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     w_shape, w_strides, w_box = [oc, kernel_h * kernel_w * cpad], [kernel_h * kernel_w * cpad, 1], [p["BLOCK_N"], bk]
 
     kernel = KernelLauncher(igemm_tma_kernel, grid, scalars, **flags)
-    last = {}
-
-    def weight_descriptor(weight):
-        # A descriptor over the weight's own memory (channels_last, channels a multiple of BLOCK_K) stays valid
-        # for as long as that memory does, whatever is written there; a repacked copy is made afresh each call.
-        if last.get("ptr") == weight.data_ptr():
-            return last["desc"]
-        packed = _packed_weight(weight, bk)
-        desc = TensorDescriptor(packed, w_shape, w_strides, w_box)
-        if packed.data_ptr() == weight.data_ptr():
-            last.update(ptr=weight.data_ptr(), desc=desc)
-        return desc
+    weight_descriptor = _WeightDescriptors(bk, w_shape, w_strides, w_box)
 
     def launch(x, weight, bias, y):
         x_desc = TensorDescriptor(channels_last(x), x_shape, x_strides, x_box)
