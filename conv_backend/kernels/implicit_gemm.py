@@ -316,8 +316,7 @@ def nchw_candidates(cg: int, ocg: int, dtype: torch.dtype) -> list:
 
 def tma_candidates(cg: int, ocg: int, out_h: int, out_w: int, batch: int, groups: int, dtype: torch.dtype) -> list:
     if interpreter_enabled():
-        return [Candidate.make("igemm_tma", BLOCK_B=1, BLOCK_H=4, BLOCK_W=8, BLOCK_N=16, BLOCK_K=16),
-                Candidate.make("igemm_tma", BLOCK_B=2, BLOCK_H=2, BLOCK_W=8, BLOCK_N=16, BLOCK_K=16)]
+        return [Candidate.make("igemm_tma", BLOCK_B=1, BLOCK_H=4, BLOCK_W=8, BLOCK_N=16, BLOCK_K=16)]
     elem = torch.tensor([], dtype=dtype).element_size()
     max_k = min(128 // elem, _pow2_at_least(cg))  # a box row of at most 128 bytes (the swizzle width)
     max_n = _pow2_at_least(ocg)
