@@ -93,7 +93,9 @@ def tma_reason(x, weight, stride, groups) -> Optional[str]:
     if not has_tma(x.device):
         return "tensor-descriptor loads need a Hopper (sm_90) or newer GPU"
     if tuple(stride) != (1, 1):
-        return "a box load needs stride 1"
+        sizes = (*x.shape[2:], *stride)
+        if not all(_is_static_int(v) for v in sizes) or x.shape[2] % stride[0] or x.shape[3] % stride[1]:
+            return "a strided box load needs input height and width divisible by the stride"
     elem = x.element_size()
     channels = x.shape[1] if groups == 1 else weight.shape[1]
     if (channels * elem) % 16 or (groups > 1 and channels % 16):

@@ -167,7 +167,7 @@ UNSUPPORTED_TRACED = {
     "float64": (_float64, {}, "dtype torch.float64 (supported: float32, float16, bfloat16)"),
     "disabled": (_plain, {"enabled": False}, "replacement disabled (options={'enabled': False})"),
     "seed_grouped": (_grouped, {"algorithm": "seed"}, "algorithm='seed' handles groups == 1 only"),
-    "tma_stride2": (_stride2, {"algorithm": "gemm_tma"}, "algorithm='gemm_tma': a box load needs stride 1"),
+    "tma_stride2": (_stride2, {"algorithm": "gemm_tma"}, "algorithm='gemm_tma': a strided box load needs input height and width divisible by the stride"),
     "tma_misaligned": (_three_channels, {"algorithm": "gemm_tma"},
                        "algorithm='gemm_tma': channels (per group) must fill 16-byte rows"),
     "depthwise_not_depthwise": (_grouped, {"algorithm": "depthwise"},

@@ -129,6 +129,13 @@ GROUPED_CASES = [
     ("gemm_tma", Case(2, 36, 17, 4, 5, (2, 3), padding=(1, 1), x_layout="channels_last", w_layout="channels_last")),
     ("gemm_tma", Case(1, 64, 20, 4, 5, (3, 3), padding=(1, 1), groups=2)),
     ("seed", Case(1, 37, 9, 5, 6, (3, 3), padding=(1, 1))),
+    # Strided TMA boxes ([N, H/sh, sh, W/sw, sw*C]): each stride phase, padding on both sides, dilation,
+    # groups, and channel counts that are not a multiple of the box row (which would read the next pixel's).
+    ("gemm_tma", Case(2, 8, 12, 8, 10, (3, 3), stride=(2, 2), padding=(1, 1))),
+    ("gemm_tma", Case(1, 24, 9, 6, 8, (3, 2), stride=(1, 2), padding=(2, 1), x_layout="channels_last")),
+    ("gemm_tma", Case(1, 8, 8, 9, 6, (2, 3), stride=(3, 2), padding=(1, 2), dilation=(2, 2), bias=False)),
+    ("gemm_tma", Case(2, 32, 20, 6, 8, (3, 3), stride=(2, 2), padding=(1, 1), groups=2, x_layout="channels_last")),
+    ("gemm_tma", Case(1, 8, 6, 8, 8, (1, 1), stride=(2, 2))),
     # Padding far wider than the kernel: whole tiles and TMA boxes lie in the padding.
     ("gemm_tma", Case(1, 8, 8, 4, 5, (1, 1), padding=(6, 9))),
     ("gemm_pointer", Case(1, 8, 8, 4, 5, (1, 1), padding=(6, 9))),
@@ -220,10 +227,11 @@ def test_auto_precision_is_exact_on_cpu(allowed, monkeypatch, kernel_launches):
 
 @pytest.mark.parametrize("case,expected", [
     (Case(1, 8, 8, 6, 6, (3, 3), padding=(1, 1)), "igemm_tma["),  # stride 1, 32-byte channel rows
-    (Case(1, 8, 8, 7, 7, (3, 3), stride=(2, 2)), "igemm_pointer["),  # stride 2: no box loads
+    (Case(1, 8, 8, 8, 6, (3, 3), stride=(2, 2), padding=(1, 1)), "igemm_tma["),  # stride 2 dividing H and W
+    (Case(1, 8, 8, 7, 7, (3, 3), stride=(2, 2)), "igemm_pointer["),  # stride 2 not dividing H: no box loads
     (Case(1, 3, 8, 6, 6, (3, 3)), "igemm_pointer["),  # 12-byte channel rows
     (Case(1, 4, 8, 6, 6, (3, 3), groups=4), "depthwise["),
-], ids=["tma", "stride2", "misaligned", "depthwise"])
+], ids=["tma", "tma-stride2", "stride2-odd", "misaligned", "depthwise"])
 def test_auto_picks_kernel(case, expected):
     x, w, b = case.tensors()
     y = launch_conv2d(x, w, b, *case.args(), "ieee", "auto")
@@ -483,7 +491,7 @@ def test_mixed_dtypes_fall_back_to_aten_error(kernel_launches):
     assert not kernel_launches
 
 
-def test_tma_load_path_rejects_stride2():
+def test_tma_load_path_rejects_stride_not_dividing_input():
     x, w = torch.randn(1, 8, 7, 7), torch.randn(8, 8, 3, 3)
     with pytest.raises(ValueError, match="TMA"):
         implicit_gemm_conv2d(x, w, None, (2, 2), (0, 0), (1, 1), 1, "ieee", load_path="tma")
@@ -632,3 +640,17 @@ def test_tma_weight_descriptors_per_weight(monkeypatch, kernel_launches):
     y = launch_conv2d(x, w1, None, (1, 1), (1, 1), (1, 1), 1, "ieee", "gemm_tma")
     assert rel_err(y, reference(x, w1, None, 1, 1, 1, 1)) <= 1e-5
     assert built[-1] == w1.data_ptr() and len(built) == 3
+
+
+def test_strided_tma_box_rows_stay_in_their_pixel(kernel_launches):
+    """Strided boxes fold the W phase into the channel axis ([N, H/sh, sh, W/sw, sw*C]): a box row longer than
+    the channels left would read the next pixel's channels. Zero weights hide that for finite inputs, so a
+    NaN in a pixel that no window reads shows it: the output must stay NaN-free, as ATen's is."""
+    x = torch.randn(1, 24, 6, 8).to(memory_format=torch.channels_last)
+    x[0, 0, 2, 3] = float("nan")  # an odd column, which a 1-wide kernel at stride 2 never reads
+    w = torch.randn(8, 24, 3, 1)
+    y = launch_conv2d(x, w, None, (2, 2), (1, 0), (1, 1), 1, "ieee", "gemm_tma")
+    assert kernel_launches.names == ["igemm_tma_kernel"]
+    ref = F.conv2d(x, w, None, 2, (1, 0))
+    assert not ref.isnan().any()
+    torch.testing.assert_close(y, ref)

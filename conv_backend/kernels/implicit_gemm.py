@@ -1,9 +1,10 @@
 """Implicit-GEMM conv2d: M = output pixels, N = output channels, K = KH*KW*C with channels innermost.
 
 Two load paths share the same math:
-- TMA (Hopper and newer, stride 1): the input is read as 4-D NHWC boxes, one per
-  (kh, kw) tap and channel chunk, through a tensor descriptor; boxes that start
-  in the padding are zero-filled by the copy engine, so padding costs nothing.
+- TMA (Hopper and newer; strides dividing H and W): the input is read as NHWC
+  boxes, one per (kh, kw) tap and channel chunk, through a tensor descriptor;
+  boxes that start in the padding are zero-filled by the copy engine, so padding
+  costs nothing. Strides fold into the descriptor's shape (see the kernel).
 - Pointer loads (any GPU, any stride, any channel count): the same loop with
   masked gathers, vectorised along channels when the input is channels_last;
   for maps too small to fill the GPU it can also split K (grid axis 2).
@@ -127,15 +128,20 @@ def igemm_pointer_kernel(
 @triton.jit
 def igemm_tma_kernel(
     x_desc, w_desc, b_ptr, y_ptr,
-    N, OH, OW, CG, OCG, C_CHUNKS, CPAD,
-    syn, syc, syh, syw, sb, pad_h, pad_w, dil_h, dil_w,
+    N, OH, OW, C, CG, OCG, C_CHUNKS, CPAD,
+    syn, syc, syh, syw, sb, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """A pixel tile is a BLOCK_B x BLOCK_H x BLOCK_W box of output pixels: BLOCK_B > 1 stacks
-    several images' maps where one map is smaller than the tile (7x7, 14x14)."""
+    several images' maps where one map is smaller than the tile (7x7, 14x14).
+
+    The input is read as 5-D [N, H/sh, sh, W/sw, sw*C]: input row ih = sh*q + r is (q, r), so a
+    box of consecutive q holds the rows that consecutive output rows read at one tap, whatever the
+    stride; along W the phase r is folded into the channel axis. Stride 1 is the plain NHWC box.
+    """
     BLOCK_M: tl.constexpr = BLOCK_B * BLOCK_H * BLOCK_W
     pid = tl.program_id(0)
     group = tl.program_id(1)
@@ -157,7 +163,12 @@ def igemm_tma_kernel(
         c0 = (k - tap * C_CHUNKS) * BLOCK_K
         kh = tap // KW
         kw = tap - kh * KW
-        a = x_desc.load([img0, oh0 - pad_h + kh * dil_h, ow0 - pad_w + kw * dil_w, c_base + c0])
+        # Input row kh*dil - pad + stride*oh = stride*(oh + q) + r with q = floor((kh*dil - pad) / stride);
+        # the pad*stride added here keeps the operands of // and % non-negative.
+        t_h = kh * dil_h + (stride_h - 1) * pad_h
+        t_w = kw * dil_w + (stride_w - 1) * pad_w
+        a = x_desc.load([img0, oh0 + t_h // stride_h - pad_h, t_h % stride_h, ow0 + t_w // stride_w - pad_w,
+                         (t_w % stride_w) * C + c_base + c0])
         a = a.reshape(BLOCK_M, BLOCK_K)
         b = w_desc.load([n0, tap * CPAD + c0])
         acc = mma(a, b.T, acc, INPUT_PRECISION, UPCAST_DOT)
@@ -267,10 +278,13 @@ NCHW_SHAPES_16BIT = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4,
 SEED_SHAPES = [(32, 128, 32, 4, 2), (64, 128, 32, 8, 2), (64, 64, 64, 8, 3)]
 # TMA path: (BLOCK_B, BLOCK_H, BLOCK_W, BLOCK_N, num_warps, num_stages); BLOCK_K is a 128-byte box row (the
 # swizzle width: 32 fp32 or 64 16-bit channels) or all the channels where there are fewer. The 8x8 boxes serve
-# small maps (56 = 7*8; 7x7 in one box), where 16-wide boxes waste a quarter of the tile.
+# small maps (56 = 7*8; 7x7 in one box), where 16-wide boxes waste a quarter of the tile. A fourth stage helped
+# the 8x16 and 8x8 tiles with 128 channels (kb55, ResNet's 3x3 at 14 and 7x7) and 16x16 in bf16 by 2-9%
+# (bench/results/probes/*-probe9-*, *-probe10-*); elsewhere it measured the same or slower.
 TMA_SHAPES = [(1, 16, 16, 64, 8, 3), (1, 8, 32, 64, 8, 3), (1, 8, 16, 128, 8, 3), (1, 1, 128, 128, 8, 3),
               (1, 16, 8, 64, 4, 3), (1, 8, 16, 64, 4, 3), (1, 16, 16, 128, 8, 3), (1, 2, 128, 128, 8, 3),
-              (2, 8, 8, 64, 4, 3), (1, 8, 8, 128, 4, 3)]
+              (2, 8, 8, 64, 4, 3), (1, 8, 8, 128, 4, 3),
+              (1, 16, 16, 64, 8, 4), (1, 8, 16, 128, 8, 4), (1, 8, 8, 128, 4, 4)]
 
 
 def _pow2_at_least(n: int, least: int = 16) -> int:
@@ -314,17 +328,19 @@ def nchw_candidates(cg: int, ocg: int, dtype: torch.dtype) -> list:
     return sorted(picked, key=lambda c: c.describe())
 
 
-def tma_candidates(cg: int, ocg: int, out_h: int, out_w: int, batch: int, groups: int, dtype: torch.dtype) -> list:
+def tma_candidates(cg: int, ocg: int, out_h: int, out_w: int, batch: int, groups: int, dtype: torch.dtype,
+                   strided: bool = False) -> list:
+    # A box must not reach past its own channels: into the next group's, or (strided, where the W phase
+    # shares the channel axis) into the next pixel's. Past the last channel it reads zeros.
+    exact_k = groups > 1 or strided
     if interpreter_enabled():
-        return [Candidate.make("igemm_tma", BLOCK_B=1, BLOCK_H=4, BLOCK_W=8, BLOCK_N=16, BLOCK_K=16)]
+        return [Candidate.make("igemm_tma", BLOCK_B=1, BLOCK_H=4, BLOCK_W=8, BLOCK_N=16,
+                               BLOCK_K=_box_k(cg, min(16, _pow2_at_least(cg)), exact_k))]
     elem = torch.tensor([], dtype=dtype).element_size()
-    max_k = min(128 // elem, _pow2_at_least(cg))  # a box row of at most 128 bytes (the swizzle width)
+    k = _box_k(cg, min(128 // elem, _pow2_at_least(cg)), exact_k)  # a box row of at most 128 bytes (the swizzle)
     max_n = _pow2_at_least(ocg)
     picked = set()
     for bb, bh, bw, n, w, s in TMA_SHAPES:
-        k = max_k
-        while groups > 1 and cg % k:
-            k //= 2  # a box must not reach into the next group's channels
         # Where the map is smaller than the box, keep the tile's pixel count: a narrow map gets a taller
         # box, and a map smaller than that box gets several images per tile.
         pixels = bb * bh * bw
@@ -334,6 +350,14 @@ def tma_candidates(cg: int, ocg: int, out_h: int, out_w: int, batch: int, groups
         picked.add(Candidate.make("igemm_tma", num_warps=w, num_stages=s, BLOCK_B=bb_fit, BLOCK_H=bh_fit,
                                   BLOCK_W=bw_fit, BLOCK_N=min(n, max_n), BLOCK_K=k))
     return sorted(picked, key=lambda c: c.describe())
+
+
+def _box_k(cg: int, k: int, exact: bool) -> int:
+    """Channels per box row: `k`, halved until it divides `cg` where `exact` (tma_reason keeps rows of >= 16
+    bytes dividing cg, so this ends there at the latest)."""
+    while exact and cg % k:
+        k //= 2
+    return k
 
 
 def _packed_weight(weight: torch.Tensor, block_k: int) -> torch.Tensor:
@@ -454,10 +478,13 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     tiles = triton.cdiv(n, p["BLOCK_B"]) * triton.cdiv(out_h, p["BLOCK_H"]) * triton.cdiv(out_w, p["BLOCK_W"])
     grid = (tiles * triton.cdiv(ocg, p["BLOCK_N"]), groups)
     cpad = triton.cdiv(cg, bk) * bk
-    scalars = (n, out_h, out_w, cg, ocg, triton.cdiv(cg, bk), cpad, *y.stride(), bias_stride, *padding, *dilation)
-    x_box = [p["BLOCK_B"], p["BLOCK_H"], p["BLOCK_W"], bk]
-    x_shape = [n, in_h, in_w, c]
-    x_strides = [_nhwc_strides(x.shape)[i] for i in (0, 2, 3, 1)]  # as N, H, W, C
+    scalars = (n, out_h, out_w, c, cg, ocg, triton.cdiv(cg, bk), cpad, *y.stride(), bias_stride, *stride, *padding,
+               *dilation)
+    # [N, H/sh, sh, W/sw, sw*C] (see the kernel); tma_reason checks that the strides divide H and W.
+    sh, sw = stride
+    x_box = [p["BLOCK_B"], p["BLOCK_H"], 1, p["BLOCK_W"], bk]
+    x_shape = [n, in_h // sh, sh, in_w // sw, sw * c]
+    x_strides = [in_h * in_w * c, sh * in_w * c, in_w * c, sw * c, 1]
     w_shape, w_strides, w_box = [oc, kernel_h * kernel_w * cpad], [kernel_h * kernel_w * cpad, 1], [p["BLOCK_N"], bk]
 
     kernel = KernelLauncher(igemm_tma_kernel, grid, scalars, **flags)
@@ -514,7 +541,8 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
     oc, cg = weight.shape[0], weight.shape[1]
     candidates = []
     if load_path in ("auto", "tma") and not tma_why:
-        candidates += tma_candidates(cg, oc // groups, y.shape[2], y.shape[3], x.shape[0], groups, x.dtype)
+        candidates += tma_candidates(cg, oc // groups, y.shape[2], y.shape[3], x.shape[0], groups, x.dtype,
+                                     strided=tuple(stride) != (1, 1))
     if load_path in ("auto", "pointer"):
         pointer = pointer_candidates(cg, oc // groups, x.dtype)
         m = x.shape[0] * y.shape[2] * y.shape[3]
