@@ -10,6 +10,7 @@ Prints, per candidate: do_bench median, CUDA-graph replay time (GPU time alone),
 the better cuDNN layout, and the relative error against a float64 reference. Logs of runs:
 bench/results/probes/.
 """
+import ast
 import logging
 import math
 import os
@@ -134,7 +135,8 @@ def check_tuner(x, wt, s, p, d, g, prec, best):
         log.removeHandler(handler)
     tuned = [r for r in records if r.startswith("tritonconv: tuned")]
     if tuned:
-        timings = eval(tuned[-1][len("tritonconv: tuned "):], {"inf": math.inf})  # a dict literal
+        # The tuner logs a dict literal; a failed candidate's time is inf, which 1e999 parses to.
+        timings = ast.literal_eval(tuned[-1][len("tritonconv: tuned "):].replace("inf", "1e999"))
         top = sorted(timings.items(), key=lambda kv: kv[1])[:3]
         print("  tuner's top 3:", "; ".join(f"{k} {v:.4f}" for k, v in top))
     from conv_backend import dispatch
