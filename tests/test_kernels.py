@@ -627,7 +627,7 @@ def test_tma_weight_descriptors_per_weight(monkeypatch, kernel_launches):
     real = igemm_mod.TensorDescriptor
 
     def counting(base, shape, strides, block_shape, *args, **kwargs):
-        if len(shape) == 2:  # the weight's descriptor ([OC, KH*KW*C]); the input's is 4-D
+        if len(shape) == 2:  # the weight's descriptor ([OC, KH*KW*C]); the input's is 5-D
             built.append(base.data_ptr())
         return real(base, shape, strides, block_shape, *args, **kwargs)
 
