@@ -1,8 +1,9 @@
 """Tile sweep: time every kernel candidate the tuner would consider, one by one, against cuDNN (same run).
 
-Usage on a GPU: python bench/probe_tiles.py [problem ...] [--variants] [--tuner | --tuner-only]
+Usage on a GPU: python bench/probe_tiles.py [problem ...] [--variants] [--only=KERNEL[,KERNEL]] [--tuner | --tuner-only]
   --variants  also time variants outside the tuner's set: TMA tiles with 4 pipeline stages, and
               pointer tiles with 1 stage (plain loads, which go through L1, instead of cp.async.cg).
+  --only      time only the candidates of these kernels (e.g. --only=igemm_halo).
   --tuner     then run the real tuner (launch_conv2d, empty cache) and time its plan three ways:
               do_bench of launch_conv2d (three times), do_bench of the plan, CUDA-graph replay of the plan.
   --tuner-only  the --tuner check alone.
@@ -35,6 +36,8 @@ PROBLEMS = {  # name: (n, c, oc, h, w, kh, kw, stride, padding, dilation, groups
     "kb80": (8, 32, 64, 512, 512, 5, 9, (1, 1), (2, 4), (2, 3), 1, torch.float32),
     "kb80bf16": (8, 32, 64, 512, 512, 5, 9, (1, 1), (2, 4), (2, 3), 1, torch.bfloat16),
     "kb55": (8, 64, 128, 512, 1024, 3, 3, (1, 1), (0, 0), (1, 1), 1, torch.float32),
+    "kb56": (8, 64, 128, 512, 256, 5, 7, (1, 1), (0, 0), (1, 1), 1, torch.float32),
+    "kb62": (8, 32, 64, 512, 512, 5, 9, (1, 1), (0, 0), (1, 1), 1, torch.float32),
     "kb63": (16, 16, 128, 1024, 1024, 3, 3, (1, 1), (0, 0), (1, 1), 1, torch.float32),
     "rn50-3x3-64": (32, 64, 64, 56, 56, 3, 3, (1, 1), (1, 1), (1, 1), 1, torch.bfloat16),
     "rn50-3x3s2-128": (32, 128, 128, 56, 56, 3, 3, (2, 2), (1, 1), (1, 1), 1, torch.bfloat16),
@@ -99,6 +102,9 @@ def run_problem(name, args):
         check_tuner(x, wt, s, p, d, g, prec, best)
         return
     cands = tuner_candidates(x, wt, s, p, d, g, prec)
+    only = [a.split("=", 1)[1].split(",") for a in args if a.startswith("--only=")]
+    if only:
+        cands = [cand for cand in cands if cand.kernel in only[0]]
     extra = variants(cands) if "--variants" in args else []
     rows = []
     for cand in cands + extra:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import conv_backend
 import conv_backend.kernels.depthwise as depthwise_mod
+import conv_backend.kernels.halo as halo_mod
 import conv_backend.kernels.implicit_gemm as igemm_mod
 from conv_backend import dispatch, last_report, tuning
 from conv_backend.dispatch import launch_conv2d
@@ -29,11 +30,11 @@ pytestmark = pytest.mark.cuda
 DEV = "cuda"
 # The Triton functions a forced path may launch (the tuner runs each candidate it times).
 KERNEL_FUNCTIONS = {"seed": {"seed_conv2d_kernel"}, "gemm_pointer": {"igemm_pointer_kernel"},
-                    "gemm_tma": {"igemm_tma_kernel"}, "gemm_nchw": {"igemm_nchw_kernel"},
+                    "gemm_tma": {"igemm_tma_kernel", "igemm_halo_kernel"}, "gemm_nchw": {"igemm_nchw_kernel"},
                     "depthwise": {"depthwise_kernel"}}
 CANDIDATE_FUNCTIONS = [(igemm_mod, "tma_candidates"), (igemm_mod, "pointer_candidates"),
                        (igemm_mod, "nchw_candidates"), (igemm_mod, "split_k_candidates"),
-                       (depthwise_mod, "depthwise_candidates")]
+                       (depthwise_mod, "depthwise_candidates"), (halo_mod, "halo_candidates")]
 if hasattr(igemm_mod, "seed_candidates"):  # the seed's direct kernel, offered for few-channel convolutions
     CANDIDATE_FUNCTIONS.append((igemm_mod, "seed_candidates"))
 
@@ -264,6 +265,61 @@ def test_every_candidate_is_correct(problem, dtype, monkeypatch, kernel_launches
         except AssertionError as exc:
             raise AssertionError(f"{family} {dtype} candidate {cand.describe()}: {exc}") from exc
         assert set(kernel_launches.names) == {kernel}, (cand.describe(), kernel_launches.names)
+
+
+# ---------------------------------------------------------------- the Gluon halo kernel (Hopper)
+
+def gluon_hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and halo_mod.gluon is not None
+
+
+HALO_CASES = [
+    # The seed problem's kernel and dilation: a 16-row tile reads a 24-row patch (boxes of 16 + 8 rows).
+    Case(2, 32, 64, 37, 45, (5, 9), padding=(2, 4), dilation=(2, 3), x_layout="channels_last"),
+    # A partial channel chunk (48 = 32 + 16 in fp32), 72 output channels (a partial N tile), NCHW in and out.
+    Case(2, 48, 72, 23, 37, (3, 3), padding=(1, 1)),
+    # No padding along H, columns padded, no bias, more rows than one tile.
+    Case(1, 64, 128, 40, 70, (5, 7), padding=(0, 3), bias=False, x_layout="channels_last"),
+]
+HALO_DTYPES = [(torch.float32, "tf32"), (torch.bfloat16, "ieee"), (torch.float16, "ieee")]
+
+
+@pytest.mark.skipif(not gluon_hopper(), reason="the halo kernel is Gluon code for sm_90")
+@pytest.mark.parametrize("dtype,precision", HALO_DTYPES, ids=["tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", HALO_CASES, ids=[f"halo-{i}" for i in range(len(HALO_CASES))])
+def test_every_halo_candidate_is_correct(case, dtype, precision, monkeypatch, kernel_launches):
+    """Each config the tuner may pick for the halo kernel, run alone against float64."""
+    case = dataclasses.replace(case, dtype=dtype)
+    out_h, out_w = case.out_hw()
+    cands = halo_mod.halo_candidates(case.c, case.oc, out_h, out_w, case.kernel[0], case.dilation[0], dtype)
+    assert cands, f"no halo candidate for {case}"
+    for module, name in CANDIDATE_FUNCTIONS:
+        monkeypatch.setattr(module, name, lambda *a, **k: [])
+    for cand in cands:
+        monkeypatch.setattr(halo_mod, "halo_candidates", lambda *a, _c=cand, **k: [_c])
+        forget()
+        del kernel_launches[:]
+        try:
+            run_case(case, "gemm_tma", precision)
+        except AssertionError as exc:
+            raise AssertionError(f"{dtype} candidate {cand.describe()}: {exc}") from exc
+        assert set(kernel_launches.names) == {"igemm_halo_kernel"}, (cand.describe(), kernel_launches.names)
+
+
+@pytest.mark.skipif(not gluon_hopper(), reason="the halo kernel is Gluon code for sm_90")
+def test_auto_offers_the_halo_kernel_only_where_it_can_run(monkeypatch, one_candidate):
+    offered = []
+    real = halo_mod.halo_candidates
+    monkeypatch.setattr(halo_mod, "halo_candidates", lambda *a, **k: offered.append(1) or real(*a, **k))
+    for case, precision, expected in [
+            (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), x_layout="channels_last"), "tf32", True),
+            (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), x_layout="channels_last"), "ieee", False),  # exact fp32
+            (Case(2, 32, 64, 38, 46, (3, 3), stride=(2, 2), padding=(1, 1)), "tf32", False),
+            (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), groups=2), "tf32", False)]:
+        forget()
+        del offered[:]
+        run_case(case, "auto", precision)
+        assert bool(offered) == expected, (case, precision)
 
 
 # ---------------------------------------------------------------- 64-bit offsets on real sizes

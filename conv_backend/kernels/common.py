@@ -5,6 +5,7 @@ import functools
 
 import torch
 import triton
+from torch.utils.weak import WeakIdKeyDictionary
 import triton.language as tl
 
 from ..runtime import interpreter_enabled
@@ -120,3 +121,50 @@ class KernelLauncher:
             return None
         grid = (self.grid + (1, 1))[:3]
         return compiled.run, grid, compiled.function, compiled.packed_metadata, _current_device(), constexprs
+
+
+def packed_weight(weight: torch.Tensor, block_k: int) -> torch.Tensor:
+    """Weight as [OC, KH*KW*CPAD], channels innermost, each tap padded with zeros to a multiple of BLOCK_K.
+
+    A channels_last weight whose channel count is a multiple of BLOCK_K is read in place: the result
+    shares its memory but is not a view of it, so holding the result does not keep the weight object
+    (a model's parameter) alive.
+    """
+    oc, cg, kh, kw = weight.shape
+    cpad = triton.cdiv(cg, block_k) * block_k
+    if cpad == cg:
+        packed = weight.permute(0, 2, 3, 1).contiguous()
+        if packed.data_ptr() != weight.data_ptr():
+            return packed.view(oc, kh * kw * cg)  # a copy
+        if packed.data_ptr() % 16:
+            return packed.reshape(oc, kh * kw * cg).clone()  # TMA needs a 16-byte aligned base
+        return packed.new_empty(0).set_(packed.untyped_storage(), packed.storage_offset(), (oc, kh * kw * cg),
+                                        (kh * kw * cg, 1))
+    packed = weight.new_zeros((oc, kh, kw, cpad))
+    packed[..., :cg] = weight.permute(0, 2, 3, 1)
+    return packed.view(oc, kh * kw * cpad)
+
+
+class WeightDescriptors:
+    """`descriptor(weight)`: the TMA descriptor of a weight as [OC, KH*KW*CPAD], made by `make(packed)`.
+
+    A weight read in place keeps its descriptor for as long as the weight lives: layers
+    of one shape share a plan, so it is kept per weight tensor, in a dict whose keys are
+    held weakly (a plan outlives the models it served and must not keep their weights
+    alive), and rebuilt when the weight's memory moved (`param.data = ...`). A weight
+    that needs repacking is repacked on every call: its values may have changed.
+    """
+
+    def __init__(self, block_k: int, make):
+        self.block_k, self.make = block_k, make
+        self._in_place = WeakIdKeyDictionary()
+
+    def __call__(self, weight: torch.Tensor):
+        cached = self._in_place.get(weight)
+        if cached is not None and cached[0] == weight.data_ptr():
+            return cached[1]
+        packed = packed_weight(weight, self.block_k)
+        desc = self.make(packed)
+        if packed.data_ptr() == weight.data_ptr():
+            self._in_place[weight] = (weight.data_ptr(), desc)
+        return desc

@@ -21,14 +21,14 @@ import logging
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakIdKeyDictionary
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..layout import empty_output
 from ..runtime import interpreter_enabled
 from ..support import tma_reason
 from ..tuning import Candidate
-from .common import KernelLauncher, mma, needs_dot_upcast, needs_int64, tuned_plan
+from . import halo
+from .common import KernelLauncher, WeightDescriptors, mma, needs_dot_upcast, needs_int64, tuned_plan
 from .seed import seed_conv2d_kernel, seed_launch_args
 
 log = logging.getLogger("conv_backend")
@@ -360,53 +360,6 @@ def _box_k(cg: int, k: int, exact: bool) -> int:
     return k
 
 
-def _packed_weight(weight: torch.Tensor, block_k: int) -> torch.Tensor:
-    """Weight as [OC, KH*KW*CPAD], channels innermost, each tap padded with zeros to a multiple of BLOCK_K.
-
-    A channels_last weight whose channel count is a multiple of BLOCK_K is read in place: the result
-    shares its memory but is not a view of it, so holding the result does not keep the weight object
-    (a model's parameter) alive.
-    """
-    oc, cg, kh, kw = weight.shape
-    cpad = triton.cdiv(cg, block_k) * block_k
-    if cpad == cg:
-        packed = weight.permute(0, 2, 3, 1).contiguous()
-        if packed.data_ptr() != weight.data_ptr():
-            return packed.view(oc, kh * kw * cg)  # a copy
-        if packed.data_ptr() % 16:
-            return packed.reshape(oc, kh * kw * cg).clone()  # TMA needs a 16-byte aligned base
-        return packed.new_empty(0).set_(packed.untyped_storage(), packed.storage_offset(), (oc, kh * kw * cg),
-                                        (kh * kw * cg, 1))
-    packed = weight.new_zeros((oc, kh, kw, cpad))
-    packed[..., :cg] = weight.permute(0, 2, 3, 1)
-    return packed.view(oc, kh * kw * cpad)
-
-
-class _WeightDescriptors:
-    """`descriptor(weight)`: the TMA descriptor of a weight as [OC, KH*KW*CPAD].
-
-    A weight read in place keeps its descriptor for as long as the weight lives: layers
-    of one shape share a plan, so it is kept per weight tensor, in a dict whose keys are
-    held weakly (a plan outlives the models it served and must not keep their weights
-    alive), and rebuilt when the weight's memory moved (`param.data = ...`). A weight
-    that needs repacking is repacked on every call: its values may have changed.
-    """
-
-    def __init__(self, block_k: int, shape, strides, box):
-        self.block_k, self.shape, self.strides, self.box = block_k, shape, strides, box
-        self._in_place = WeakIdKeyDictionary()
-
-    def __call__(self, weight: torch.Tensor):
-        cached = self._in_place.get(weight)
-        if cached is not None and cached[0] == weight.data_ptr():
-            return cached[1]
-        packed = _packed_weight(weight, self.block_k)
-        desc = TensorDescriptor(packed, self.shape, self.strides, self.box)
-        if packed.data_ptr() == weight.data_ptr():
-            self._in_place[weight] = (weight.data_ptr(), desc)
-        return desc
-
-
 def _flat_nchw(x, weight, y, stride, padding) -> bool:
     """A 1x1, stride-1, unpadded convolution over dense NCHW planes: output pixel p reads input pixel p."""
     return (tuple(weight.shape[2:]), tuple(stride), tuple(padding)) == ((1, 1), (1, 1), (0, 0)) and \
@@ -463,6 +416,9 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
                    arrivals[stream])
         return launch
 
+    if cand.kernel == "igemm_halo":
+        return halo.halo_launcher(cand, x, weight, y, padding, dilation, {**flags, "bias_stride": bias_stride})
+
     if cand.kernel == "igemm_nchw":
         grid = (n * triton.cdiv(out_h * out_w, p["BLOCK_N"]) * triton.cdiv(ocg, p["BLOCK_M"]), groups)
         flat = _flat_nchw(x, weight, y, stride, padding)
@@ -488,7 +444,7 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     w_shape, w_strides, w_box = [oc, kernel_h * kernel_w * cpad], [kernel_h * kernel_w * cpad, 1], [p["BLOCK_N"], bk]
 
     kernel = KernelLauncher(igemm_tma_kernel, grid, scalars, **flags)
-    weight_descriptor = _WeightDescriptors(bk, w_shape, w_strides, w_box)
+    weight_descriptor = WeightDescriptors(bk, lambda packed: TensorDescriptor(packed, w_shape, w_strides, w_box))
 
     def launch(x, weight, bias, y):
         x_desc = TensorDescriptor(channels_last(x), x_shape, x_strides, x_box)
@@ -543,6 +499,9 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
     if load_path in ("auto", "tma") and not tma_why:
         candidates += tma_candidates(cg, oc // groups, y.shape[2], y.shape[3], x.shape[0], groups, x.dtype,
                                      strided=tuple(stride) != (1, 1))
+    halo_why = tma_why or halo.halo_reason(x, weight, stride, dilation, groups, input_precision)
+    if load_path in ("auto", "tma") and not halo_why:
+        candidates += halo.halo_candidates(cg, oc, y.shape[2], y.shape[3], weight.shape[2], dilation[0], x.dtype)
     if load_path in ("auto", "pointer"):
         pointer = pointer_candidates(cg, oc // groups, x.dtype)
         m = x.shape[0] * y.shape[2] * y.shape[3]

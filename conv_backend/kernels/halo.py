@@ -1,0 +1,298 @@
+"""Halo-reuse implicit GEMM for Hopper (sm_90), written in Gluon.
+
+The TMA kernel in implicit_gemm.py loads one input box per (kh, kw) tap, so an
+input pixel crosses from L2 into the SM once per tap that reads it: 45 times
+for a 5x9 kernel. On the large fp32 problems that L2->SM traffic, not the
+tensor cores, sets the time (bench/NOTES.md). Triton's block language cannot
+take a sub-view of shared memory, so it cannot do better; Gluon can.
+
+Here a program loads, per kernel column kw and channel chunk, one patch of
+BLOCK_H + (KH-1)*dil_h input rows by BLOCK_W columns, and feeds each of the KH
+row taps to the tensor cores as a row-offset view of that patch: KH taps for
+one load. The views start at multiples of BLOCK_W pixel rows (a multiple of
+8), where the 128-byte swizzle pattern repeats, so wgmma reads them straight
+from shared memory. Weights come per step as KH [BLOCK_N, BLOCK_K] tiles.
+
+Scope: stride 1, groups 1, TF32 or 16-bit operands (wgmma has no exact fp32),
+CUDA devices of compute capability 9.x. Everything else stays with the other
+kernels; `halo_reason` says why.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+
+import torch
+import triton
+
+from ..runtime import interpreter_enabled
+from ..tuning import Candidate
+from .common import KernelLauncher, WeightDescriptors
+
+try:  # Gluon ships with Triton >= 3.4; without it this kernel is simply not offered.
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gluon = None
+
+log = logging.getLogger("conv_backend")
+
+# Shared memory the pipeline buffers may take (H100/H200 allow 227 KiB per block; the rest is headroom).
+SMEM_BUDGET = 224 * 1024
+# (BLOCK_H, BLOCK_W, BLOCK_N, num_warps, num_stages): output tiles of 128 or 256 pixels, from probes on an
+# H200 (bench/results/probes/*-probe12-*, *-probe13-*). Stages are cut to what fits SMEM_BUDGET for the
+# problem's kernel height and channel chunk (at least two); a third stage helped 128-channel tiles where the
+# channel chunk is small (#63: 16 channels).
+HALO_SHAPES = [(16, 16, 64, 8, 2), (8, 16, 64, 4, 3), (8, 32, 64, 8, 2), (16, 8, 64, 4, 3), (8, 16, 128, 8, 3),
+               (16, 16, 128, 8, 2), (8, 32, 128, 8, 2), (16, 16, 128, 8, 3), (8, 32, 128, 8, 3)]
+
+
+def halo_reason(x, weight, stride, dilation, groups, input_precision) -> str | None:
+    """None when the halo kernel can take this convolution, else why not."""
+    if gluon is None:
+        return "this Triton has no Gluon"
+    if interpreter_enabled() or x.device.type != "cuda":
+        return "Gluon kernels run on CUDA devices only (not in the interpreter)"
+    if torch.cuda.get_device_capability(x.device)[0] != 9:
+        return "warpgroup MMA needs compute capability 9.x (Hopper)"
+    if not unaligned_views_supported():
+        return f"Triton {triton.__version__} forbids the shared-memory views the kernel reads its taps through"
+    if groups != 1 or tuple(stride) != (1, 1):
+        return "stride 1 and groups 1 only"
+    if x.dtype == torch.float32 and input_precision != "tf32":
+        return "exact fp32 (wgmma multiplies fp32 as TF32 only)"
+    if weight.shape[2] < 2:
+        return "a kernel one row high reuses nothing across rows"
+    return None
+
+
+def _box_k(channels: int, elem: int) -> int:
+    """Channels per patch row: one 128-byte swizzle row, or all channels where they take less."""
+    return min(128 // elem, max(16 // elem, triton.next_power_of_2(channels)))
+
+
+def patch_split(block_h: int, kernel_h: int, dil_h: int):
+    """(head, tail) rows of the input patch: box sizes must be powers of two, so the patch is copied as one
+    box (tail 0) or two; None where two power-of-two boxes can't make it."""
+    patch_h = block_h + (kernel_h - 1) * dil_h
+    head = 1 << (patch_h.bit_length() - 1)
+    tail = patch_h - head
+    if patch_h > 256 or (tail & (tail - 1)):
+        return None
+    return head, tail
+
+
+def smem_bytes(block_h, block_w, block_n, block_k, kernel_h, dil_h, elem, stages) -> int:
+    """Shared memory of the pipeline: per stage a patch (its rows rounded up to a power of two, as buffer
+    shapes must be) and KH weight tiles."""
+    patch_rows = triton.next_power_of_2(block_h + (kernel_h - 1) * dil_h)
+    return stages * (patch_rows * block_w + kernel_h * block_n) * block_k * elem
+
+
+def halo_candidates(channels, out_channels, out_h, out_w, kernel_h, dil_h, dtype) -> list:
+    elem = torch.tensor([], dtype=dtype).element_size()
+    bk = _box_k(channels, elem)
+    max_n = max(16, triton.next_power_of_2(out_channels))
+    picked = set()
+    for bh, bw, bn, warps, stages in HALO_SHAPES:
+        bn = min(bn, max_n)
+        if bw > max(8, triton.next_power_of_2(out_w)) or bh > max(1, triton.next_power_of_2(out_h)):
+            continue  # the map is smaller than the tile: the TMA kernel's stacked tiles serve it
+        if patch_split(bh, kernel_h, dil_h) is None:
+            continue
+        while stages >= 2 and smem_bytes(bh, bw, bn, bk, kernel_h, dil_h, elem, stages) > SMEM_BUDGET:
+            stages -= 1
+        if stages >= 2:
+            picked.add(Candidate.make("igemm_halo", num_warps=warps, num_stages=stages, BLOCK_H=bh, BLOCK_W=bw,
+                                      BLOCK_N=bn, BLOCK_K=bk))
+    return sorted(picked, key=lambda c: c.describe())
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Send file descriptor 2 to /dev/null for a moment: MLIR writes diagnostics there, not to sys.stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@functools.cache
+def unaligned_views_supported() -> bool:
+    """Whether this Triton compiles the kernel's tap views: a view of shared memory that starts at a
+    multiple of 8 rows but not of its own size, made by reinterpreting an 8-row slice. Triton 3.6
+    accepts it; later versions reject reinterpreting a slice. Found out by compiling a small kernel for
+    sm_90, which needs no GPU, once per process."""
+    if gluon is None:
+        return False
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.experimental.gluon._runtime import GluonASTSource
+        with _stderr_silenced():  # the verifier prints its rejection to the process's stderr
+            triton.compile(GluonASTSource(_tap_view_probe, {"out_ptr": "*fp16"}, {}),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    except Exception as exc:  # the verifier's error, or a Gluon whose internals moved: either way, not offered
+        log.info("tritonconv: halo kernel not offered: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        return False
+    return True
+
+
+if gluon is not None:
+    @gluon.jit
+    def _tap_view_probe(out_ptr):
+        layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        buf = gl.allocate_shared_memory(gl.float16, [256, 64], layout)
+        view = buf.slice(8, 8)._reinterpret(gl.float16, [128, 64], layout)
+        blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        gl.store(out_ptr + gl.arange(0, 64, layout=gl.SliceLayout(0, blocked)),
+                 gl.sum(view.load(blocked), axis=0))
+
+    @gluon.jit
+    def _issue_loads(x_desc, x_tail_desc, w_desc, x_smem, w_smem, ready, step, img, oh0, ow0, n0, pad_h, pad_w, dil_w,
+                     C_CHUNKS, CPAD, KH: gl.constexpr, KW: gl.constexpr, BLOCK_K: gl.constexpr,
+                     TAIL_H: gl.constexpr, STAGES: gl.constexpr):
+        """Start the copies of K step `step` (one kernel column kw and one channel chunk) into its stage."""
+        HEAD_H: gl.constexpr = x_desc.block_type.shape[1]
+        kw = step // C_CHUNKS
+        c0 = (step - kw * C_CHUNKS) * BLOCK_K
+        s = step % STAGES
+        bar = ready.index(s)
+        patch = x_smem.index(s)
+        w = ow0 - pad_w + kw * dil_w
+        if TAIL_H > 0:
+            mbarrier.expect(bar, x_desc.block_type.nbytes + x_tail_desc.block_type.nbytes + KH * w_desc.block_type.nbytes)
+        else:
+            mbarrier.expect(bar, x_desc.block_type.nbytes + KH * w_desc.block_type.nbytes)
+        # Rows and columns before or past the image are zero-filled by the copy engine: that is the padding.
+        # Box sizes must be powers of two, so a patch of 24 rows arrives as 16 + 8.
+        tma.async_copy_global_to_shared(x_desc, [img, oh0 - pad_h, w, c0], bar, patch.slice(0, HEAD_H, dim=1))
+        if TAIL_H > 0:
+            tma.async_copy_global_to_shared(x_tail_desc, [img, oh0 - pad_h + HEAD_H, w, c0], bar,
+                                            patch.slice(HEAD_H, TAIL_H, dim=1))
+        for kh in gl.static_range(KH):
+            tma.async_copy_global_to_shared(w_desc, [n0, (kh * KW + kw) * CPAD + c0], bar, w_smem.index(s * KH + kh))
+
+    @gluon.jit
+    def igemm_halo_kernel(
+        x_desc, x_tail_desc, w_desc, b_ptr, y_ptr,
+        OH, OW, OC, C_CHUNKS, CPAD, syn, syc, syh, syw, sb, pad_h, pad_w, dil_w,
+        KH: gl.constexpr, KW: gl.constexpr, DIL_H: gl.constexpr, TAIL_H: gl.constexpr, HAS_BIAS: gl.constexpr,
+        INPUT_PRECISION: gl.constexpr, USE_INT64: gl.constexpr,
+        BLOCK_H: gl.constexpr, BLOCK_W: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+        SWIZZLE: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        BLOCK_M: gl.constexpr = BLOCK_H * BLOCK_W
+        PATCH_H: gl.constexpr = x_desc.block_type.shape[1] + TAIL_H
+        PATCH_ALLOC: gl.constexpr = PATCH_H if TAIL_H == 0 else 2 * x_desc.block_type.shape[1]
+        pid = gl.program_id(0)
+        # Output-channel tiles of one pixel tile run next to each other: they share the input patch in L2.
+        num_pid_n = gl.cdiv(OC, BLOCK_N)
+        pid_n = pid % num_pid_n
+        tile = pid // num_pid_n
+        tiles_w = gl.cdiv(OW, BLOCK_W)
+        tiles_hw = gl.cdiv(OH, BLOCK_H) * tiles_w
+        img = tile // tiles_hw
+        oh0 = (tile % tiles_hw) // tiles_w * BLOCK_H
+        ow0 = (tile % tiles_w) * BLOCK_W
+        n0 = pid_n * BLOCK_N
+
+        x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, 1, PATCH_ALLOC, BLOCK_W, BLOCK_K], x_desc.layout)
+        w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES * KH, BLOCK_N, BLOCK_K], w_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+
+        a_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=SWIZZLE,
+                                                      element_bitwidth=x_desc.dtype.primitive_bitwidth, rank=2)
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 256 // x_desc.dtype.primitive_bitwidth])
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma_layout)
+
+        k_steps = KW * C_CHUNKS
+        for step in gl.static_range(STAGES - 1):
+            if step < k_steps:
+                _issue_loads(x_desc, x_tail_desc, w_desc, x_smem, w_smem, ready, step, img, oh0, ow0, n0, pad_h, pad_w, dil_w,
+                             C_CHUNKS, CPAD, KH, KW, BLOCK_K, TAIL_H, STAGES)
+        for step in range(k_steps):
+            s = step % STAGES
+            mbarrier.wait(ready.index(s), (step // STAGES) & 1)
+            patch = x_smem.index(s).reshape([PATCH_ALLOC * BLOCK_W, BLOCK_K])
+            for kh in gl.static_range(KH):
+                # Output row r at tap kh reads patch row r + kh*dil_h: a view BLOCK_W*dil_h*kh pixels down. A
+                # subslice must start at a multiple of its own size, so the view grows from an 8-pixel slice
+                # there (8 rows: the 128-byte swizzle's period, so the MMA reads it like any tile).
+                a = patch.slice(kh * DIL_H * BLOCK_W, 8)._reinterpret(x_desc.dtype, [BLOCK_M, BLOCK_K], a_layout)
+                b = w_smem.index(s * KH + kh).permute((1, 0))
+                acc = warpgroup_mma(a, b, acc, precision=INPUT_PRECISION.value, is_async=True)
+            # Once only this step's MMAs may be in flight, the previous step's stage can be refilled.
+            acc = warpgroup_mma_wait(num_outstanding=KH, deps=(acc, ))
+            if step + STAGES - 1 < k_steps:
+                _issue_loads(x_desc, x_tail_desc, w_desc, x_smem, w_smem, ready, step + STAGES - 1, img, oh0, ow0, n0, pad_h,
+                             pad_w, dil_w, C_CHUNKS, CPAD, KH, KW, BLOCK_K, TAIL_H, STAGES)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(i))
+
+        offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
+        offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+        oh = oh0 + offs_m // BLOCK_W
+        ow = ow0 + offs_m % BLOCK_W
+        n_ok = offs_n < OC
+        if HAS_BIAS:
+            acc += gl.expand_dims(gl.load(b_ptr + offs_n * sb, mask=n_ok, other=0.0).to(gl.float32), 0)
+        if USE_INT64:
+            img = img.to(gl.int64)
+        pix = img * syn + oh * syh + ow * syw
+        y_offsets = gl.expand_dims(pix, 1) + gl.expand_dims(offs_n * syc, 0)
+        mask = gl.expand_dims((oh < OH) & (ow < OW), 1) & gl.expand_dims(n_ok, 0)
+        gl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _nvmma_layout(block_shape, dtype: torch.dtype):
+    bits = torch.tensor([], dtype=dtype).element_size() * 8
+    row_bytes = block_shape[-1] * bits // 8
+    swizzle = 128 if row_bytes % 128 == 0 else 64 if row_bytes % 64 == 0 else 32 if row_bytes % 32 == 0 else 0
+    return gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=bits, rank=len(block_shape))
+
+
+def halo_launcher(cand: Candidate, x, weight, y, padding, dilation, flags):
+    """launch(x, weight, bias, y) for `cand` on tensors shaped like these; `flags` are implicit_gemm's
+    constexprs (HAS_BIAS, INPUT_PRECISION, USE_INT64) plus the bias stride."""
+    n, c, in_h, in_w = x.shape
+    oc, _, kernel_h, kernel_w = weight.shape
+    out_h, out_w = y.shape[2], y.shape[3]
+    p = cand.params
+    bh, bw, bn, bk = p["BLOCK_H"], p["BLOCK_W"], p["BLOCK_N"], p["BLOCK_K"]
+    dil_h, dil_w = dilation
+    cpad = triton.cdiv(c, bk) * bk
+    head, tail = patch_split(bh, kernel_h, dil_h)
+    x_shape, x_strides = [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1]
+    x_box, x_tail_box = [1, head, bw, bk], [1, max(tail, 1), bw, bk]
+    x_layout = _nvmma_layout(x_box, x.dtype)
+    w_shape, w_strides, w_box = [oc, kernel_h * kernel_w * cpad], [kernel_h * kernel_w * cpad, 1], [bn, bk]
+    w_layout = _nvmma_layout(w_box, x.dtype)
+    grid = (n * triton.cdiv(out_h, bh) * triton.cdiv(out_w, bw) * triton.cdiv(oc, bn),)
+    scalars = (out_h, out_w, oc, triton.cdiv(c, bk), cpad, *y.stride(), flags["bias_stride"], *padding, dil_w)
+    kernel = KernelLauncher(igemm_halo_kernel, grid, scalars, KH=kernel_h, KW=kernel_w, DIL_H=dil_h, TAIL_H=tail,
+                            HAS_BIAS=flags["HAS_BIAS"], INPUT_PRECISION=flags["INPUT_PRECISION"],
+                            USE_INT64=flags["USE_INT64"], BLOCK_H=bh, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk,
+                            SWIZZLE=x_layout.swizzle_byte_width, STAGES=cand.num_stages, num_warps=cand.num_warps)
+    weight_descriptor = WeightDescriptors(
+        bk, lambda packed: GluonTensorDescriptor(packed, w_shape, w_strides, w_box, w_layout))
+
+    def launch(x, weight, bias, y):
+        x = x.contiguous(memory_format=torch.channels_last)
+        x_desc = GluonTensorDescriptor(x, x_shape, x_strides, x_box, x_layout)
+        x_tail_desc = GluonTensorDescriptor(x, x_shape, x_strides, x_tail_box, x_layout) if tail else x_desc
+        kernel(x_desc, x_tail_desc, weight_descriptor(weight), y if bias is None else bias, y)
+    return launch
