@@ -5,8 +5,8 @@ import functools
 
 import torch
 import triton
-from torch.utils.weak import WeakIdKeyDictionary
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..runtime import interpreter_enabled
 from ..tuning import problem_signature, select
