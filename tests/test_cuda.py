@@ -280,6 +280,8 @@ HALO_CASES = [
     Case(2, 48, 72, 23, 37, (3, 3), padding=(1, 1)),
     # No padding along H, columns padded, no bias, more rows than one tile.
     Case(1, 64, 128, 40, 70, (5, 7), padding=(0, 3), bias=False, x_layout="channels_last"),
+    # Fewer channels than a box row: 16 per row, the copy engine zero-fills channels 8..15.
+    Case(2, 8, 24, 20, 33, (3, 3), padding=(1, 1)),
 ]
 HALO_DTYPES = [(torch.float32, "tf32"), (torch.bfloat16, "ieee"), (torch.float16, "ieee")]
 

@@ -7,6 +7,7 @@ import triton
 
 import conv_backend.kernels.halo as halo
 import conv_backend.kernels.implicit_gemm as igemm_mod
+from conv_backend.kernels.common import box_row_channels
 
 needs_gluon = pytest.mark.skipif(halo.gluon is None, reason="this Triton has no Gluon")
 
@@ -32,7 +33,7 @@ def test_candidates_fit_shared_memory(dtype, channels, out_channels, kernel_h, d
     for cand in cands:
         p = cand.params
         assert cand.num_stages >= 2
-        assert p["BLOCK_K"] * elem <= 128 and p["BLOCK_K"] <= triton.next_power_of_2(max(channels, 16 // elem))
+        assert p["BLOCK_K"] * elem <= 128 and p["BLOCK_K"] == box_row_channels(channels, dtype)
         assert p["BLOCK_N"] <= triton.next_power_of_2(out_channels)
         assert halo.patch_split(p["BLOCK_H"], kernel_h, dil_h) is not None
         used = halo.smem_bytes(p["BLOCK_H"], p["BLOCK_W"], p["BLOCK_N"], p["BLOCK_K"], kernel_h, dil_h, elem,
@@ -65,16 +66,16 @@ def _compile_halo_for_sm90():
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    dtype, kernel_h, dil_h, bh, bw, bn, bk, stages = torch.float32, 5, 2, 16, 8, 64, 32, 2
+    kernel_h, dil_h, bh, bw, bn, bk, stages = 5, 2, 16, 8, 64, 32, 2
     head, tail = halo.patch_split(bh, kernel_h, dil_h)
     x, w = torch.empty(2, 64, 64, 32), torch.empty(64, 45 * 32)
     x_box = [1, head, bw, bk]
-    x_layout = halo._nvmma_layout(x_box, dtype)
+    x_layout = halo.gl.NVMMASharedLayout.get_default_for(x_box, halo.gl.float32)
     descs = dict(x_desc=halo.GluonTensorDescriptor(x, list(x.shape), list(x.stride()), x_box, x_layout),
                  x_tail_desc=halo.GluonTensorDescriptor(x, list(x.shape), list(x.stride()), [1, tail, bw, bk],
                                                         x_layout),
                  w_desc=halo.GluonTensorDescriptor(w, list(w.shape), list(w.stride()), [bn, bk],
-                                                   halo._nvmma_layout([bn, bk], dtype)))
+                                                   halo.gl.NVMMASharedLayout.get_default_for([bn, bk], halo.gl.float32)))
     consts = dict(KH=kernel_h, KW=9, DIL_H=dil_h, TAIL_H=tail, HAS_BIAS=True, INPUT_PRECISION="tf32", USE_INT64=False,
                   BLOCK_H=bh, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, SWIZZLE=x_layout.swizzle_byte_width,
                   STAGES=stages, num_warps=4)

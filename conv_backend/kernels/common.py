@@ -27,6 +27,13 @@ def needs_dot_upcast(dtype: torch.dtype) -> bool:
     return interpreter_enabled() and dtype == torch.bfloat16
 
 
+def box_row_channels(channels: int, dtype: torch.dtype) -> int:
+    """Channels per row of a TMA box: one 128-byte swizzle row, or, where the channels take less, all of
+    them rounded up to a power of two and at least 16 (the copy engine zero-fills past the last)."""
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return min(128 // elem, max(16, triton.next_power_of_2(channels)))
+
+
 def needs_int64(*tensors: torch.Tensor) -> bool:
     """True when an element offset of any tensor can pass int32."""
     for t in tensors:

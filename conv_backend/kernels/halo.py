@@ -30,7 +30,7 @@ import triton
 
 from ..runtime import interpreter_enabled
 from ..tuning import Candidate
-from .common import KernelLauncher, WeightDescriptors
+from .common import KernelLauncher, WeightDescriptors, box_row_channels
 
 try:  # Gluon ships with Triton >= 3.4; without it this kernel is simply not offered.
     from triton.experimental import gluon
@@ -71,11 +71,6 @@ def halo_reason(x, weight, stride, dilation, groups, input_precision) -> str | N
     return None
 
 
-def _box_k(channels: int, elem: int) -> int:
-    """Channels per patch row: one 128-byte swizzle row, or all channels where they take less."""
-    return min(128 // elem, max(16 // elem, triton.next_power_of_2(channels)))
-
-
 def patch_split(block_h: int, kernel_h: int, dil_h: int):
     """(head, tail) rows of the input patch: box sizes must be powers of two, so the patch is copied as one
     box (tail 0) or two; None where two power-of-two boxes can't make it."""
@@ -98,7 +93,7 @@ def halo_candidates(channels, out_channels, out_h, out_w, kernel_h, dil_h, dtype
     """The tile configs worth timing for this problem: HALO_SHAPES fitted to the map, the channels and
     shared memory."""
     elem = torch.tensor([], dtype=dtype).element_size()
-    bk = _box_k(channels, elem)
+    bk = box_row_channels(channels, dtype)
     max_n = max(16, triton.next_power_of_2(out_channels))
     picked = set()
     for bh, bw, bn, warps, stages in HALO_SHAPES:
@@ -260,13 +255,6 @@ if gluon is not None:
         gl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _nvmma_layout(block_shape, dtype: torch.dtype):
-    bits = torch.tensor([], dtype=dtype).element_size() * 8
-    row_bytes = block_shape[-1] * bits // 8
-    swizzle = 128 if row_bytes % 128 == 0 else 64 if row_bytes % 64 == 0 else 32 if row_bytes % 32 == 0 else 0
-    return gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=bits, rank=len(block_shape))
-
-
 def halo_launcher(cand: Candidate, x, weight, y, padding, dilation, flags):
     """launch(x, weight, bias, y) for `cand` on tensors shaped like these; `flags` are implicit_gemm's
     constexprs (HAS_BIAS, INPUT_PRECISION, USE_INT64) plus the bias stride."""
@@ -280,9 +268,10 @@ def halo_launcher(cand: Candidate, x, weight, y, padding, dilation, flags):
     head, tail = patch_split(bh, kernel_h, dil_h)
     x_shape, x_strides = [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1]
     x_box, x_tail_box = [1, head, bw, bk], [1, max(tail, 1), bw, bk]
-    x_layout = _nvmma_layout(x_box, x.dtype)
+    gl_dtype = getattr(gl, str(x.dtype).removeprefix("torch."))
+    x_layout = gl.NVMMASharedLayout.get_default_for(x_box, gl_dtype)  # the tail box shares it: same buffer
     w_shape, w_strides, w_box = [oc, kernel_h * kernel_w * cpad], [kernel_h * kernel_w * cpad, 1], [bn, bk]
-    w_layout = _nvmma_layout(w_box, x.dtype)
+    w_layout = gl.NVMMASharedLayout.get_default_for(w_box, gl_dtype)
     grid = (n * triton.cdiv(out_h, bh) * triton.cdiv(out_w, bw) * triton.cdiv(oc, bn),)
     scalars = (out_h, out_w, oc, triton.cdiv(c, bk), cpad, *y.stride(), flags["bias_stride"], *padding, dil_w)
     kernel = KernelLauncher(igemm_halo_kernel, grid, scalars, KH=kernel_h, KW=kernel_w, DIL_H=dil_h, TAIL_H=tail,

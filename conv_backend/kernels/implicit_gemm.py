@@ -28,7 +28,8 @@ from ..runtime import interpreter_enabled
 from ..support import tma_reason
 from ..tuning import Candidate
 from . import halo
-from .common import KernelLauncher, WeightDescriptors, mma, needs_dot_upcast, needs_int64, tuned_plan
+from .common import (KernelLauncher, WeightDescriptors, box_row_channels, mma, needs_dot_upcast, needs_int64,
+                     tuned_plan)
 from .seed import seed_conv2d_kernel, seed_launch_args
 
 log = logging.getLogger("conv_backend")
@@ -336,8 +337,7 @@ def tma_candidates(cg: int, ocg: int, out_h: int, out_w: int, batch: int, groups
     if interpreter_enabled():
         return [Candidate.make("igemm_tma", BLOCK_B=1, BLOCK_H=4, BLOCK_W=8, BLOCK_N=16,
                                BLOCK_K=_box_k(cg, min(16, _pow2_at_least(cg)), exact_k))]
-    elem = torch.tensor([], dtype=dtype).element_size()
-    k = _box_k(cg, min(128 // elem, _pow2_at_least(cg)), exact_k)  # a box row of at most 128 bytes (the swizzle)
+    k = _box_k(cg, box_row_channels(cg, dtype), exact_k)
     max_n = _pow2_at_least(ocg)
     picked = set()
     for bb, bh, bw, n, w, s in TMA_SHAPES:
@@ -499,9 +499,8 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
     if load_path in ("auto", "tma") and not tma_why:
         candidates += tma_candidates(cg, oc // groups, y.shape[2], y.shape[3], x.shape[0], groups, x.dtype,
                                      strided=tuple(stride) != (1, 1))
-    halo_why = tma_why or halo.halo_reason(x, weight, stride, dilation, groups, input_precision)
-    if load_path in ("auto", "tma") and not halo_why:
-        candidates += halo.halo_candidates(cg, oc, y.shape[2], y.shape[3], weight.shape[2], dilation[0], x.dtype)
+        if not halo.halo_reason(x, weight, stride, dilation, groups, input_precision):
+            candidates += halo.halo_candidates(cg, oc, y.shape[2], y.shape[3], weight.shape[2], dilation[0], x.dtype)
     if load_path in ("auto", "pointer"):
         pointer = pointer_candidates(cg, oc // groups, x.dtype)
         m = x.shape[0] * y.shape[2] * y.shape[3]
