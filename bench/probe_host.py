@@ -1,74 +1,88 @@
-"""Host-side cost of convolution launches, per kernel family (GPU only).
+"""Host-side cost of a convolution launch, piece by piece (GPU only).
 
-Usage: python bench/probe_host.py
-For ResNet-50's 3x3 512 at 7x7 (bf16, channels_last), forces one candidate of each family (TMA and
-pointer, with and without split-K) and prints: do_bench median (L2 flushed before each call), CUDA-graph
-replay (GPU time alone), host microseconds per call (percentiles over single calls), and a cProfile of
-the slowest family. do_bench reads more than the graph replay when the host cannot queue the next launch
-while the GPU clears L2.
+Usage: python bench/probe_host.py [problem ...]   (problems as in probe_tiles.py; default rn50-3x3-256)
+For each problem, forces the tuner's first TMA and pointer candidates and prints the host microseconds
+per call (median over single calls, GPU synchronised between them) of every layer of a launch:
+launch_conv2d, the plan, the kernel launch with its arguments ready, and the pieces the plan adds
+(output allocation, channels_last check, input descriptor, weight descriptor lookup), next to F.conv2d.
+Then a cProfile of launch_conv2d on the TMA plan. do_bench counts the host time of a launch where the
+host cannot queue the next launch while the GPU clears L2.
 """
 import cProfile
 import pstats
-import statistics
+import sys
 import time
 
 import torch
+import torch.nn.functional as F
 import triton
 
-from conv_backend import tuning
-from conv_backend.kernels import common, implicit_gemm as ig
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from probe_tiles import PROBLEMS  # noqa: E402
 
-CANDIDATES = [
-    tuning.Candidate.make("igemm_tma", 4, 3, BLOCK_B=1, BLOCK_H=8, BLOCK_W=8, BLOCK_N=128, BLOCK_K=64),
-    tuning.Candidate.make("igemm_tma", 4, 3, BLOCK_B=1, BLOCK_H=8, BLOCK_W=8, BLOCK_N=128, BLOCK_K=64, SPLIT_K=2),
-    tuning.Candidate.make("igemm_pointer", 4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-    tuning.Candidate.make("igemm_pointer", 4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SPLIT_K=2),
-]
+from conv_backend import tuning  # noqa: E402
+from conv_backend.dispatch import launch_conv2d  # noqa: E402
+from conv_backend.kernels import common, implicit_gemm as ig  # noqa: E402
 
 
-def per_call_us(fn, calls=300):
-    samples = []
+def host_us(fn, calls=300):
+    laps = []
     for _ in range(calls):
+        torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
-        samples.append((time.perf_counter() - t0) * 1e6)
-        torch.cuda.synchronize()
-    samples.sort()
-    return samples[len(samples) // 2], samples[int(len(samples) * 0.9)], samples[-1], statistics.mean(samples)
-
-
-def main():
-    print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
-    x = torch.randn(32, 512, 7, 7, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-    w = (torch.randn(512, 512, 3, 3, device="cuda", dtype=torch.bfloat16) / 68).to(memory_format=torch.channels_last)
-    ref = torch.nn.functional.conv2d(x.double(), w.double(), None, 1, 1)
-    args = ((1, 1), (1, 1), (1, 1), 1, "ieee")
-    plans = {}
-    for cand in CANDIDATES:
-        common.select = lambda key, sig, dev, cs, prep, cand=cand: cand
-        plan = plans[cand.describe()] = ig.implicit_gemm_plan(x, w, None, *args)
-        common.select = tuning.select
-        err = float((plan(x, w, None).double() - ref).norm() / ref.norm())
-        fn = lambda: plan(x, w, None)
-        t = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
-        tg = triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")
-        p50, p90, worst, mean = per_call_us(fn)
-        print(f"{cand.describe():90s} do_bench {t:.4f} ms, graph {tg:.4f} ms; host us/call p50 {p50:.0f} "
-              f"p90 {p90:.0f} max {worst:.0f} mean {mean:.0f}; err {err:.1e}", flush=True)
-    # do_bench again, after every plan exists (state shared between plans shows here)
-    for name, plan in plans.items():
-        t = triton.testing.do_bench(lambda: plan(x, w, None), warmup=10, rep=40, return_mode="median")
-        print(f"again {name:84s} do_bench {t:.4f} ms", flush=True)
-    name = CANDIDATES[1].describe()
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(300):
-        plans[name](x, w, None)
+        laps.append((time.perf_counter() - t0) * 1e6)
     torch.cuda.synchronize()
-    pr.disable()
-    print("cProfile,", name)
-    pstats.Stats(pr).sort_stats("tottime").print_stats(15)
+    laps.sort()
+    return f"p50 {laps[calls // 2]:6.1f} p90 {laps[calls * 9 // 10]:6.1f}"
+
+
+def forced(cand, make_plan):
+    common.select = lambda key, sig, dev, cs, prep: cand
+    try:
+        return make_plan()
+    finally:
+        common.select = tuning.select
+
+
+def main(names):
+    print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
+    print("launch hooks set:", common._launch_hooks_set())
+    for name in names:
+        n, c, oc, h, w, kh, kw, s, p, d, g, dt = PROBLEMS[name]
+        x = torch.randn(n, c, h, w, device="cuda", dtype=dt).to(memory_format=torch.channels_last)
+        wt = (torch.randn(oc, c // g, kh, kw, device="cuda", dtype=dt) / (c * kh * kw) ** 0.5).to(
+            memory_format=torch.channels_last)
+        prec = "tf32" if dt == torch.float32 else "ieee"
+        print(f"== {name}: F.conv2d {host_us(lambda: F.conv2d(x, wt, None, s, p, d, g))}")
+        for family in ("tma", "pointer"):
+            cands = (ig.tma_candidates(c // g, oc // g, h, w, n, g, dt, strided=s != (1, 1)) if family == "tma"
+                     else ig.pointer_candidates(c // g, oc // g, dt))
+            cand = cands[0]
+            plan = forced(cand, lambda: ig.implicit_gemm_plan(x, wt, None, s, p, d, g, prec, family))
+            y = plan(x, wt, None)
+            launch = ig._launcher(cand, x, wt, None, y, s, p, d, g, prec)
+            launch(x, wt, None, y)
+            from conv_backend import dispatch
+            dispatch._plans.clear()
+            forced(cand, lambda: launch_conv2d(x, wt, None, s, p, d, g, prec, f"gemm_{family}"))
+            print(f"  {family} {cand.describe()}")
+            print(f"    launch_conv2d        {host_us(lambda: launch_conv2d(x, wt, None, s, p, d, g, prec, f'gemm_{family}'))}")
+            print(f"    plan                 {host_us(lambda: plan(x, wt, None))}")
+            print(f"    launch (y given)     {host_us(lambda: launch(x, wt, None, y))}")
+            print(f"    empty_strided        {host_us(lambda: torch.empty_strided(y.shape, y.stride(), dtype=y.dtype, device=y.device))}")
+            print(f"    x.contiguous(cl)     {host_us(lambda: x.contiguous(memory_format=torch.channels_last))}")
+            if family == "tma":
+                from triton.tools.tensor_descriptor import TensorDescriptor
+                print(f"    TensorDescriptor     {host_us(lambda: TensorDescriptor(x, [n, h, 1, w, c], [h * w * c, w * c, w * c, c, 1], [1, 8, 1, 8, 64]))}")
+                pr = cProfile.Profile()
+                pr.enable()
+                for _ in range(500):
+                    launch_conv2d(x, wt, None, s, p, d, g, prec, "gemm_tma")
+                torch.cuda.synchronize()
+                pr.disable()
+                pstats.Stats(pr).sort_stats("tottime").print_stats(22)
 
 
 if __name__ == "__main__":
-    main()
+    main([a for a in sys.argv[1:] if not a.startswith("-")] or ["rn50-3x3-256"])

@@ -1,14 +1,24 @@
 """Tile sweep: time every kernel candidate the tuner would consider, one by one, against cuDNN (same run).
 
-Usage on a GPU: python bench/probe_tiles.py [problem ...] [--variants] [--only=KERNEL[,KERNEL]] [--tuner | --tuner-only]
-  --variants  also time variants outside the tuner's set: TMA tiles with 4 pipeline stages, and
-              pointer tiles with 1 stage (plain loads, which go through L1, instead of cp.async.cg).
+Usage on a GPU: python bench/probe_tiles.py [problem ...] [--variants] [--only=KERNEL[,KERNEL]] [--match=S[|S]]
+                                            [--tuner | --tuner-only] [--cudnn-kernels]
+  --variants  also time variants outside the tuner's set: TMA tiles with 2, 4, 5, 6 and 8 pipeline stages (where they fit in 200 KiB of
+              shared memory), and pointer tiles with 1 stage (plain loads,
+              which go through L1, instead of cp.async.cg).
   --only      time only the candidates of these kernels (e.g. --only=igemm_halo).
+  --match     time only the candidates (and variants) whose description contains one of these
+              '|'-separated strings (e.g. --match="BLOCK_N=128,BLOCK_W=8|BLOCK_W=256").
   --tuner     then run the real tuner (launch_conv2d, empty cache) and time its plan three ways:
               do_bench of launch_conv2d (three times), do_bench of the plan, CUDA-graph replay of the plan.
   --tuner-only  the --tuner check alone.
-Prints, per candidate: do_bench median, CUDA-graph replay time (GPU time alone), TFLOP/s, ratio to
-the better cuDNN layout, and the relative error against a float64 reference. Logs of runs:
+  --cudnn-kernels  name the kernels cuDNN runs for each layout (torch.profiler), with their GPU times.
+The --tuner check also gives the profiler's GPU time of each kernel the plan launches (L2 cleared
+before each call, as do_bench does) and the host time of one launch_conv2d call, to tell a slow
+kernel from a slow launch.
+Prints, per candidate, fastest first: GPU time (torch.profiler, L2 cleared before each call) and its ratio
+to cuDNN's best GPU time, do_bench median, CUDA-graph replay time (warm L2), TFLOP/s, and the relative
+error against a float64 reference. GPU times rank kernels even where a slow host makes do_bench count
+the launch. Logs of runs:
 bench/results/probes/.
 """
 import ast
@@ -40,6 +50,8 @@ PROBLEMS = {  # name: (n, c, oc, h, w, kh, kw, stride, padding, dilation, groups
     "kb62": (8, 32, 64, 512, 512, 5, 9, (1, 1), (0, 0), (1, 1), 1, torch.float32),
     "kb63": (16, 16, 128, 1024, 1024, 3, 3, (1, 1), (0, 0), (1, 1), 1, torch.float32),
     "rn50-3x3-64": (32, 64, 64, 56, 56, 3, 3, (1, 1), (1, 1), (1, 1), 1, torch.bfloat16),
+    "kb87": (16, 64, 128, 1024, 1024, 1, 1, (1, 1), (0, 0), (1, 1), 1, torch.float32),
+    "rn50-1x1-64-256": (32, 64, 256, 56, 56, 1, 1, (1, 1), (0, 0), (1, 1), 1, torch.bfloat16),
     "rn50-3x3s2-128": (32, 128, 128, 56, 56, 3, 3, (2, 2), (1, 1), (1, 1), 1, torch.bfloat16),
     "rn50-3x3-256": (32, 256, 256, 14, 14, 3, 3, (1, 1), (1, 1), (1, 1), 1, torch.bfloat16),
     "rn50-3x3-512": (32, 512, 512, 7, 7, 3, 3, (1, 1), (1, 1), (1, 1), 1, torch.bfloat16),
@@ -52,6 +64,35 @@ def bench(fn):
 
 def gbench(fn):
     return triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")
+
+
+def kernel_times(fn, calls=40):
+    """{kernel name: median GPU time in ms} over `calls` calls of fn, each after clearing L2 (torch.profiler)."""
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            flush.zero_()
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and "FillFunctor" not in event.name:
+            times.setdefault(event.name, []).append(event.device_time / 1000)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def host_us(fn, calls=200):
+    """Median host time of one call, in microseconds (no synchronisation between calls)."""
+    import time
+    laps = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        laps.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return sorted(laps)[calls // 2] * 1e6
 
 
 def relerr(y, ref):
@@ -74,14 +115,21 @@ def tuner_candidates(x, w, s, p, d, g, prec):
     return seen
 
 
-def variants(cands):
+def variants(cands, elem):
     extra = []
     for cand in cands:
         if cand.kernel == "igemm_tma" and cand.num_stages == 3:
-            extra.append(tuning.Candidate(cand.kernel, cand.meta, cand.num_warps, 4))
+            p = cand.params
+            stage = (p["BLOCK_B"] * p["BLOCK_H"] * p["BLOCK_W"] + p["BLOCK_N"]) * p["BLOCK_K"] * elem
+            extra += [tuning.Candidate(cand.kernel, cand.meta, cand.num_warps, s) for s in (2, 4, 5, 6, 8)
+                      if s * stage <= 200 * 1024]
+            if cand.num_warps == 8 and p["BLOCK_B"] * p["BLOCK_H"] * p["BLOCK_W"] * p["BLOCK_N"] <= 128 * 128:
+                extra.append(tuning.Candidate(cand.kernel, cand.meta, 4, 3))
+        if cand.kernel == "igemm_halo":  # fewer stages or warps: more programs per SM
+            extra += [tuning.Candidate(cand.kernel, cand.meta, w, s) for w, s in ((8, 2), (4, 2), (4, 3))]
         if cand.kernel == "igemm_pointer" and cand.num_stages > 1 and "SPLIT_K" not in cand.params:
             extra.append(tuning.Candidate(cand.kernel, cand.meta, cand.num_warps, 1))
-    return extra
+    return [c for c in dict.fromkeys(extra) if c not in cands]
 
 
 def run_problem(name, args):
@@ -96,6 +144,16 @@ def run_problem(name, args):
     t_cl = bench(lambda: F.conv2d(x, wt, None, s, p, d, g))
     best = min(t_nchw, t_cl)
     print(f"== {name} {dt}: cuDNN NCHW {t_nchw:.4f} CL {t_cl:.4f} ms ({flops / best / 1e9:.0f} TFLOP/s)", flush=True)
+    gpu_cudnn = {}
+    for layout, (xi, wi) in (("NCHW", (xn, wn)), ("CL", (x, wt))):
+        times = kernel_times(lambda: F.conv2d(xi, wi, None, s, p, d, g))
+        gpu_cudnn[layout] = sum(times.values())
+        if "--cudnn-kernels" in args:
+            for kname, t in times.items():
+                print(f"  cuDNN {layout}: {t:.4f} ms {kname[:160]}")
+    best_gpu = min(gpu_cudnn.values())
+    print(f"  cuDNN GPU time (profiler, L2 cleared): NCHW {gpu_cudnn['NCHW']:.4f} CL {gpu_cudnn['CL']:.4f} ms; "
+          "candidates below ranked by their GPU time, x = cuDNN's best GPU time / theirs", flush=True)
     prec = "tf32" if dt == torch.float32 else "ieee"
     tol = 2e-3 if dt == torch.float32 else 1e-2
     if "--tuner-only" in args:
@@ -105,7 +163,11 @@ def run_problem(name, args):
     only = [a.split("=", 1)[1].split(",") for a in args if a.startswith("--only=")]
     if only:
         cands = [cand for cand in cands if cand.kernel in only[0]]
-    extra = variants(cands) if "--variants" in args else []
+    extra = variants(cands, x.element_size()) if "--variants" in args else []
+    match = [a.split("=", 1)[1].split("|") for a in args if a.startswith("--match=")]
+    if match:
+        cands, extra = ([cand for cand in group if any(m in cand.describe() for m in match[0])]
+                        for group in (cands, extra))
     rows = []
     for cand in cands + extra:
         tag = "+" if cand in extra else " "
@@ -114,8 +176,10 @@ def run_problem(name, args):
             plan = ig.implicit_gemm_plan(x, wt, None, s, p, d, g, prec, "auto")
             e = relerr(plan(x, wt, None), ref)
             t, tg = bench(lambda: plan(x, wt, None)), gbench(lambda: plan(x, wt, None))
-            rows.append((t, f" {tag}{cand.describe():86s} {t:.4f} ms graph {tg:.4f} {flops / t / 1e9:4.0f} TFLOP/s "
-                            f"x{best / t:.2f} err {e:.1e}{'' if e < tol else '  BAD'}"))
+            # GPU time alone, L2 cleared before each call: do_bench also counts a slow host's launch.
+            tk = sum(kernel_times(lambda: plan(x, wt, None), calls=20).values())
+            rows.append((tk, f" {tag}{cand.describe():86s} gpu {tk:.4f} ms (x{best_gpu / tk:.2f}) do_bench {t:.4f} "
+                             f"graph {tg:.4f} {flops / tk / 1e9:4.0f} TFLOP/s err {e:.1e}{'' if e < tol else '  BAD'}"))
         except Exception as exc:
             rows.append((math.inf, f" {tag}{cand.describe()} FAILED {type(exc).__name__}: {str(exc)[:200]}"))
         finally:
@@ -152,6 +216,10 @@ def check_tuner(x, wt, s, p, d, g, prec, best):
     t_graph = gbench(lambda: plan(x, wt, None))
     print(f"  tuner pick: launch_conv2d {', '.join(f'{t:.4f}' for t in t_launch)} ms (x{best / t_launch[-1]:.2f}), "
           f"plan {t_plan:.4f}, graph {t_graph:.4f}", flush=True)
+    launch = lambda: launch_conv2d(x, wt, None, s, p, d, g, prec)  # noqa: E731
+    gpu = ", ".join(f"{name[:40]} {t:.4f}" for name, t in kernel_times(launch).items())
+    print(f"  profiler GPU time per kernel (ms): {gpu}; host per launch_conv2d call {host_us(launch):.1f} us",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -221,6 +221,9 @@ def _candidate_problems():
         # Maps smaller than a box: tiles of several images, the last tile running past the batch.
         problems.append(("auto", Case(5, 64, 72, 7, 7, (3, 3), padding=(1, 1), x_layout="channels_last"),
                          "tma_candidates", "igemm_tma_kernel"))
+        # 1x1 into channels_last: one row of N*H*W pixels in 1-D boxes, the last tile partial.
+        problems.append(("auto", Case(2, 64, 72, 13, 37, (1, 1), x_layout="channels_last"),
+                         "tma_candidates", "igemm_tma_kernel"))
     if hasattr(igemm_mod, "seed_candidates"):
         problems.append(("auto", Case(2, 3, 40, 45, 39, (7, 7), stride=(2, 2), padding=(3, 3)),
                          "seed_candidates", "seed_conv2d_kernel"))
@@ -509,17 +512,25 @@ def test_auto_precision_with_conv_precision_none(conv_precision_none, one_candid
 
 @pytest.mark.parametrize("dtype,precision", [(torch.bfloat16, "ieee"), (torch.float32, "tf32")], ids=["bf16", "tf32"])
 @pytest.mark.parametrize("split", [2, 3])
-def test_split_k_slices_sum_right_on_gpu(split, dtype, precision, monkeypatch, kernel_launches):
-    """Real atomics and memory ordering: every launch must find the partial tiles complete and
-    leave the arrival counters at zero (three launches in a row, each checked)."""
+@pytest.mark.parametrize("path", ["pointer", "tma"])
+def test_split_k_slices_sum_right_on_gpu(path, split, dtype, precision, monkeypatch, kernel_launches):
+    """Real atomics and memory ordering: every launch must find the partial tiles complete, only the
+    last slice of a tile may store it, and each launch must leave the arrival counters at zero
+    (three launches in a row, each checked)."""
+    if path == "tma" and not hopper():
+        pytest.skip("TMA needs sm_90+")
     case = Case(8, 256, 192, 7, 7, (3, 3), padding=(1, 1), x_layout="channels_last", dtype=dtype)
-    base = igemm_mod.pointer_candidates(256, 192, dtype)[0]
+    family = f"{path}_candidates"
+    base = (igemm_mod.tma_candidates(256, 192, 7, 7, 8, 1, dtype) if path == "tma"
+            else igemm_mod.pointer_candidates(256, 192, dtype))[0]
     cand = tuning.Candidate.make(base.kernel, base.num_warps, base.num_stages, **{**base.params, "SPLIT_K": split})
-    monkeypatch.setattr(igemm_mod, "pointer_candidates", lambda *a, **k: [cand])
-    monkeypatch.setattr(igemm_mod, "split_k_candidates", lambda *a, **k: [])
+    for other in ("tma_candidates", "pointer_candidates", "split_k_candidates"):
+        monkeypatch.setattr(igemm_mod, other, lambda *a, **k: [])
+    monkeypatch.setattr(igemm_mod, family, lambda *a, **k: [cand])
+    monkeypatch.setattr(halo_mod, "halo_candidates", lambda *a, **k: [])
     forget()
     for _ in range(3):
-        run_case(case, "gemm_pointer", precision, kernel_launches)
+        run_case(case, f"gemm_{path}", precision, kernel_launches)
     assert [meta["SPLIT_K"] for _, meta in kernel_launches] == [split] * 3
 
 

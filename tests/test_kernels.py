@@ -654,3 +654,45 @@ def test_strided_tma_box_rows_stay_in_their_pixel(kernel_launches):
     ref = F.conv2d(x, w, None, 2, (1, 0))
     assert not ref.isnan().any()
     torch.testing.assert_close(y, ref)
+
+
+TMA_SPLIT_K_CASES = [
+    Case(2, 36, 9, 5, 6, (3, 3), padding=(1, 1)),  # 3 channel chunks (the last partial) x 9 taps: unequal slices
+    Case(3, 32, 24, 3, 5, (2, 3), padding=(1, 1), groups=2, x_layout="channels_last"),  # odd batch, 2-image tiles
+    Case(1, 8, 8, 3, 3, (1, 1), bias=False),  # one K step: some slices are empty
+    Case(2, 24, 20, 6, 5, (3, 3), padding=(1, 1), dtype=torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case,flat", [
+    (Case(2, 24, 20, 5, 7, (1, 1), x_layout="channels_last"), True),  # 70 pixels: the last 32-pixel tile is partial
+    (Case(3, 32, 16, 4, 4, (1, 1), groups=2, x_layout="channels_last", dtype=torch.bfloat16), True),
+    (Case(2, 24, 20, 5, 7, (1, 1)), False),  # NCHW output: its pixels are not a [N*H*W, C] matrix
+    (Case(2, 24, 20, 5, 7, (1, 1), padding=(1, 1), x_layout="channels_last"), False),
+    (Case(2, 24, 20, 6, 8, (1, 1), stride=(2, 2), x_layout="channels_last"), False),
+], ids=["cl", "cl-grouped-bf16", "nchw", "padded", "strided"])
+def test_tma_1x1_as_one_row_of_pixels(case, flat, kernel_launches):
+    """A 1x1 convolution into a channels_last output is one GEMM over N*H*W pixels: 1-D tiles across images."""
+    x, w, b = case.tensors()
+    y = launch_conv2d(x, w, b, *case.args(), "ieee", "gemm_tma")
+    assert rel_err(y, reference(x, w, b, *case.args())) <= tolerance(x.dtype)
+    assert y.is_contiguous(memory_format=torch.channels_last) == (case.x_layout == "channels_last")
+    assert kernel_launches.names == ["igemm_tma_kernel"]
+    meta = kernel_launches[0][1]
+    assert (meta["BLOCK_H"] == 1 and meta["BLOCK_B"] == 1) == flat, meta
+
+
+@pytest.mark.parametrize("split", [2, 3, 4])
+@pytest.mark.parametrize("case", TMA_SPLIT_K_CASES, ids=[str(i) for i in range(len(TMA_SPLIT_K_CASES))])
+def test_split_k_on_tma_tiles(case, split, monkeypatch, kernel_launches):
+    """The TMA kernel's split-K shares the pointer kernel's reduction; twice, for the counters' reset."""
+    cand = tuning.Candidate.make("igemm_tma", BLOCK_B=2, BLOCK_H=2, BLOCK_W=8, BLOCK_N=16, BLOCK_K=16,
+                                 SPLIT_K=split)
+    monkeypatch.setattr(igemm_mod, "tma_candidates", lambda *a, **k: [cand])
+    x, w, b = case.tensors()
+    ref = reference(x, w, b, *case.args())
+    for _ in range(2):
+        y = launch_conv2d(x, w, b, *case.args(), "ieee", "gemm_tma")
+        assert rel_err(y, ref) <= tolerance(x.dtype)
+    assert kernel_launches.names == ["igemm_tma_kernel"] * 2
+    assert kernel_launches[0][1]["SPLIT_K"] == split

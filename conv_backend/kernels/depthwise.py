@@ -91,7 +91,8 @@ def depthwise_candidates(channels_innermost: bool) -> list:
         return [Candidate.make("depthwise", BLOCK_H=4, BLOCK_W=8, BLOCK_C=4)]
     if channels_innermost:  # NHWC: vectorise along channels
         shapes = [(4, 8, 32, 4), (2, 8, 64, 4), (8, 8, 16, 4), (4, 16, 32, 8), (1, 16, 64, 4), (2, 16, 32, 4),
-                  (8, 16, 32, 8), (16, 8, 32, 8), (8, 8, 64, 8)]  # taller tiles: less halo re-read per output
+                  (8, 16, 32, 8), (16, 8, 32, 8), (8, 8, 64, 8),  # taller tiles: less halo re-read per output
+                  (16, 16, 32, 8), (8, 32, 32, 8), (32, 8, 32, 8)]
     else:  # NCHW: vectorise along W
         shapes = [(8, 64, 1, 4), (16, 64, 1, 8), (4, 128, 1, 4), (8, 128, 1, 8), (32, 32, 1, 4), (16, 32, 1, 4)]
     return [Candidate.make("depthwise", num_warps=w, num_stages=1, BLOCK_H=h, BLOCK_W=bw, BLOCK_C=c)

@@ -6,8 +6,9 @@ Two load paths share the same math:
   boxes that start in the padding are zero-filled by the copy engine, so padding
   costs nothing. Strides fold into the descriptor's shape (see the kernel).
 - Pointer loads (any GPU, any stride, any channel count): the same loop with
-  masked gathers, vectorised along channels when the input is channels_last;
-  for maps too small to fill the GPU it can also split K (grid axis 2).
+  masked gathers, vectorised along channels when the input is channels_last.
+For maps too small to fill the GPU with tiles, either path can also split K
+(grid axis 2; the slices are summed in a fixed order, so results are deterministic).
 Grouped convolution runs one GEMM per group (grid axis 1). For a few input
 channels (a network's stem) the tuner also times the seed's direct kernel,
 whose flattened K = C*KH*KW wastes no lanes. A third kernel, the transposed
@@ -17,6 +18,7 @@ convolutions of NCHW inputs, which it reads in place.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import triton
@@ -44,6 +46,27 @@ def _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc
 
 
 @triton.jit
+def _sum_k_slices(acc, partial_ptr, arrivals_ptr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Split-K (grid axis 2 is the K slice): store this slice's fp32 tile; the last of the tile's
+    programs to arrive (counted in `arrivals`, which it leaves at zero again) sums the slices in a
+    fixed order, so the result does not depend on which slice finished first.
+    Returns (the sum, whether this program is the one to store it)."""
+    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    partials = partial_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N) + in_tile
+    tl.store(partials + tl.program_id(2) * (BLOCK_M * BLOCK_N), acc)
+    tl.debug_barrier()  # every thread's partial is written before the arrival is counted
+    last = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
+    if last:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k_slice in range(SPLIT_K):
+            acc += tl.load(partials + k_slice * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
+        tl.store(arrivals_ptr + tile, 0)
+    return acc, last
+
+
+@triton.jit
 def igemm_pointer_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, partial_ptr, arrivals_ptr,
     M, OH, OW, IH, IW, CG, OCG, C_CHUNKS,
@@ -54,10 +77,8 @@ def igemm_pointer_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    """SPLIT_K > 1 (grid axis 2) cuts K into slices for maps too small to fill the GPU with tiles:
-    each program stores its fp32 partial tile, and the last of a tile's programs to arrive
-    (counted in `arrivals`, which it leaves at zero again) sums the slices in a fixed order,
-    so the result does not depend on which slice finished first."""
+    """SPLIT_K > 1 (grid axis 2) cuts K into slices for maps too small to fill the GPU with tiles
+    (summed by _sum_k_slices)."""
     pid = tl.program_id(0)
     group = tl.program_id(1)
     # Grouped tile order: GROUP_M pixel tiles share their input rows in L2.
@@ -110,34 +131,26 @@ def igemm_pointer_kernel(
                     mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         acc = mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
 
+    store = True
     if SPLIT_K > 1:
-        tile = group * (num_pid_m * num_pid_n) + pid
-        in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        partials = partial_ptr + tile * (SPLIT_K * BLOCK_M * BLOCK_N) + in_tile
-        tl.store(partials + tl.program_id(2) * (BLOCK_M * BLOCK_N), acc)
-        tl.debug_barrier()  # every thread's partial is written before the arrival is counted
-        if tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k_slice in range(SPLIT_K):
-                acc += tl.load(partials + k_slice * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
-            tl.store(arrivals_ptr + tile, 0)
-            _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw, HAS_BIAS)
-    else:
+        acc, store = _sum_k_slices(acc, partial_ptr, arrivals_ptr, SPLIT_K, BLOCK_M, BLOCK_N)
+    if store:
         _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw, HAS_BIAS)
 
 
 @triton.jit
 def igemm_tma_kernel(
-    x_desc, w_desc, b_ptr, y_ptr,
+    x_desc, w_desc, b_ptr, y_ptr, partial_ptr, arrivals_ptr,
     N, OH, OW, C, CG, OCG, C_CHUNKS, CPAD,
     syn, syc, syh, syw, sb, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """A pixel tile is a BLOCK_B x BLOCK_H x BLOCK_W box of output pixels: BLOCK_B > 1 stacks
-    several images' maps where one map is smaller than the tile (7x7, 14x14).
+    several images' maps where one map is smaller than the tile (7x7, 14x14). SPLIT_K > 1 as in
+    the pointer kernel.
 
     The input is read as 5-D [N, H/sh, sh, W/sw, sw*C]: input row ih = sh*q + r is (q, r), so a
     box of consecutive q holds the rows that consecutive output rows read at one tap, whatever the
@@ -158,8 +171,15 @@ def igemm_tma_kernel(
     c_base = group * CG
     n0 = group * OCG + pid_n * BLOCK_N
 
+    k_steps = KH * KW * C_CHUNKS
+    k_first = 0
+    k_last = k_steps
+    if SPLIT_K > 1:
+        per_slice = tl.cdiv(k_steps, SPLIT_K)
+        k_first = tl.program_id(2) * per_slice
+        k_last = min(k_first + per_slice, k_steps)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, KH * KW * C_CHUNKS):
+    for k in range(k_first, k_last):
         tap = k // C_CHUNKS
         c0 = (k - tap * C_CHUNKS) * BLOCK_K
         kh = tap // KW
@@ -179,11 +199,17 @@ def igemm_tma_kernel(
     oh = oh0 + in_map // BLOCK_W
     ow = ow0 + in_map % BLOCK_W
     img = img0 + offs_m // (BLOCK_H * BLOCK_W)
-    if USE_INT64:
+    if USE_INT64:  # ow too: a flat problem (_flat_pixels) is one row of all the batch's pixels
         img = img.to(tl.int64)
+        oh = oh.to(tl.int64)
+        ow = ow.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, (img < N) & (oh < OH) & (ow < OW), group * OCG + offs_n,
-                    offs_n < OCG, syn, syc, syh, syw, HAS_BIAS)
+    store = True
+    if SPLIT_K > 1:
+        acc, store = _sum_k_slices(acc, partial_ptr, arrivals_ptr, SPLIT_K, BLOCK_M, BLOCK_N)
+    if store:
+        _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, (img < N) & (oh < OH) & (ow < OW),
+                        group * OCG + offs_n, offs_n < OCG, syn, syc, syh, syw, HAS_BIAS)
 
 
 @triton.jit
@@ -281,11 +307,16 @@ SEED_SHAPES = [(32, 128, 32, 4, 2), (64, 128, 32, 8, 2), (64, 64, 64, 8, 3)]
 # swizzle width: 32 fp32 or 64 16-bit channels) or all the channels where there are fewer. The 8x8 boxes serve
 # small maps (56 = 7*8; 7x7 in one box), where 16-wide boxes waste a quarter of the tile. A fourth stage helped
 # the 8x16 and 8x8 tiles with 128 channels (kb55, ResNet's 3x3 at 14 and 7x7) and 16x16 in bf16 by 2-9%
-# (bench/results/probes/*-probe9-*, *-probe10-*); elsewhere it measured the same or slower.
+# (bench/results/probes/*-probe9-*, *-probe10-*); elsewhere it measured the same or slower. One warpgroup per
+# 128x128 tile (4 warps, so several programs share an SM) beat two on #63 by 15% and #55 by 6% (probe 18).
 TMA_SHAPES = [(1, 16, 16, 64, 8, 3), (1, 8, 32, 64, 8, 3), (1, 8, 16, 128, 8, 3), (1, 1, 128, 128, 8, 3),
               (1, 16, 8, 64, 4, 3), (1, 8, 16, 64, 4, 3), (1, 16, 16, 128, 8, 3), (1, 2, 128, 128, 8, 3),
               (2, 8, 8, 64, 4, 3), (1, 8, 8, 128, 4, 3),
-              (1, 16, 16, 64, 8, 4), (1, 8, 16, 128, 8, 4), (1, 8, 8, 128, 4, 4)]
+              (1, 16, 16, 64, 8, 4), (1, 8, 16, 128, 8, 4), (1, 8, 8, 128, 4, 4),
+              (1, 1, 128, 128, 4, 3), (1, 8, 16, 128, 4, 3)]
+# TMA path, 1x1 convolutions seen as one row of pixels (_flat_pixels): (BLOCK_W, BLOCK_N, num_warps, num_stages).
+FLAT_TMA_SHAPES = [(128, 128, 8, 3), (128, 64, 4, 3), (256, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4),
+                   (256, 64, 8, 3), (128, 256, 8, 3)]
 
 
 def _pow2_at_least(n: int, least: int = 16) -> int:
@@ -302,19 +333,27 @@ def pointer_candidates(cg: int, ocg: int, dtype: torch.dtype) -> list:
     return sorted(picked, key=lambda c: c.describe())
 
 
-def split_k_candidates(candidates: list, m: int, ocg: int, groups: int, cg: int, taps: int, device) -> list:
-    """Split-K variants of pointer candidates whose tiles leave SMs idle (small maps, deep K): K cut in 2 or 3."""
+def split_k_candidates(candidates: list, batch: int, out_h: int, out_w: int, ocg: int, groups: int, cg: int,
+                       taps: int, device) -> list:
+    """Split-K variants (K cut in 2 to 4) of candidates whose tiles leave SMs idle: small maps, deep K."""
     if interpreter_enabled() or device.type != "cuda":
         return []
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     picked = []
     for cand in candidates:
         p = cand.params
-        tiles = triton.cdiv(m, p["BLOCK_M"]) * triton.cdiv(ocg, p["BLOCK_N"]) * groups
+        if cand.kernel == "igemm_tma":
+            block_m = p["BLOCK_B"] * p["BLOCK_H"] * p["BLOCK_W"]
+            pixel_tiles = (triton.cdiv(batch, p["BLOCK_B"]) * triton.cdiv(out_h, p["BLOCK_H"])
+                           * triton.cdiv(out_w, p["BLOCK_W"]))
+        else:
+            block_m = p["BLOCK_M"]
+            pixel_tiles = triton.cdiv(batch * out_h * out_w, block_m)
+        tiles = pixel_tiles * triton.cdiv(ocg, p["BLOCK_N"]) * groups
         k_steps = taps * triton.cdiv(cg, p["BLOCK_K"])
-        for split in (2, 3):
+        for split in (2, 3, 4):
             if (tiles < sms and tiles * split <= 2 * sms and k_steps >= 4 * split
-                    and tiles * split * p["BLOCK_M"] * p["BLOCK_N"] < 2**31):
+                    and tiles * split * block_m * p["BLOCK_N"] < 2**31):
                 picked.append(Candidate.make(cand.kernel, cand.num_warps, cand.num_stages, SPLIT_K=split, **p))
     return picked
 
@@ -330,15 +369,20 @@ def nchw_candidates(cg: int, ocg: int, dtype: torch.dtype) -> list:
 
 
 def tma_candidates(cg: int, ocg: int, out_h: int, out_w: int, batch: int, groups: int, dtype: torch.dtype,
-                   strided: bool = False) -> list:
+                   strided: bool = False, flat: bool = False) -> list:
+    """`flat`: the problem is one row of out_w pixels (_flat_pixels), tiled by 1-D boxes."""
     # A box must not reach past its own channels: into the next group's, or (strided, where the W phase
     # shares the channel axis) into the next pixel's. Past the last channel it reads zeros.
     exact_k = groups > 1 or strided
     if interpreter_enabled():
-        return [Candidate.make("igemm_tma", BLOCK_B=1, BLOCK_H=4, BLOCK_W=8, BLOCK_N=16,
-                               BLOCK_K=_box_k(cg, min(16, _pow2_at_least(cg)), exact_k))]
+        return [Candidate.make("igemm_tma", BLOCK_B=1, BLOCK_H=1 if flat else 4, BLOCK_W=32 if flat else 8,
+                               BLOCK_N=16, BLOCK_K=_box_k(cg, min(16, _pow2_at_least(cg)), exact_k))]
     k = _box_k(cg, box_row_channels(cg, dtype), exact_k)
     max_n = _pow2_at_least(ocg)
+    if flat:
+        return sorted({Candidate.make("igemm_tma", num_warps=w, num_stages=s, BLOCK_B=1, BLOCK_H=1,
+                                      BLOCK_W=min(bw, _pow2_at_least(out_w)), BLOCK_N=min(n, max_n), BLOCK_K=k)
+                       for bw, n, w, s in FLAT_TMA_SHAPES}, key=lambda c: c.describe())
     picked = set()
     for bb, bh, bw, n, w, s in TMA_SHAPES:
         # Where the map is smaller than the box, keep the tile's pixel count: a narrow map gets a taller
@@ -358,6 +402,15 @@ def _box_k(cg: int, k: int, exact: bool) -> int:
     while exact and cg % k:
         k //= 2
     return k
+
+
+def _flat_pixels(weight, y, stride, padding) -> bool:
+    """A 1x1, stride-1, unpadded convolution into a dense channels_last output: in NHWC, input and output
+    are [N*H*W, C] matrices, so the TMA kernel takes them as one image of one row of N*H*W pixels. Its
+    tiles are then 1-D boxes, which feed the tensor cores straight from shared memory, and no tile runs
+    past the edge of a map."""
+    return (tuple(weight.shape[2:]), tuple(stride), tuple(padding)) == ((1, 1), (1, 1), (0, 0)) and \
+        y.is_contiguous(memory_format=torch.channels_last)
 
 
 def _flat_nchw(x, weight, y, stride, padding) -> bool:
@@ -399,21 +452,10 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
 
         split = p.get("SPLIT_K", 1)
         kernel = KernelLauncher(igemm_pointer_kernel, grid + (split,), scalars, **{**flags, "SPLIT_K": split})
-        if split == 1:
-            def launch(x, weight, bias, y):
-                kernel(channels_last(x), channels_last(weight), y if bias is None else bias, y, y, y)
-            return launch
-
-        tiles = grid[0] * groups
-        arrivals = {}  # per stream: a launch leaves its counters at zero, so launches in one stream share them
+        scratch = _split_k_scratch(grid[0] * groups, split, p["BLOCK_M"] * p["BLOCK_N"])
 
         def launch(x, weight, bias, y):
-            stream = torch.cuda.current_stream(y.device).cuda_stream if y.is_cuda else 0
-            if stream not in arrivals:
-                arrivals[stream] = torch.zeros(tiles, dtype=torch.int32, device=y.device)
-            partial = torch.empty(tiles * split * p["BLOCK_M"] * p["BLOCK_N"], dtype=torch.float32, device=y.device)
-            kernel(channels_last(x), channels_last(weight), y if bias is None else bias, y, partial,
-                   arrivals[stream])
+            kernel(channels_last(x), channels_last(weight), y if bias is None else bias, y, *scratch(y))
         return launch
 
     if cand.kernel == "igemm_halo":
@@ -431,6 +473,8 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
         return launch
 
     bk = p["BLOCK_K"]
+    if _flat_pixels(weight, y, stride, padding):  # one image, one row of N*H*W pixels (see _flat_pixels)
+        n, in_h, in_w, out_h, out_w = 1, 1, n * in_h * in_w, 1, n * out_h * out_w
     tiles = triton.cdiv(n, p["BLOCK_B"]) * triton.cdiv(out_h, p["BLOCK_H"]) * triton.cdiv(out_w, p["BLOCK_W"])
     grid = (tiles * triton.cdiv(ocg, p["BLOCK_N"]), groups)
     cpad = triton.cdiv(cg, bk) * bk
@@ -443,13 +487,35 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     x_strides = [in_h * in_w * c, sh * in_w * c, in_w * c, sw * c, 1]
     w_shape, w_strides, w_box = [oc, kernel_h * kernel_w * cpad], [kernel_h * kernel_w * cpad, 1], [p["BLOCK_N"], bk]
 
-    kernel = KernelLauncher(igemm_tma_kernel, grid, scalars, **flags)
+    split = p.get("SPLIT_K", 1)
+    kernel = KernelLauncher(igemm_tma_kernel, grid + (split,), scalars, **{**flags, "SPLIT_K": split})
+    scratch = _split_k_scratch(grid[0] * groups, split, p["BLOCK_B"] * p["BLOCK_H"] * p["BLOCK_W"] * p["BLOCK_N"])
     weight_descriptor = WeightDescriptors(bk, lambda packed: TensorDescriptor(packed, w_shape, w_strides, w_box))
 
     def launch(x, weight, bias, y):
         x_desc = TensorDescriptor(channels_last(x), x_shape, x_strides, x_box)
-        kernel(x_desc, weight_descriptor(weight), y if bias is None else bias, y)
+        kernel(x_desc, weight_descriptor(weight), y if bias is None else bias, y, *scratch(y))
     return launch
+
+
+def _split_k_scratch(tiles: int, split: int, tile_elems: int):
+    """`scratch(y) -> (partial tiles, arrival counters)` for a split-K launch writing `y`.
+
+    Partial tiles are fp32 and new per launch; the counters are kept per stream, since
+    every launch leaves them at zero for the next one in its stream. Without split-K
+    the kernel never touches either, and `y` stands in for both.
+    """
+    if split == 1:
+        return lambda y: (y, y)
+    arrivals = {}
+
+    def scratch(y):
+        stream = torch.cuda.current_stream(y.device).cuda_stream if y.is_cuda else 0
+        if stream not in arrivals:
+            arrivals[stream] = torch.zeros(tiles, dtype=torch.int32, device=y.device)
+        partial = torch.empty(tiles * split * tile_elems, dtype=torch.float32, device=y.device)
+        return partial, arrivals[stream]
+    return scratch
 
 
 def _seed_launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, input_precision):
@@ -496,16 +562,19 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
     y = empty_output(x, weight, stride, padding, dilation, output_format)
     oc, cg = weight.shape[0], weight.shape[1]
     candidates = []
+    batch_hw = (x.shape[0], y.shape[2], y.shape[3])
+    split_k_args = (oc // groups, groups, cg, weight.shape[2] * weight.shape[3], x.device)
     if load_path in ("auto", "tma") and not tma_why:
-        candidates += tma_candidates(cg, oc // groups, y.shape[2], y.shape[3], x.shape[0], groups, x.dtype,
-                                     strided=tuple(stride) != (1, 1))
+        flat = _flat_pixels(weight, y, stride, padding)
+        tma_batch_hw = (1, 1, math.prod(batch_hw)) if flat else batch_hw
+        tma = tma_candidates(cg, oc // groups, *tma_batch_hw[1:], tma_batch_hw[0], groups, x.dtype,
+                             strided=tuple(stride) != (1, 1), flat=flat)
+        candidates += tma + split_k_candidates(tma, *tma_batch_hw, *split_k_args)
         if not halo.halo_reason(x, weight, stride, dilation, groups, input_precision):
             candidates += halo.halo_candidates(cg, oc, y.shape[2], y.shape[3], weight.shape[2], dilation[0], x.dtype)
     if load_path in ("auto", "pointer"):
         pointer = pointer_candidates(cg, oc // groups, x.dtype)
-        m = x.shape[0] * y.shape[2] * y.shape[3]
-        candidates += pointer + split_k_candidates(pointer, m, oc // groups, groups, cg,
-                                                   weight.shape[2] * weight.shape[3], x.device)
+        candidates += pointer + split_k_candidates(pointer, *batch_hw, *split_k_args)
     if load_path == "nchw" or (load_path == "auto" and _flat_nchw(x, weight, y, stride, padding)):
         # A 1x1 convolution of NCHW planes is a batched GEMM over them: reading them in place saves the copy
         # to channels_last the other paths make. With a gather per tap (3x3 and up) it lost 4-15x to that copy.
