@@ -557,6 +557,40 @@ def test_channels_last_weight_contiguous_input_format(algorithm):
     assert format_flags(y) == format_flags(eager), (y.stride(), eager.stride())
 
 
+STREAMED_ROW_CASES = [
+    Case(2, 6, 6, 9, 10, (3, 3), padding=(1, 1), groups=6, x_layout="channels_last"),  # 9 rows: a partial tile
+    Case(1, 4, 8, 7, 11, (3, 3), groups=4),  # NCHW, no padding, multiplier 2, bias
+    Case(2, 5, 5, 6, 9, (3, 5), padding=(2, 3), dilation=(1, 2), groups=5, x_layout="channels_last", bias=False),
+    Case(1, 8, 8, 5, 6, (3, 3), padding=(1, 1), groups=8, x_layout="channels_last", dtype=torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", STREAMED_ROW_CASES, ids=["cl-partial", "nchw-mult2", "wide-dilated", "bf16"])
+def test_depthwise_streamed_rows(case, monkeypatch, kernel_launches):
+    """Rows streamed through three rolling accumulators: each output row gets exactly its three input rows."""
+    cand = tuning.Candidate.make("depthwise", num_stages=1, BLOCK_H=4, BLOCK_W=8, BLOCK_C=4, STREAM_ROWS=1)
+    monkeypatch.setattr(depthwise_mod, "depthwise_candidates", lambda *a, **k: [cand])
+    check(case, "depthwise", "ieee", kernel_launches)  # against float64, and one launch of depthwise_kernel
+    assert kernel_launches[0][1]["STREAM_ROWS"] == 1
+
+
+def test_depthwise_streams_rows_only_for_three_row_kernels_at_stride_1(monkeypatch):
+    offered = {}
+
+    def spy(channels_innermost, streamable=False):
+        offered["streamable"] = streamable
+        return [tuning.Candidate.make("depthwise", num_stages=1, BLOCK_H=4, BLOCK_W=8, BLOCK_C=4)]
+    monkeypatch.setattr(depthwise_mod, "depthwise_candidates", spy)
+    monkeypatch.setattr(depthwise_mod, "interpreter_enabled", lambda: True)
+    for kernel, stride, dilation, expected in [((3, 3), 1, 1, True), ((3, 5), 1, (1, 2), True), ((3, 3), 2, 1, False),
+                                               ((5, 5), 1, 1, False), ((3, 3), 1, (2, 1), False)]:
+        x, w = torch.randn(1, 4, 9, 9), torch.randn(4, 1, *kernel)
+        y = launch_conv2d(x, w, None, (stride, stride), (1, 1), dilation if isinstance(dilation, tuple)
+                          else (dilation, dilation), 4, "ieee", "depthwise")
+        assert offered["streamable"] == expected, (kernel, stride, dilation)
+        assert rel_err(y, reference(x, w, None, stride, 1, dilation, 4)) <= 1e-5
+
+
 @pytest.mark.parametrize("case,flat", [
     (Case(2, 40, 24, 6, 11, (1, 1)), True),  # 1x1 on dense planes: input pixel p feeds output pixel p
     (Case(2, 40, 24, 6, 11, (1, 1), padding=(1, 0)), False),
