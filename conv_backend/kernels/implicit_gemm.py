@@ -335,7 +335,7 @@ def pointer_candidates(cg: int, ocg: int, dtype: torch.dtype) -> list:
 
 def split_k_candidates(candidates: list, batch: int, out_h: int, out_w: int, ocg: int, groups: int, cg: int,
                        taps: int, device) -> list:
-    """Split-K variants (K cut in 2 to 4) of candidates whose tiles leave SMs idle: small maps, deep K."""
+    """Split-K variants (K cut in 2 or 3) of candidates whose tiles leave SMs idle: small maps, deep K."""
     if interpreter_enabled() or device.type != "cuda":
         return []
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -351,7 +351,7 @@ def split_k_candidates(candidates: list, batch: int, out_h: int, out_w: int, ocg
             pixel_tiles = triton.cdiv(batch * out_h * out_w, block_m)
         tiles = pixel_tiles * triton.cdiv(ocg, p["BLOCK_N"]) * groups
         k_steps = taps * triton.cdiv(cg, p["BLOCK_K"])
-        for split in (2, 3, 4):
+        for split in (2, 3):
             if (tiles < sms and tiles * split <= 2 * sms and k_steps >= 4 * split
                     and tiles * split * block_m * p["BLOCK_N"] < 2**31):
                 picked.append(Candidate.make(cand.kernel, cand.num_warps, cand.num_stages, SPLIT_K=split, **p))
