@@ -4,7 +4,7 @@ Usage: python bench/probe_host.py [problem ...]   (problems as in probe_tiles.py
 For each problem, forces the tuner's first TMA and pointer candidates and prints the host microseconds
 per call (median over single calls, GPU synchronised between them) of every layer of a launch:
 launch_conv2d, the plan, the kernel launch with its arguments ready, and the pieces the plan adds
-(output allocation, channels_last check, input descriptor, weight descriptor lookup), next to F.conv2d.
+(output allocation, the channels_last check, the input descriptor), next to F.conv2d.
 Then a cProfile of launch_conv2d on the TMA plan. do_bench counts the host time of a launch where the
 host cannot queue the next launch while the GPU clears L2.
 """

@@ -2,8 +2,9 @@
 
 Usage on a GPU: python bench/probe_tiles.py [problem ...] [--variants] [--only=KERNEL[,KERNEL]] [--match=S[|S]]
                                             [--tuner | --tuner-only] [--cudnn-kernels]
-  --variants  also time variants outside the tuner's set: TMA tiles with 2, 4, 5, 6 and 8 pipeline stages (where they fit in 200 KiB of
-              shared memory), and pointer tiles with 1 stage (plain loads,
+  --variants  also time variants outside the tuner's set: TMA tiles with 2, 4, 5, 6 and 8 pipeline
+              stages (where they fit in 200 KiB of shared memory) and with 4 warps (tiles up to 128x128),
+              halo tiles with 2 or 3 stages and 4 or 8 warps, and pointer tiles with 1 stage (plain loads,
               which go through L1, instead of cp.async.cg).
   --only      time only the candidates of these kernels (e.g. --only=igemm_halo).
   --match     time only the candidates (and variants) whose description contains one of these
@@ -84,10 +85,12 @@ def kernel_times(fn, calls=40):
 
 
 def host_us(fn, calls=200):
-    """Median host time of one call, in microseconds (no synchronisation between calls)."""
+    """Median host time of one call, in microseconds (the GPU drained before each, so no call waits on
+    a full launch queue)."""
     import time
     laps = []
     for _ in range(calls):
+        torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
         laps.append(time.perf_counter() - t0)

@@ -213,7 +213,10 @@ def _benchmark(candidates: Sequence[Candidate], prepare: Callable[[Candidate], C
     for _ in range(TIMING_PASSES - 1):
         for candidate, launch in launches.items():
             if not math.isinf(timings[candidate]):
-                timings[candidate] = min(timings[candidate], _time_candidate(launch))
+                try:
+                    timings[candidate] = min(timings[candidate], _time_candidate(launch))
+                except Exception as exc:  # it ran once: keep that time
+                    log.debug("tritonconv: candidate %s failed when timed again: %s", candidate.describe(), exc)
     best = min(timings, key=timings.get)
     if math.isinf(timings[best]):
         raise NoKernelError("every kernel candidate failed to run for this convolution")

@@ -581,7 +581,6 @@ def test_depthwise_streams_rows_only_for_three_row_kernels_at_stride_1(monkeypat
         offered["streamable"] = streamable
         return [tuning.Candidate.make("depthwise", num_stages=1, BLOCK_H=4, BLOCK_W=8, BLOCK_C=4)]
     monkeypatch.setattr(depthwise_mod, "depthwise_candidates", spy)
-    monkeypatch.setattr(depthwise_mod, "interpreter_enabled", lambda: True)
     for kernel, stride, dilation, expected in [((3, 3), 1, 1, True), ((3, 5), 1, (1, 2), True), ((3, 3), 2, 1, False),
                                                ((5, 5), 1, 1, False), ((3, 3), 1, (2, 1), False)]:
         x, w = torch.randn(1, 4, 9, 9), torch.randn(4, 1, *kernel)
@@ -698,6 +697,22 @@ TMA_SPLIT_K_CASES = [
 ]
 
 
+@pytest.mark.parametrize("split", [2, 3, 4])
+@pytest.mark.parametrize("case", TMA_SPLIT_K_CASES, ids=[str(i) for i in range(len(TMA_SPLIT_K_CASES))])
+def test_split_k_on_tma_tiles(case, split, monkeypatch, kernel_launches):
+    """The TMA kernel's split-K shares the pointer kernel's reduction; twice, for the counters' reset."""
+    cand = tuning.Candidate.make("igemm_tma", BLOCK_B=2, BLOCK_H=2, BLOCK_W=8, BLOCK_N=16, BLOCK_K=16,
+                                 SPLIT_K=split)
+    monkeypatch.setattr(igemm_mod, "tma_candidates", lambda *a, **k: [cand])
+    x, w, b = case.tensors()
+    ref = reference(x, w, b, *case.args())
+    for _ in range(2):
+        y = launch_conv2d(x, w, b, *case.args(), "ieee", "gemm_tma")
+        assert rel_err(y, ref) <= tolerance(x.dtype)
+    assert kernel_launches.names == ["igemm_tma_kernel"] * 2
+    assert kernel_launches[0][1]["SPLIT_K"] == split
+
+
 @pytest.mark.parametrize("case,flat", [
     (Case(2, 24, 20, 5, 7, (1, 1), x_layout="channels_last"), True),  # 70 pixels: the last 32-pixel tile is partial
     (Case(3, 32, 16, 4, 4, (1, 1), groups=2, x_layout="channels_last", dtype=torch.bfloat16), True),
@@ -714,19 +729,3 @@ def test_tma_1x1_as_one_row_of_pixels(case, flat, kernel_launches):
     assert kernel_launches.names == ["igemm_tma_kernel"]
     meta = kernel_launches[0][1]
     assert (meta["BLOCK_H"] == 1 and meta["BLOCK_B"] == 1) == flat, meta
-
-
-@pytest.mark.parametrize("split", [2, 3, 4])
-@pytest.mark.parametrize("case", TMA_SPLIT_K_CASES, ids=[str(i) for i in range(len(TMA_SPLIT_K_CASES))])
-def test_split_k_on_tma_tiles(case, split, monkeypatch, kernel_launches):
-    """The TMA kernel's split-K shares the pointer kernel's reduction; twice, for the counters' reset."""
-    cand = tuning.Candidate.make("igemm_tma", BLOCK_B=2, BLOCK_H=2, BLOCK_W=8, BLOCK_N=16, BLOCK_K=16,
-                                 SPLIT_K=split)
-    monkeypatch.setattr(igemm_mod, "tma_candidates", lambda *a, **k: [cand])
-    x, w, b = case.tensors()
-    ref = reference(x, w, b, *case.args())
-    for _ in range(2):
-        y = launch_conv2d(x, w, b, *case.args(), "ieee", "gemm_tma")
-        assert rel_err(y, ref) <= tolerance(x.dtype)
-    assert kernel_launches.names == ["igemm_tma_kernel"] * 2
-    assert kernel_launches[0][1]["SPLIT_K"] == split

@@ -442,3 +442,8 @@ def test_plan_builds_each_candidates_launch_once_while_tuning(gpu_like, monkeypa
     timed, chosen = built[:-1], built[-1]
     assert len(timed) == len(set(timed)) >= 2, "a candidate's launch was rebuilt inside the clock"
     assert chosen.kernel == "igemm_pointer"
+
+
+def test_a_candidate_failing_in_the_second_pass_keeps_its_first_time(gpu_like):
+    bench = gpu_like({A: [1.0, RuntimeError("launch failed")], B: 2.0, C: 3.0})
+    assert select(bench=bench) == A

@@ -46,6 +46,18 @@ def _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc
 
 
 @triton.jit
+def _k_slice(k_steps, SPLIT_K: tl.constexpr):
+    """This program's K steps [first, last): all of them, or its slice of SPLIT_K (grid axis 2)."""
+    k_first = k_steps * 0
+    k_last = k_steps
+    if SPLIT_K > 1:
+        per_slice = tl.cdiv(k_steps, SPLIT_K)
+        k_first = tl.program_id(2) * per_slice
+        k_last = min(k_first + per_slice, k_steps)
+    return k_first, k_last
+
+
+@triton.jit
 def _sum_k_slices(acc, partial_ptr, arrivals_ptr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr):
     """Split-K (grid axis 2 is the K slice): store this slice's fp32 tile; the last of the tile's
@@ -108,13 +120,7 @@ def igemm_pointer_kernel(
     x_rows = x_ptr + img * sxn + group * CG * sxc
     w_cols = w_ptr + oc * swo
 
-    k_steps = KH * KW * C_CHUNKS
-    k_first = 0
-    k_last = k_steps
-    if SPLIT_K > 1:
-        per_slice = tl.cdiv(k_steps, SPLIT_K)
-        k_first = tl.program_id(2) * per_slice
-        k_last = min(k_first + per_slice, k_steps)
+    k_first, k_last = _k_slice(KH * KW * C_CHUNKS, SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_first, k_last):
         tap = k // C_CHUNKS
@@ -171,13 +177,7 @@ def igemm_tma_kernel(
     c_base = group * CG
     n0 = group * OCG + pid_n * BLOCK_N
 
-    k_steps = KH * KW * C_CHUNKS
-    k_first = 0
-    k_last = k_steps
-    if SPLIT_K > 1:
-        per_slice = tl.cdiv(k_steps, SPLIT_K)
-        k_first = tl.program_id(2) * per_slice
-        k_last = min(k_first + per_slice, k_steps)
+    k_first, k_last = _k_slice(KH * KW * C_CHUNKS, SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_first, k_last):
         tap = k // C_CHUNKS
@@ -566,10 +566,11 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
     split_k_args = (oc // groups, groups, cg, weight.shape[2] * weight.shape[3], x.device)
     if load_path in ("auto", "tma") and not tma_why:
         flat = _flat_pixels(weight, y, stride, padding)
-        tma_batch_hw = (1, 1, math.prod(batch_hw)) if flat else batch_hw
-        tma = tma_candidates(cg, oc // groups, *tma_batch_hw[1:], tma_batch_hw[0], groups, x.dtype,
+        # As the TMA kernel sees the output: a flat problem is one image of one row of all the pixels.
+        tma_n, tma_h, tma_w = (1, 1, math.prod(batch_hw)) if flat else batch_hw
+        tma = tma_candidates(cg, oc // groups, tma_h, tma_w, tma_n, groups, x.dtype,
                              strided=tuple(stride) != (1, 1), flat=flat)
-        candidates += tma + split_k_candidates(tma, *tma_batch_hw, *split_k_args)
+        candidates += tma + split_k_candidates(tma, tma_n, tma_h, tma_w, *split_k_args)
         if not halo.halo_reason(x, weight, stride, dilation, groups, input_precision):
             candidates += halo.halo_candidates(cg, oc, y.shape[2], y.shape[3], weight.shape[2], dilation[0], x.dtype)
     if load_path in ("auto", "pointer"):
