@@ -333,6 +333,16 @@ def pointer_candidates(cg: int, ocg: int, dtype: torch.dtype) -> list:
     return sorted(picked, key=lambda c: c.describe())
 
 
+def _pixel_tiles(cand: Candidate, batch: int, out_h: int, out_w: int) -> tuple:
+    """(output pixels per tile, pixel tiles) of a GEMM candidate on these maps: a TMA tile is a box of
+    BLOCK_B x BLOCK_H x BLOCK_W pixels, a pointer tile BLOCK_M consecutive pixels of the whole batch."""
+    p = cand.params
+    if cand.kernel == "igemm_tma":
+        return (p["BLOCK_B"] * p["BLOCK_H"] * p["BLOCK_W"],
+                triton.cdiv(batch, p["BLOCK_B"]) * triton.cdiv(out_h, p["BLOCK_H"]) * triton.cdiv(out_w, p["BLOCK_W"]))
+    return p["BLOCK_M"], triton.cdiv(batch * out_h * out_w, p["BLOCK_M"])
+
+
 def split_k_candidates(candidates: list, batch: int, out_h: int, out_w: int, ocg: int, groups: int, cg: int,
                        taps: int, device) -> list:
     """Split-K variants (K cut in 2 or 3) of candidates whose tiles leave SMs idle: small maps, deep K."""
@@ -342,13 +352,7 @@ def split_k_candidates(candidates: list, batch: int, out_h: int, out_w: int, ocg
     picked = []
     for cand in candidates:
         p = cand.params
-        if cand.kernel == "igemm_tma":
-            block_m = p["BLOCK_B"] * p["BLOCK_H"] * p["BLOCK_W"]
-            pixel_tiles = (triton.cdiv(batch, p["BLOCK_B"]) * triton.cdiv(out_h, p["BLOCK_H"])
-                           * triton.cdiv(out_w, p["BLOCK_W"]))
-        else:
-            block_m = p["BLOCK_M"]
-            pixel_tiles = triton.cdiv(batch * out_h * out_w, block_m)
+        block_m, pixel_tiles = _pixel_tiles(cand, batch, out_h, out_w)
         tiles = pixel_tiles * triton.cdiv(ocg, p["BLOCK_N"]) * groups
         k_steps = taps * triton.cdiv(cg, p["BLOCK_K"])
         for split in (2, 3):
@@ -445,14 +449,15 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
         return t.contiguous(memory_format=torch.channels_last)
 
     if cand.kernel == "igemm_pointer":
-        grid = (triton.cdiv(n * out_h * out_w, p["BLOCK_M"]) * triton.cdiv(ocg, p["BLOCK_N"]), groups)
+        block_m, pixel_tiles = _pixel_tiles(cand, n, out_h, out_w)
+        grid = (pixel_tiles * triton.cdiv(ocg, p["BLOCK_N"]), groups)
         scalars = (n * out_h * out_w, out_h, out_w, in_h, in_w, cg, ocg, triton.cdiv(cg, p["BLOCK_K"]),
                    *_nhwc_strides(x.shape), *_nhwc_strides(weight.shape), *y.stride(), bias_stride,
                    *stride, *padding, *dilation)
 
         split = p.get("SPLIT_K", 1)
         kernel = KernelLauncher(igemm_pointer_kernel, grid + (split,), scalars, **{**flags, "SPLIT_K": split})
-        scratch = _split_k_scratch(grid[0] * groups, split, p["BLOCK_M"] * p["BLOCK_N"])
+        scratch = _split_k_scratch(grid[0] * groups, split, block_m * p["BLOCK_N"])
 
         def launch(x, weight, bias, y):
             kernel(channels_last(x), channels_last(weight), y if bias is None else bias, y, *scratch(y))
@@ -475,8 +480,8 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     bk = p["BLOCK_K"]
     if _flat_pixels(weight, y, stride, padding):  # one image, one row of N*H*W pixels (see _flat_pixels)
         n, in_h, in_w, out_h, out_w = 1, 1, n * in_h * in_w, 1, n * out_h * out_w
-    tiles = triton.cdiv(n, p["BLOCK_B"]) * triton.cdiv(out_h, p["BLOCK_H"]) * triton.cdiv(out_w, p["BLOCK_W"])
-    grid = (tiles * triton.cdiv(ocg, p["BLOCK_N"]), groups)
+    block_m, pixel_tiles = _pixel_tiles(cand, n, out_h, out_w)
+    grid = (pixel_tiles * triton.cdiv(ocg, p["BLOCK_N"]), groups)
     cpad = triton.cdiv(cg, bk) * bk
     scalars = (n, out_h, out_w, c, cg, ocg, triton.cdiv(cg, bk), cpad, *y.stride(), bias_stride, *stride, *padding,
                *dilation)
@@ -489,7 +494,7 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
 
     split = p.get("SPLIT_K", 1)
     kernel = KernelLauncher(igemm_tma_kernel, grid + (split,), scalars, **{**flags, "SPLIT_K": split})
-    scratch = _split_k_scratch(grid[0] * groups, split, p["BLOCK_B"] * p["BLOCK_H"] * p["BLOCK_W"] * p["BLOCK_N"])
+    scratch = _split_k_scratch(grid[0] * groups, split, block_m * p["BLOCK_N"])
     weight_descriptor = WeightDescriptors(bk, lambda packed: TensorDescriptor(packed, w_shape, w_strides, w_box))
 
     def launch(x, weight, bias, y):
