@@ -1,11 +1,13 @@
 """Tile sweep: time every kernel candidate the tuner would consider, one by one, against cuDNN (same run).
 
 Usage on a GPU: python bench/probe_tiles.py [problem ...] [--variants] [--only=KERNEL[,KERNEL]] [--match=S[|S]]
-                                            [--tuner | --tuner-only] [--cudnn-kernels]
+                                            [--tuner | --tuner-only] [--cudnn-kernels] [--nchw]
   --variants  also time variants outside the tuner's set: TMA tiles with 2, 4, 5, 6 and 8 pipeline
               stages (where they fit in 200 KiB of shared memory) and with 4 warps (tiles up to 128x128),
               halo tiles with 2 or 3 stages and 4 or 8 warps, and pointer tiles with 1 stage (plain loads,
-              which go through L1, instead of cp.async.cg).
+              which go through L1, instead of cp.async.cg), NCHW tiles with 1, 2 or 4 stages and 256-row
+              or 256-column tiles or capped at 80 or 96 registers a thread, and depthwise tiles capped at 64,
+              80 or 96 registers a thread.
   --only      time only the candidates of these kernels (e.g. --only=igemm_halo).
   --match     time only the candidates (and variants) whose description contains one of these
               '|'-separated strings (e.g. --match="BLOCK_N=128,BLOCK_W=8|BLOCK_W=256").
@@ -13,6 +15,7 @@ Usage on a GPU: python bench/probe_tiles.py [problem ...] [--variants] [--only=K
               do_bench of launch_conv2d (three times), do_bench of the plan, CUDA-graph replay of the plan.
   --tuner-only  the --tuner check alone.
   --cudnn-kernels  name the kernels cuDNN runs for each layout (torch.profiler), with their GPU times.
+  --nchw      our candidates take NCHW input and weight (default: channels_last), as a model in NCHW passes them.
 The --tuner check also gives the profiler's GPU time of each kernel the plan launches (L2 cleared
 before each call, as do_bench does) and the host time of one launch_conv2d call, to tell a slow
 kernel from a slow launch.
@@ -36,7 +39,7 @@ import triton
 os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp())  # the --tuner check starts from an empty cache
 from conv_backend import tuning  # noqa: E402
 from conv_backend.dispatch import launch_conv2d  # noqa: E402
-from conv_backend.kernels import common, implicit_gemm as ig  # noqa: E402
+from conv_backend.kernels import common, depthwise as dw, implicit_gemm as ig  # noqa: E402
 
 torch.backends.cudnn.benchmark = True
 torch.backends.cudnn.allow_tf32 = True
@@ -56,6 +59,8 @@ PROBLEMS = {  # name: (n, c, oc, h, w, kh, kw, stride, padding, dilation, groups
     "rn50-3x3s2-128": (32, 128, 128, 56, 56, 3, 3, (2, 2), (1, 1), (1, 1), 1, torch.bfloat16),
     "rn50-3x3-256": (32, 256, 256, 14, 14, 3, 3, (1, 1), (1, 1), (1, 1), 1, torch.bfloat16),
     "rn50-3x3-512": (32, 512, 512, 7, 7, 3, 3, (1, 1), (1, 1), (1, 1), 1, torch.bfloat16),
+    "kb82": (16, 64, 64, 512, 512, 3, 3, (1, 1), (0, 0), (1, 1), 64, torch.float32),
+    "kb84": (64, 128, 128, 256, 512, 3, 3, (1, 1), (0, 0), (1, 1), 128, torch.float32),
 }
 
 
@@ -102,8 +107,15 @@ def relerr(y, ref):
     return float((y.double() - ref).norm() / ref.norm())
 
 
+def make_plan(x, w, s, p, d, g, prec):
+    """The plan launch_conv2d's "auto" would make (depthwise or implicit GEMM), through common.select."""
+    if g > 1 and g == x.shape[1]:
+        return dw.depthwise_plan(x, w, None, s, p, d)
+    return ig.implicit_gemm_plan(x, w, None, s, p, d, g, prec, "auto")
+
+
 def tuner_candidates(x, w, s, p, d, g, prec):
-    """The candidates implicit_gemm_plan hands the tuner for this problem."""
+    """The candidates the plan hands the tuner for this problem."""
     seen = []
 
     def capture(key, sig, dev, cands, prepare):
@@ -112,7 +124,7 @@ def tuner_candidates(x, w, s, p, d, g, prec):
     real = common.select
     common.select = capture
     try:
-        ig.implicit_gemm_plan(x, w, None, s, p, d, g, prec, "auto")
+        make_plan(x, w, s, p, d, g, prec)
     finally:
         common.select = real
     return seen
@@ -132,6 +144,16 @@ def variants(cands, elem):
             extra += [tuning.Candidate(cand.kernel, cand.meta, w, s) for w, s in ((8, 2), (4, 2), (4, 3))]
         if cand.kernel == "igemm_pointer" and cand.num_stages > 1 and "SPLIT_K" not in cand.params:
             extra.append(tuning.Candidate(cand.kernel, cand.meta, cand.num_warps, 1))
+        if cand.kernel == "depthwise":  # a register cap: more programs per SM, more loads in flight
+            extra += [tuning.Candidate.make(cand.kernel, cand.num_warps, cand.num_stages, maxnreg=r, **cand.params)
+                      for r in (64, 80, 96)]
+        if cand.kernel == "igemm_nchw":
+            p = cand.params
+            extra += [tuning.Candidate(cand.kernel, cand.meta, cand.num_warps, s) for s in (1, 2, 4)]
+            extra += [tuning.Candidate.make(cand.kernel, cand.num_warps, s, maxnreg=r, **p) for s in (1, 3)
+                      for r in (80, 96)]
+            extra += [tuning.Candidate.make(cand.kernel, 8, s, **{**p, "BLOCK_M": m, "BLOCK_N": n})
+                      for m, n in ((256, 128), (128, 256), (256, 64)) for s in (1, 2, 3)]
     return [c for c in dict.fromkeys(extra) if c not in cands]
 
 
@@ -142,7 +164,9 @@ def run_problem(name, args):
         memory_format=torch.channels_last)
     ref = F.conv2d(x.double(), wt.double(), None, s, p, d, g)
     flops = 2 * n * oc * ref.shape[2] * ref.shape[3] * (c // g) * kh * kw
-    xn, wn = x.contiguous(), wt.contiguous()
+    # NCHW; clone, not contiguous(): a 1x1 channels_last weight counts as contiguous but keeps its strides,
+    # and with it cuDNN (and eager's output format) would stay channels_last.
+    xn, wn = x.contiguous(), wt.clone(memory_format=torch.contiguous_format)
     t_nchw = bench(lambda: F.conv2d(xn, wn, None, s, p, d, g))
     t_cl = bench(lambda: F.conv2d(x, wt, None, s, p, d, g))
     best = min(t_nchw, t_cl)
@@ -159,6 +183,8 @@ def run_problem(name, args):
           "candidates below ranked by their GPU time, x = cuDNN's best GPU time / theirs", flush=True)
     prec = "tf32" if dt == torch.float32 else "ieee"
     tol = 2e-3 if dt == torch.float32 else 1e-2
+    if "--nchw" in args:
+        x, wt = xn, wn
     if "--tuner-only" in args:
         check_tuner(x, wt, s, p, d, g, prec, best)
         return
@@ -176,7 +202,7 @@ def run_problem(name, args):
         tag = "+" if cand in extra else " "
         try:
             common.select = lambda key, sig, dev, cs, prep, cand=cand: cand
-            plan = ig.implicit_gemm_plan(x, wt, None, s, p, d, g, prec, "auto")
+            plan = make_plan(x, wt, s, p, d, g, prec)
             e = relerr(plan(x, wt, None), ref)
             t, tg = bench(lambda: plan(x, wt, None)), gbench(lambda: plan(x, wt, None))
             # GPU time alone, L2 cleared before each call: do_bench also counts a slow host's launch.

@@ -37,7 +37,7 @@ class Candidate:
     """One kernel with one set of meta-parameters."""
 
     kernel: str
-    meta: tuple  # sorted (name, value) pairs of the kernel's block-size constexprs
+    meta: tuple  # sorted (name, value) pairs: the kernel's constexprs, and compile options such as maxnreg
     num_warps: int = 4
     num_stages: int = 3
 

@@ -33,7 +33,7 @@ KERNEL_FUNCTIONS = {"seed": {"seed_conv2d_kernel"}, "gemm_pointer": {"igemm_poin
                     "gemm_tma": {"igemm_tma_kernel", "igemm_halo_kernel"}, "gemm_nchw": {"igemm_nchw_kernel"},
                     "depthwise": {"depthwise_kernel"}}
 CANDIDATE_FUNCTIONS = [(igemm_mod, "tma_candidates"), (igemm_mod, "pointer_candidates"),
-                       (igemm_mod, "nchw_candidates"), (igemm_mod, "split_k_candidates"),
+                       (igemm_mod, "gather_candidates"), (igemm_mod, "nchw_candidates"), (igemm_mod, "split_k_candidates"),
                        (depthwise_mod, "depthwise_candidates"), (halo_mod, "halo_candidates")]
 if hasattr(igemm_mod, "seed_candidates"):  # the seed's direct kernel, offered for few-channel convolutions
     CANDIDATE_FUNCTIONS.append((igemm_mod, "seed_candidates"))
@@ -221,6 +221,12 @@ def _candidate_problems():
         # Maps smaller than a box: tiles of several images, the last tile running past the batch.
         problems.append(("auto", Case(5, 64, 72, 7, 7, (3, 3), padding=(1, 1), x_layout="channels_last"),
                          "tma_candidates", "igemm_tma_kernel"))
+        # Gathered pixels, TMA weights: a 7x7 map (runs of pixels across images), and 20 channels a group
+        # at stride 2 (no input boxes; a partial channel chunk, zeros in the packed weight).
+        problems.append(("auto", Case(5, 64, 72, 7, 7, (3, 3), padding=(1, 1), x_layout="channels_last"),
+                         "gather_candidates", "igemm_pointer_kernel"))
+        problems.append(("auto", Case(2, 40, 72, 14, 13, (3, 3), stride=(2, 2), padding=(1, 1), groups=2),
+                         "gather_candidates", "igemm_pointer_kernel"))
         # 1x1 into channels_last: one row of N*H*W pixels in 1-D boxes, the last tile partial.
         problems.append(("auto", Case(2, 64, 72, 13, 37, (1, 1), x_layout="channels_last"),
                          "tma_candidates", "igemm_tma_kernel"))
@@ -229,7 +235,8 @@ def _candidate_problems():
                          "seed_candidates", "seed_conv2d_kernel"))
     problems += [
         ("gemm_nchw", Case(2, 40, 72, 23, 37, (3, 3), padding=(1, 1)), "nchw_candidates", "igemm_nchw_kernel"),
-        ("gemm_nchw", Case(2, 64, 72, 16, 32, (1, 1)), "nchw_candidates", "igemm_nchw_kernel"),
+        # 136 output channels: the 16-bit register-capped 128x64 tile is offered, its second tile partial.
+        ("gemm_nchw", Case(2, 64, 136, 16, 32, (1, 1)), "nchw_candidates", "igemm_nchw_kernel"),
         ("depthwise", Case(2, 48, 48, 23, 37, (3, 3), padding=(1, 1), groups=48), "depthwise_candidates",
          "depthwise_kernel"),
         ("depthwise", Case(2, 48, 96, 23, 37, (3, 3), padding=(1, 1), groups=48, x_layout="channels_last"),
@@ -512,26 +519,27 @@ def test_auto_precision_with_conv_precision_none(conv_precision_none, one_candid
 
 @pytest.mark.parametrize("dtype,precision", [(torch.bfloat16, "ieee"), (torch.float32, "tf32")], ids=["bf16", "tf32"])
 @pytest.mark.parametrize("split", [2, 3])
-@pytest.mark.parametrize("path", ["pointer", "tma"])
+@pytest.mark.parametrize("path", ["pointer", "tma", "gather"])
 def test_split_k_slices_sum_right_on_gpu(path, split, dtype, precision, monkeypatch, kernel_launches):
     """Real atomics and memory ordering: every launch must find the partial tiles complete, only the
     last slice of a tile may store it, and each launch must leave the arrival counters at zero
-    (three launches in a row, each checked)."""
-    if path == "tma" and not hopper():
+    (three launches in a row, each checked). `gather`: the pointer kernel with TMA weights."""
+    if path != "pointer" and not hopper():
         pytest.skip("TMA needs sm_90+")
     case = Case(8, 256, 192, 7, 7, (3, 3), padding=(1, 1), x_layout="channels_last", dtype=dtype)
     family = f"{path}_candidates"
     base = (igemm_mod.tma_candidates(256, 192, 7, 7, 8, 1, dtype) if path == "tma"
-            else igemm_mod.pointer_candidates(256, 192, dtype))[0]
+            else getattr(igemm_mod, family)(256, 192, dtype))[0]
     cand = tuning.Candidate.make(base.kernel, base.num_warps, base.num_stages, **{**base.params, "SPLIT_K": split})
-    for other in ("tma_candidates", "pointer_candidates", "split_k_candidates"):
+    for other in ("tma_candidates", "pointer_candidates", "gather_candidates", "split_k_candidates"):
         monkeypatch.setattr(igemm_mod, other, lambda *a, **k: [])
     monkeypatch.setattr(igemm_mod, family, lambda *a, **k: [cand])
     monkeypatch.setattr(halo_mod, "halo_candidates", lambda *a, **k: [])
     forget()
     for _ in range(3):
-        run_case(case, f"gemm_{path}", precision, kernel_launches)
+        run_case(case, "auto" if path == "gather" else f"gemm_{path}", precision, kernel_launches)
     assert [meta["SPLIT_K"] for _, meta in kernel_launches] == [split] * 3
+    assert all(meta.get("TMA_WEIGHTS", False) == (path == "gather") for _, meta in kernel_launches)
 
 
 @pytest.mark.parametrize("algorithm", ["gemm_pointer", "gemm_nchw", "depthwise"] + (["gemm_tma"] if hopper() else []))

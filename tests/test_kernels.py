@@ -326,6 +326,7 @@ def only_seed_direct(monkeypatch):
         pytest.skip("no direct-kernel candidates in this version")
     monkeypatch.setattr(igemm_mod, "tma_candidates", lambda *a, **k: [])
     monkeypatch.setattr(igemm_mod, "pointer_candidates", lambda *a, **k: [])
+    monkeypatch.setattr(igemm_mod, "gather_candidates", lambda *a, **k: [])
     monkeypatch.setattr(igemm_mod, "nchw_candidates", lambda *a, **k: [])
     monkeypatch.setattr(igemm_mod, "seed_candidates", lambda *a, **k: [SEED_DIRECT])
 
@@ -729,3 +730,84 @@ def test_tma_1x1_as_one_row_of_pixels(case, flat, kernel_launches):
     assert kernel_launches.names == ["igemm_tma_kernel"]
     meta = kernel_launches[0][1]
     assert (meta["BLOCK_H"] == 1 and meta["BLOCK_B"] == 1) == flat, meta
+
+
+# ---------------------------------------------------------------- gathered pixels, TMA weights (Hopper's small maps)
+
+GATHER_CASES = [
+    Case(2, 24, 20, 7, 7, (3, 3), padding=(1, 1), x_layout="channels_last"),  # 7x7: boxes would run past the map
+    Case(3, 40, 24, 6, 10, (3, 2), padding=(1, 0), groups=2, dtype=torch.bfloat16),  # 20 channels a group: partial
+    Case(2, 3, 20, 9, 9, (3, 3), stride=(2, 2), padding=(1, 1)),  # 12-byte channel rows: no input boxes
+    Case(1, 16, 37, 5, 6, (1, 1), bias=False),  # NCHW 1x1; 37 output channels: the last weight rows zero-filled
+]
+
+
+@pytest.fixture
+def pick_tma_weights(monkeypatch):
+    """The tuner picks the pointer kernel with TMA weights; records every candidate it was offered."""
+    offered = []
+
+    def select(key, signature, device, candidates, prepare):
+        offered.extend(candidates)
+        return next(c for c in candidates if c.params.get("TMA_WEIGHTS"))
+    monkeypatch.setattr(common_mod, "select", select)
+    return offered
+
+
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("case", GATHER_CASES, ids=["7x7", "grouped-bf16", "misaligned-strided", "nchw-1x1"])
+def test_pointer_kernel_with_tma_weights(case, split, pick_tma_weights, monkeypatch, kernel_launches):
+    real = igemm_mod.gather_candidates
+    if split > 1:
+        monkeypatch.setattr(igemm_mod, "gather_candidates", lambda *a, **k: [
+            tuning.Candidate.make(c.kernel, c.num_warps, c.num_stages, **{**c.params, "SPLIT_K": split})
+            for c in real(*a, **k)])
+    x, w, b = case.tensors()
+    ref = reference(x, w, b, *case.args())
+    for _ in range(2):  # the weight descriptor is cached per weight on the second call
+        y = launch_conv2d(x, w, b, *case.args(), "ieee", "auto")
+        assert rel_err(y, ref) <= tolerance(x.dtype)
+        assert format_flags(y) == format_flags(F.conv2d(x, w, b, *case.args()))
+    assert kernel_launches.names == ["igemm_pointer_kernel"] * 2
+    assert kernel_launches[0][1]["TMA_WEIGHTS"] is True and kernel_launches[0][1]["SPLIT_K"] == split
+
+
+@pytest.mark.parametrize("case,offered", [
+    (GATHER_CASES[0], True),
+    (Case(2, 16, 16, 8, 16, (3, 3), padding=(1, 1), x_layout="channels_last"), False),  # boxes tile the map exactly
+    (Case(2, 16, 16, 7, 7, (1, 1), x_layout="channels_last"), False),  # flat 1x1: one row of pixels, no edges
+], ids=["7x7", "8x16", "flat-1x1"])
+def test_tma_weights_offered_only_where_boxes_waste(case, offered, pick_tma_weights, monkeypatch):
+    monkeypatch.setattr(common_mod, "select", lambda key, sig, dev, cands, prep: pick_tma_weights.extend(cands)
+                        or cands[0])
+    x, w, b = case.tensors()
+    launch_conv2d(x, w, b, *case.args(), "ieee", "auto")
+    assert any(c.params.get("TMA_WEIGHTS") for c in pick_tma_weights) == offered
+    pick_tma_weights.clear()
+    launch_conv2d(x, w, b, *case.args(), "ieee", "gemm_pointer")  # the Ampere path stays plain pointer loads
+    assert pick_tma_weights and not any(c.params.get("TMA_WEIGHTS") for c in pick_tma_weights)
+
+
+
+def test_depthwise_register_cap_reaches_the_launch(monkeypatch, kernel_launches):
+    """A capped candidate (maxnreg, a compile option rather than a kernel argument) launches and is right."""
+    cand = tuning.Candidate.make("depthwise", 8, 1, maxnreg=80, BLOCK_H=4, BLOCK_W=8, BLOCK_C=4)
+    monkeypatch.setattr(depthwise_mod, "depthwise_candidates", lambda *a, **k: [cand])
+    check(STREAMED_ROW_CASES[0], "depthwise", "ieee", kernel_launches)
+    assert kernel_launches[0][1]["maxnreg"] == 80
+    assert tuning.Candidate.make("depthwise", 8, 1, **cand.params) == cand  # the tuning cache's round trip
+
+
+def test_depthwise_capped_candidates_only_for_channels_last(monkeypatch):
+    monkeypatch.setattr(depthwise_mod, "interpreter_enabled", lambda: False)
+    assert any("maxnreg" in c.params for c in depthwise_mod.depthwise_candidates(True))
+    assert not any("maxnreg" in c.params for c in depthwise_mod.depthwise_candidates(False))
+
+
+def test_nchw_capped_candidate_only_for_wide_16bit_problems(monkeypatch):
+    monkeypatch.setattr(igemm_mod, "interpreter_enabled", lambda: False)
+
+    def capped(cg, ocg, dtype):
+        return [c for c in igemm_mod.nchw_candidates(cg, ocg, dtype) if "maxnreg" in c.params]
+    assert [c.params["BLOCK_M"] for c in capped(64, 256, torch.bfloat16)] == [128]
+    assert not capped(64, 256, torch.float32) and not capped(64, 64, torch.float16) and not capped(32, 256, torch.bfloat16)

@@ -138,11 +138,17 @@ def depthwise_candidates(channels_innermost: bool, streamable: bool = False) -> 
         shapes = [(4, 8, 32, 4), (2, 8, 64, 4), (8, 8, 16, 4), (4, 16, 32, 8), (1, 16, 64, 4), (2, 16, 32, 4),
                   (8, 16, 32, 8), (16, 8, 32, 8), (8, 8, 64, 8)]  # taller tiles: less halo re-read per output
         streamed = [(8, 8, 32, 2), (8, 16, 32, 4)]  # on #82/#84 5% behind the best plain tile (probe 21)
+        # At 118 registers a thread, two 8-warp programs fit on an SM and DRAM sat at half its bandwidth
+        # (ncu); capped at 80, three fit: #82 0.770 -> 0.699 ms (probe 26; 64 spills, 96 fits only two).
+        capped = [(16, 8, 32, 8), (8, 16, 32, 8), (8, 8, 64, 8)]
     else:  # NCHW: vectorise along W
         shapes = [(8, 64, 1, 4), (16, 64, 1, 8), (4, 128, 1, 4), (8, 128, 1, 8), (32, 32, 1, 4), (16, 32, 1, 4)]
         streamed = [(8, 64, 1, 2), (16, 128, 1, 4), (32, 64, 1, 2), (16, 256, 1, 8)]  # #82: 0.92 -> 0.80 ms
+        capped = []
     picked = [Candidate.make("depthwise", num_warps=w, num_stages=1, BLOCK_H=h, BLOCK_W=bw, BLOCK_C=c)
               for h, bw, c, w in shapes]
+    picked += [Candidate.make("depthwise", num_warps=w, num_stages=1, maxnreg=80, BLOCK_H=h, BLOCK_W=bw, BLOCK_C=c)
+               for h, bw, c, w in capped]
     if streamable:
         picked += [Candidate.make("depthwise", num_warps=w, num_stages=1, BLOCK_H=h, BLOCK_W=bw, BLOCK_C=c,
                                   STREAM_ROWS=1) for h, bw, c, w in streamed]

@@ -7,6 +7,9 @@ Two load paths share the same math:
   costs nothing. Strides fold into the descriptor's shape (see the kernel).
 - Pointer loads (any GPU, any stride, any channel count): the same loop with
   masked gathers, vectorised along channels when the input is channels_last.
+  On Hopper a variant takes its weight tiles through a tensor descriptor: its
+  pixel tiles run across the whole batch, so where a box would run past a
+  small map's edge (7x7, 14x14, 28x28) no tensor-core work is wasted.
 For maps too small to fill the GPU with tiles, either path can also split K
 (grid axis 2; the slices are summed in a fixed order, so results are deterministic).
 Grouped convolution runs one GEMM per group (grid axis 1). For a few input
@@ -26,7 +29,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..layout import empty_output
-from ..runtime import interpreter_enabled
+from ..runtime import has_tma, interpreter_enabled
 from ..support import tma_reason
 from ..tuning import Candidate
 from . import halo
@@ -81,16 +84,21 @@ def _sum_k_slices(acc, partial_ptr, arrivals_ptr, SPLIT_K: tl.constexpr, BLOCK_M
 @triton.jit
 def igemm_pointer_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, partial_ptr, arrivals_ptr,
-    M, OH, OW, IH, IW, CG, OCG, C_CHUNKS,
+    M, OH, OW, IH, IW, CG, OCG, C_CHUNKS, CPAD,
     sxn, sxc, sxh, sxw, swo, swc, swh, sww, syn, syc, syh, syw, sb,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, TMA_WEIGHTS: tl.constexpr,
 ):
     """SPLIT_K > 1 (grid axis 2) cuts K into slices for maps too small to fill the GPU with tiles
-    (summed by _sum_k_slices)."""
+    (summed by _sum_k_slices).
+
+    TMA_WEIGHTS (Hopper): `w_ptr` is the descriptor of the packed weight [OC, KH*KW*CPAD] and its tiles
+    come through the copy engine, while input pixels are still gathered. Its tiles are runs of
+    BLOCK_M pixels of the whole batch, which no map size leaves part-empty: on 7x7 or 14x14 maps an
+    8x8 or 8x16 box spends a quarter of its tensor-core work on pixels past the map's edge."""
     pid = tl.program_id(0)
     group = tl.program_id(1)
     # Grouped tile order: GROUP_M pixel tiles share their input rows in L2.
@@ -107,6 +115,7 @@ def igemm_pointer_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < OCG
+    n0 = group * OCG + pid_n * BLOCK_N  # the weight tile's first row (TMA_WEIGHTS); int32, as TMA wants
     if USE_INT64:
         offs_m = offs_m.to(tl.int64)
         group = group.to(tl.int64)
@@ -118,13 +127,13 @@ def igemm_pointer_kernel(
     iw0 = ow * stride_w - pad_w
     oc = group * OCG + offs_n
     x_rows = x_ptr + img * sxn + group * CG * sxc
-    w_cols = w_ptr + oc * swo
 
     k_first, k_last = _k_slice(KH * KW * C_CHUNKS, SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_first, k_last):
         tap = k // C_CHUNKS
-        c = (k - tap * C_CHUNKS) * BLOCK_K + offs_k
+        c0 = (k - tap * C_CHUNKS) * BLOCK_K
+        c = c0 + offs_k
         kh = tap // KW
         kw = tap - kh * KW
         ih = ih0 + kh * dil_h
@@ -133,8 +142,11 @@ def igemm_pointer_kernel(
         c_ok = c < CG
         a = tl.load(x_rows[:, None] + (ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
                     mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-        b = tl.load(w_cols[None, :] + c[:, None] * swc + (kh * swh + kw * sww),
-                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        if TMA_WEIGHTS:  # channels past CG are zeros in the packed weight, rows past OC zero-filled
+            b = w_ptr.load([n0, tap * CPAD + c0]).T
+        else:
+            b = tl.load(w_ptr + (oc * swo)[None, :] + c[:, None] * swc + (kh * swh + kw * sww),
+                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         acc = mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
 
     store = True
@@ -296,6 +308,10 @@ POINTER_SHAPES_FP32 = [(256, 64, 32, 8, 3), (128, 64, 32, 4, 3), (128, 128, 32, 
                        (64, 128, 32, 4, 3)]
 POINTER_SHAPES_16BIT = [(256, 64, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 4),
                         (64, 128, 32, 4, 3)]
+# Pointer kernel with TMA weights (Hopper, where box tiles run past small maps: _gather_pays):
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_K is a 128-byte row, as on the TMA path. The five best of
+# eight on ResNet's 3x3 layers at 7x7, 14x14 and 28x28 (probe 22); 64x128 beat the best box tile at 28x28 by 9%.
+GATHER_SHAPES = [(64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
 # NCHW path: (BLOCK_M output channels, BLOCK_N pixels, BLOCK_K, num_warps, num_stages).
 NCHW_SHAPES_FP32 = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (64, 256, 32, 8, 3),
                     (64, 64, 32, 4, 4)]
@@ -326,11 +342,31 @@ def _pow2_at_least(n: int, least: int = 16) -> int:
 def pointer_candidates(cg: int, ocg: int, dtype: torch.dtype) -> list:
     if interpreter_enabled():
         return [Candidate.make("igemm_pointer", BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=8)]
-    shapes = POINTER_SHAPES_FP32 if dtype == torch.float32 else POINTER_SHAPES_16BIT
+    return _pointer_kernel_tiles(POINTER_SHAPES_FP32 if dtype == torch.float32 else POINTER_SHAPES_16BIT, cg, ocg)
+
+
+def gather_candidates(cg: int, ocg: int, dtype: torch.dtype) -> list:
+    """The pointer kernel with TMA weights (Hopper; where _gather_pays)."""
+    if interpreter_enabled():
+        return [Candidate.make("igemm_pointer", BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, TMA_WEIGHTS=True)]
+    k = box_row_channels(cg, dtype)
+    return _pointer_kernel_tiles([(m, n, k, w, s) for m, n, w, s in GATHER_SHAPES], cg, ocg, TMA_WEIGHTS=True)
+
+
+def _pointer_kernel_tiles(shapes, cg: int, ocg: int, **variant) -> list:
+    """Candidates of the pointer kernel with these (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), no wider than
+    the problem needs."""
     max_n, max_k = _pow2_at_least(ocg), _pow2_at_least(cg)
     picked = {Candidate.make("igemm_pointer", num_warps=w, num_stages=s, BLOCK_M=m, BLOCK_N=min(n, max_n),
-                             BLOCK_K=min(k, max_k), GROUP_M=8) for m, n, k, w, s in shapes}
+                             BLOCK_K=min(k, max_k), GROUP_M=8, **variant) for m, n, k, w, s in shapes}
     return sorted(picked, key=lambda c: c.describe())
+
+
+def _gather_pays(x, y, flat: bool, tma_why) -> bool:
+    """Whether to time the pointer kernel with TMA weights: on Hopper, where input boxes cannot serve
+    the problem, or where a box tile (8 rows or columns at least) would run past the edge of the
+    output map (7x7, 14x14, 28x28), which runs of pixels across the batch do not."""
+    return has_tma(x.device) and not flat and bool(tma_why or y.shape[2] % 8 or y.shape[3] % 8)
 
 
 def _pixel_tiles(cand: Candidate, batch: int, out_h: int, out_w: int) -> tuple:
@@ -369,6 +405,11 @@ def nchw_candidates(cg: int, ocg: int, dtype: torch.dtype) -> list:
     max_m, max_k = _pow2_at_least(ocg), _pow2_at_least(cg)
     picked = {Candidate.make("igemm_nchw", num_warps=w, num_stages=s, BLOCK_M=min(m, max_m), BLOCK_N=n,
                              BLOCK_K=min(k, max_k)) for m, n, k, w, s in shapes}
+    if dtype != torch.float32 and ocg >= 128 and cg >= 64:
+        # Capped at 80 registers a thread, more 128x64 programs fit on an SM: ResNet's 1x1 64->256 on NCHW,
+        # memory-bound, 0.0243 -> 0.0233 ms (probe 28). Where the tile is clipped, the cap may not fit.
+        picked.add(Candidate.make("igemm_nchw", num_warps=4, num_stages=3, maxnreg=80, BLOCK_M=128, BLOCK_N=64,
+                                  BLOCK_K=64))
     return sorted(picked, key=lambda c: c.describe())
 
 
@@ -448,19 +489,23 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     def channels_last(t):  # no-op for channels_last tensors: the GEMM's K loads are contiguous
         return t.contiguous(memory_format=torch.channels_last)
 
+    bk = p["BLOCK_K"]
+    cpad = triton.cdiv(cg, bk) * bk  # channels per tap in the packed weight (TMA)
     if cand.kernel == "igemm_pointer":
         block_m, pixel_tiles = _pixel_tiles(cand, n, out_h, out_w)
         grid = (pixel_tiles * triton.cdiv(ocg, p["BLOCK_N"]), groups)
-        scalars = (n * out_h * out_w, out_h, out_w, in_h, in_w, cg, ocg, triton.cdiv(cg, p["BLOCK_K"]),
+        scalars = (n * out_h * out_w, out_h, out_w, in_h, in_w, cg, ocg, triton.cdiv(cg, bk), cpad,
                    *_nhwc_strides(x.shape), *_nhwc_strides(weight.shape), *y.stride(), bias_stride,
                    *stride, *padding, *dilation)
 
-        split = p.get("SPLIT_K", 1)
-        kernel = KernelLauncher(igemm_pointer_kernel, grid + (split,), scalars, **{**flags, "SPLIT_K": split})
+        split, tma_weights = p.get("SPLIT_K", 1), p.get("TMA_WEIGHTS", False)
+        kernel = KernelLauncher(igemm_pointer_kernel, grid + (split,), scalars,
+                                **{**flags, "SPLIT_K": split, "TMA_WEIGHTS": tma_weights})
         scratch = _split_k_scratch(grid[0] * groups, split, block_m * p["BLOCK_N"])
+        weight_operand = _weight_descriptors(weight.shape, bk, p["BLOCK_N"]) if tma_weights else channels_last
 
         def launch(x, weight, bias, y):
-            kernel(channels_last(x), channels_last(weight), y if bias is None else bias, y, *scratch(y))
+            kernel(channels_last(x), weight_operand(weight), y if bias is None else bias, y, *scratch(y))
         return launch
 
     if cand.kernel == "igemm_halo":
@@ -477,12 +522,10 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
             kernel(x, weight, y if bias is None else bias, y)
         return launch
 
-    bk = p["BLOCK_K"]
     if _flat_pixels(weight, y, stride, padding):  # one image, one row of N*H*W pixels (see _flat_pixels)
         n, in_h, in_w, out_h, out_w = 1, 1, n * in_h * in_w, 1, n * out_h * out_w
     block_m, pixel_tiles = _pixel_tiles(cand, n, out_h, out_w)
     grid = (pixel_tiles * triton.cdiv(ocg, p["BLOCK_N"]), groups)
-    cpad = triton.cdiv(cg, bk) * bk
     scalars = (n, out_h, out_w, c, cg, ocg, triton.cdiv(cg, bk), cpad, *y.stride(), bias_stride, *stride, *padding,
                *dilation)
     # [N, H/sh, sh, W/sw, sw*C] (see the kernel); tma_reason checks that the strides divide H and W.
@@ -490,17 +533,23 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     x_box = [p["BLOCK_B"], p["BLOCK_H"], 1, p["BLOCK_W"], bk]
     x_shape = [n, in_h // sh, sh, in_w // sw, sw * c]
     x_strides = [in_h * in_w * c, sh * in_w * c, in_w * c, sw * c, 1]
-    w_shape, w_strides, w_box = [oc, kernel_h * kernel_w * cpad], [kernel_h * kernel_w * cpad, 1], [p["BLOCK_N"], bk]
 
     split = p.get("SPLIT_K", 1)
     kernel = KernelLauncher(igemm_tma_kernel, grid + (split,), scalars, **{**flags, "SPLIT_K": split})
     scratch = _split_k_scratch(grid[0] * groups, split, block_m * p["BLOCK_N"])
-    weight_descriptor = WeightDescriptors(bk, lambda packed: TensorDescriptor(packed, w_shape, w_strides, w_box))
+    weight_descriptor = _weight_descriptors(weight.shape, bk, p["BLOCK_N"])
 
     def launch(x, weight, bias, y):
         x_desc = TensorDescriptor(channels_last(x), x_shape, x_strides, x_box)
         kernel(x_desc, weight_descriptor(weight), y if bias is None else bias, y, *scratch(y))
     return launch
+
+
+def _weight_descriptors(weight_shape, block_k: int, block_n: int) -> WeightDescriptors:
+    """TMA descriptors of weights of this shape packed as [OC, KH*KW*CPAD], in [BLOCK_N, BLOCK_K] tiles."""
+    oc, cg, kernel_h, kernel_w = weight_shape
+    k = kernel_h * kernel_w * triton.cdiv(cg, block_k) * block_k
+    return WeightDescriptors(block_k, lambda packed: TensorDescriptor(packed, [oc, k], [k, 1], [block_n, block_k]))
 
 
 def _split_k_scratch(tiles: int, split: int, tile_elems: int):
@@ -569,8 +618,8 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
     candidates = []
     batch_hw = (x.shape[0], y.shape[2], y.shape[3])
     split_k_args = (oc // groups, groups, cg, weight.shape[2] * weight.shape[3], x.device)
+    flat = _flat_pixels(weight, y, stride, padding)
     if load_path in ("auto", "tma") and not tma_why:
-        flat = _flat_pixels(weight, y, stride, padding)
         # As the TMA kernel sees the output: a flat problem is one image of one row of all the pixels.
         tma_n, tma_h, tma_w = (1, 1, math.prod(batch_hw)) if flat else batch_hw
         tma = tma_candidates(cg, oc // groups, tma_h, tma_w, tma_n, groups, x.dtype,
@@ -581,6 +630,9 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
     if load_path in ("auto", "pointer"):
         pointer = pointer_candidates(cg, oc // groups, x.dtype)
         candidates += pointer + split_k_candidates(pointer, *batch_hw, *split_k_args)
+    if load_path == "auto" and _gather_pays(x, y, flat, tma_why):
+        gather = gather_candidates(cg, oc // groups, x.dtype)
+        candidates += gather + split_k_candidates(gather, *batch_hw, *split_k_args)
     if load_path == "nchw" or (load_path == "auto" and _flat_nchw(x, weight, y, stride, padding)):
         # A 1x1 convolution of NCHW planes is a batched GEMM over them: reading them in place saves the copy
         # to channels_last the other paths make. With a gather per tap (3x3 and up) it lost 4-15x to that copy.
