@@ -2,7 +2,7 @@
 
 Usage on a GPU: python bench/probe_tiles.py [problem ...] [--variants] [--only=KERNEL[,KERNEL]] [--match=S[|S]]
                                             [--tuner | --tuner-only] [--cudnn-kernels] [--nchw]
-  --variants  also time variants outside the tuner's set: TMA tiles with 2, 4, 5, 6 and 8 pipeline
+  --variants  also time variants outside the tuner's set: TMA tiles with 1, 2, 4, 5, 6 and 8 pipeline
               stages (where they fit in 200 KiB of shared memory) and with 4 warps (tiles up to 128x128),
               halo tiles with 2 or 3 stages and 4 or 8 warps, and pointer tiles with 1 stage (plain loads,
               which go through L1, instead of cp.async.cg), NCHW tiles with 1, 2 or 4 stages and 256-row
@@ -136,7 +136,7 @@ def variants(cands, elem):
         if cand.kernel == "igemm_tma" and cand.num_stages == 3:
             p = cand.params
             stage = (p["BLOCK_B"] * p["BLOCK_H"] * p["BLOCK_W"] + p["BLOCK_N"]) * p["BLOCK_K"] * elem
-            extra += [tuning.Candidate(cand.kernel, cand.meta, cand.num_warps, s) for s in (2, 4, 5, 6, 8)
+            extra += [tuning.Candidate(cand.kernel, cand.meta, cand.num_warps, s) for s in (1, 2, 4, 5, 6, 8)
                       if s * stage <= 200 * 1024]
             if cand.num_warps == 8 and p["BLOCK_B"] * p["BLOCK_H"] * p["BLOCK_W"] * p["BLOCK_N"] <= 128 * 128:
                 extra.append(tuning.Candidate(cand.kernel, cand.meta, 4, 3))
