@@ -1,7 +1,7 @@
 """Tile sweep: time every kernel candidate the tuner would consider, one by one, against cuDNN (same run).
 
 Usage on a GPU: python bench/probe_tiles.py [problem ...] [--variants] [--only=KERNEL[,KERNEL]] [--match=S[|S]]
-                                            [--tuner | --tuner-only] [--cudnn-kernels] [--nchw]
+                                            [--tuner | --tuner-only] [--cudnn-kernels] [--nchw] [--regcap]
   --variants  also time variants outside the tuner's set: TMA tiles with 1, 2, 4, 5, 6 and 8 pipeline
               stages (where they fit in 200 KiB of shared memory) and with 4 warps (tiles up to 128x128),
               halo tiles with 2 or 3 stages and 4 or 8 warps, and pointer tiles with 1 stage (plain loads,
@@ -16,6 +16,7 @@ Usage on a GPU: python bench/probe_tiles.py [problem ...] [--variants] [--only=K
   --tuner-only  the --tuner check alone.
   --cudnn-kernels  name the kernels cuDNN runs for each layout (torch.profiler), with their GPU times.
   --nchw      our candidates take NCHW input and weight (default: channels_last), as a model in NCHW passes them.
+  --regcap    also time every candidate capped at 96, 128 or 168 registers a thread (maxnreg).
 The --tuner check also gives the profiler's GPU time of each kernel the plan launches (L2 cleared
 before each call, as do_bench does) and the host time of one launch_conv2d call, to tell a slow
 kernel from a slow launch.
@@ -193,6 +194,9 @@ def run_problem(name, args):
     if only:
         cands = [cand for cand in cands if cand.kernel in only[0]]
     extra = variants(cands, x.element_size()) if "--variants" in args else []
+    if "--regcap" in args:  # every candidate capped at 96, 128 or 168 registers a thread
+        extra += [tuning.Candidate.make(c.kernel, c.num_warps, c.num_stages, maxnreg=r, **c.params)
+                  for c in cands if "maxnreg" not in c.params for r in (96, 128, 168)]
     match = [a.split("=", 1)[1].split("|") for a in args if a.startswith("--match=")]
     if match:
         cands, extra = ([cand for cand in group if any(m in cand.describe() for m in match[0])]

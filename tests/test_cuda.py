@@ -33,8 +33,9 @@ KERNEL_FUNCTIONS = {"seed": {"seed_conv2d_kernel"}, "gemm_pointer": {"igemm_poin
                     "gemm_tma": {"igemm_tma_kernel", "igemm_halo_kernel"}, "gemm_nchw": {"igemm_nchw_kernel"},
                     "depthwise": {"depthwise_kernel"}}
 CANDIDATE_FUNCTIONS = [(igemm_mod, "tma_candidates"), (igemm_mod, "pointer_candidates"),
-                       (igemm_mod, "gather_candidates"), (igemm_mod, "nchw_candidates"), (igemm_mod, "split_k_candidates"),
-                       (depthwise_mod, "depthwise_candidates"), (halo_mod, "halo_candidates")]
+                       (igemm_mod, "gather_candidates"), (igemm_mod, "nchw_candidates"),
+                       (igemm_mod, "split_k_candidates"), (depthwise_mod, "depthwise_candidates"),
+                       (halo_mod, "halo_candidates")]
 if hasattr(igemm_mod, "seed_candidates"):  # the seed's direct kernel, offered for few-channel convolutions
     CANDIDATE_FUNCTIONS.append((igemm_mod, "seed_candidates"))
 
