@@ -613,20 +613,26 @@ SPLIT_K_CASES = [
 ]
 
 
-@pytest.mark.parametrize("split", [2, 3, 4])
-@pytest.mark.parametrize("case", SPLIT_K_CASES, ids=[str(i) for i in range(len(SPLIT_K_CASES))])
-def test_split_k(case, split, monkeypatch, kernel_launches):
-    """Split-K slices summed by the last program to arrive; twice, since each launch must leave its
-    arrival counters at zero for the next one."""
-    cand = tuning.Candidate.make("igemm_pointer", BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, SPLIT_K=split)
-    monkeypatch.setattr(igemm_mod, "pointer_candidates", lambda *a, **k: [cand])
+def check_twice(case: Case, algorithm: str, kernel: str, launches) -> dict:
+    """Two launches of one plan, each against float64 and in eager's memory format (a split-K launch must
+    leave its arrival counters at zero for the next); both must be `kernel`. Returns the first's meta."""
     x, w, b = case.tensors()
     ref = reference(x, w, b, *case.args())
     for _ in range(2):
-        y = launch_conv2d(x, w, b, *case.args(), "ieee", "gemm_pointer")
+        y = launch_conv2d(x, w, b, *case.args(), "ieee", algorithm)
         assert rel_err(y, ref) <= tolerance(x.dtype)
-    assert kernel_launches.names == ["igemm_pointer_kernel"] * 2
-    assert kernel_launches[0][1]["SPLIT_K"] == split
+        assert format_flags(y) == format_flags(F.conv2d(x, w, b, *case.args()))
+    assert launches.names == [kernel] * 2
+    return launches[0][1]
+
+
+@pytest.mark.parametrize("split", [2, 3, 4])
+@pytest.mark.parametrize("case", SPLIT_K_CASES, ids=[str(i) for i in range(len(SPLIT_K_CASES))])
+def test_split_k(case, split, monkeypatch, kernel_launches):
+    """Split-K slices summed by the last program to arrive."""
+    cand = tuning.Candidate.make("igemm_pointer", BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, SPLIT_K=split)
+    monkeypatch.setattr(igemm_mod, "pointer_candidates", lambda *a, **k: [cand])
+    assert check_twice(case, "gemm_pointer", "igemm_pointer_kernel", kernel_launches)["SPLIT_K"] == split
 
 
 # ---------------------------------------------------------------- TMA weight descriptors: cached per weight, held weakly
@@ -701,17 +707,11 @@ TMA_SPLIT_K_CASES = [
 @pytest.mark.parametrize("split", [2, 3, 4])
 @pytest.mark.parametrize("case", TMA_SPLIT_K_CASES, ids=[str(i) for i in range(len(TMA_SPLIT_K_CASES))])
 def test_split_k_on_tma_tiles(case, split, monkeypatch, kernel_launches):
-    """The TMA kernel's split-K shares the pointer kernel's reduction; twice, for the counters' reset."""
+    """The TMA kernel's split-K shares the pointer kernel's reduction."""
     cand = tuning.Candidate.make("igemm_tma", BLOCK_B=2, BLOCK_H=2, BLOCK_W=8, BLOCK_N=16, BLOCK_K=16,
                                  SPLIT_K=split)
     monkeypatch.setattr(igemm_mod, "tma_candidates", lambda *a, **k: [cand])
-    x, w, b = case.tensors()
-    ref = reference(x, w, b, *case.args())
-    for _ in range(2):
-        y = launch_conv2d(x, w, b, *case.args(), "ieee", "gemm_tma")
-        assert rel_err(y, ref) <= tolerance(x.dtype)
-    assert kernel_launches.names == ["igemm_tma_kernel"] * 2
-    assert kernel_launches[0][1]["SPLIT_K"] == split
+    assert check_twice(case, "gemm_tma", "igemm_tma_kernel", kernel_launches)["SPLIT_K"] == split
 
 
 @pytest.mark.parametrize("case,flat", [
@@ -757,14 +757,9 @@ def test_pointer_kernel_with_tma_weights(case, split, pick_tma_weights, monkeypa
         monkeypatch.setattr(igemm_mod, "gather_candidates", lambda *a, **k: [
             tuning.Candidate.make(c.kernel, c.num_warps, c.num_stages, **{**c.params, "SPLIT_K": split})
             for c in real(*a, **k)])
-    x, w, b = case.tensors()
-    ref = reference(x, w, b, *case.args())
-    for _ in range(2):  # the weight descriptor is cached per weight on the second call
-        y = launch_conv2d(x, w, b, *case.args(), "ieee", "auto")
-        assert rel_err(y, ref) <= tolerance(x.dtype)
-        assert format_flags(y) == format_flags(F.conv2d(x, w, b, *case.args()))
-    assert kernel_launches.names == ["igemm_pointer_kernel"] * 2
-    assert kernel_launches[0][1]["TMA_WEIGHTS"] is True and kernel_launches[0][1]["SPLIT_K"] == split
+    # The second launch finds the weight's descriptor cached.
+    meta = check_twice(case, "auto", "igemm_pointer_kernel", kernel_launches)
+    assert meta["TMA_WEIGHTS"] is True and meta["SPLIT_K"] == split
 
 
 @pytest.mark.parametrize("case,offered", [

@@ -23,6 +23,15 @@ def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
+@triton.jit
+def tile_origin(tile, OH, OW, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """(map, first output row, first output column) of pixel tile `tile` of BLOCK_H x BLOCK_W pixels:
+    tiles run along W, then H, then from one map to the next."""
+    tiles_w = tl.cdiv(OW, BLOCK_W)
+    tiles_hw = tl.cdiv(OH, BLOCK_H) * tiles_w
+    return tile // tiles_hw, (tile % tiles_hw) // tiles_w * BLOCK_H, (tile % tiles_w) * BLOCK_W
+
+
 def needs_dot_upcast(dtype: torch.dtype) -> bool:
     return interpreter_enabled() and dtype == torch.bfloat16
 

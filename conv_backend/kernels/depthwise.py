@@ -22,7 +22,7 @@ import triton.language as tl
 from ..layout import empty_output
 from ..runtime import interpreter_enabled
 from ..tuning import Candidate
-from .common import KernelLauncher, needs_int64, tuned_plan
+from .common import KernelLauncher, needs_int64, tile_origin, tuned_plan
 
 
 @triton.jit
@@ -72,11 +72,7 @@ def depthwise_kernel(
     tile with one shifted load per tap."""
     pid = tl.program_id(0)
     pid_c = tl.program_id(1)
-    tiles_w = tl.cdiv(OW, BLOCK_W)
-    tiles_hw = tl.cdiv(OH, BLOCK_H) * tiles_w
-    img = pid // tiles_hw
-    oh0 = (pid % tiles_hw) // tiles_w * BLOCK_H
-    ow0 = (pid % tiles_w) * BLOCK_W
+    img, oh0, ow0 = tile_origin(pid, OH, OW, BLOCK_H, BLOCK_W)
     c0 = pid_c * BLOCK_C
     if USE_INT64:
         img = img.to(tl.int64)

@@ -196,6 +196,7 @@ if gluon is not None:
         num_pid_n = gl.cdiv(OC, BLOCK_N)
         pid_n = pid % num_pid_n
         tile = pid // num_pid_n
+        # The pixel-tile order of common.tile_origin, which a Gluon kernel cannot call.
         tiles_w = gl.cdiv(OW, BLOCK_W)
         tiles_hw = gl.cdiv(OH, BLOCK_H) * tiles_w
         img = tile // tiles_hw

@@ -34,7 +34,7 @@ from ..support import tma_reason
 from ..tuning import Candidate
 from . import halo
 from .common import (KernelLauncher, WeightDescriptors, box_row_channels, mma, needs_dot_upcast, needs_int64,
-                     tuned_plan)
+                     tile_origin, tuned_plan)
 from .seed import seed_conv2d_kernel, seed_launch_args
 
 log = logging.getLogger("conv_backend")
@@ -181,11 +181,8 @@ def igemm_tma_kernel(
     num_pid_n = tl.cdiv(OCG, BLOCK_N)
     pid_n = pid % num_pid_n
     tile = pid // num_pid_n
-    tiles_w = tl.cdiv(OW, BLOCK_W)
-    tiles_hw = tl.cdiv(OH, BLOCK_H) * tiles_w
-    img0 = tile // tiles_hw * BLOCK_B
-    oh0 = (tile % tiles_hw) // tiles_w * BLOCK_H
-    ow0 = (tile % tiles_w) * BLOCK_W
+    box, oh0, ow0 = tile_origin(tile, OH, OW, BLOCK_H, BLOCK_W)  # a box spans BLOCK_B maps
+    img0 = box * BLOCK_B
     c_base = group * CG
     n0 = group * OCG + pid_n * BLOCK_N
 
