@@ -10,12 +10,15 @@ atomically, so concurrent processes never leave a torn file.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
 import math
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -197,11 +200,53 @@ def _time_candidate(fn: Callable[[], None]) -> float:
 
 
 TIMING_PASSES = 2
+# Set while the tuner compiles candidates ahead of timing them: kernel launchers then hand their kernel to
+# Triton's compiler (KernelLauncher.__call__) and launch nothing.
+compiling_only = contextvars.ContextVar("tritonconv_compiling_only", default=False)
+
+
+def compile_threads() -> int:
+    """Threads that compile tuning candidates at once: TRITONCONV_COMPILE_THREADS, else the CPUs this
+    process may use (at most 32); 1 compiles each candidate as it is first timed."""
+    setting = os.environ.get("TRITONCONV_COMPILE_THREADS", "")
+    if setting.strip():
+        try:
+            return max(1, int(setting))
+        except ValueError:
+            log.warning("tritonconv: ignoring TRITONCONV_COMPILE_THREADS=%r (not an integer)", setting)
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return min(32, len(usable))
+
+
+def _compile_ahead(candidates: Sequence[Candidate], prepare: Callable[[Candidate], Callable[[], None]]) -> None:
+    """Compile every candidate's kernels at once in a thread pool, through Triton's AsyncCompileMode (its
+    compiler releases the GIL in its passes, and ptxas is a process of its own), so that timing them
+    finds them compiled. Compiling, not timing, is most of a cold tuning run. A candidate that fails here
+    fails again when timed, and is skipped there."""
+    async_mode = getattr(triton, "AsyncCompileMode", None)
+    threads = min(compile_threads(), len(candidates))
+    if async_mode is None or threads < 2 or interpreter_enabled():
+        return
+    try:
+        stack = contextlib.ExitStack()
+        with stack:
+            pool = stack.enter_context(ThreadPoolExecutor(threads, thread_name_prefix="tritonconv-compile"))
+            stack.enter_context(async_mode(pool, ignore_errors=True))
+            token = compiling_only.set(True)
+            stack.callback(compiling_only.reset, token)
+            for candidate in candidates:
+                try:
+                    prepare(candidate)()
+                except Exception as exc:
+                    log.debug("tritonconv: candidate %s did not compile: %s", candidate.describe(), exc)
+    except Exception as exc:  # e.g. the caller already compiles asynchronously: compile while timing instead
+        log.debug("tritonconv: compiling candidates ahead of timing failed: %s", exc)
 
 
 def _benchmark(candidates: Sequence[Candidate], prepare: Callable[[Candidate], Callable[[], None]]) -> Candidate:
     """The candidate with the lowest time, each timed in TIMING_PASSES passes over the whole list (its best
     pass counts): a host stall that inflates one pass does not reach the same candidate's other pass."""
+    _compile_ahead(candidates, prepare)
     launches, timings = {}, {}
     for candidate in candidates:
         try:

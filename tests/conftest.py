@@ -94,6 +94,8 @@ def kernel_launches(monkeypatch):
         return real_run(self, *args, **kwargs)
 
     def call(self, *args):
+        if tuning.compiling_only.get():  # the tuner compiling ahead (tuning._compile_ahead): no launch
+            return real_call(self, *args)
         # Later launches skip the JIT (direct launch), so they are recorded here.
         launches.append((getattr(self.kernel.fn, "__name__", "?"), dict(self.meta)))
         inside_launcher.append(self)

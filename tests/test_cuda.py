@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import triton
 
 import conv_backend
 import conv_backend.kernels.depthwise as depthwise_mod
@@ -219,7 +220,8 @@ def _candidate_problems():
         # Strided boxes ([N, H/2, 2, W/2, 2*C]) with padding on both sides.
         problems.append(("auto", Case(2, 48, 72, 24, 38, (3, 3), stride=(2, 2), padding=(1, 1),
                                       x_layout="channels_last"), "tma_candidates", "igemm_tma_kernel"))
-        # Maps smaller than a box: tiles of several images, the last tile running past the batch.
+        # Maps smaller than a box: tiles of several images (2-D boxes, and one-row stacks), the last running
+        # past the batch.
         problems.append(("auto", Case(5, 64, 72, 7, 7, (3, 3), padding=(1, 1), x_layout="channels_last"),
                          "tma_candidates", "igemm_tma_kernel"))
         # Gathered pixels, TMA weights: a 7x7 map (runs of pixels across images), and 20 channels a group
@@ -483,6 +485,35 @@ def test_warm_process_does_not_retune(monkeypatch, kernel_launches):
         {k: v for k, v in chosen[1].items() if k.startswith("BLOCK")}
 
 
+@pytest.mark.skipif(not hasattr(triton, "AsyncCompileMode"), reason="this Triton has no AsyncCompileMode")
+def test_cold_tuning_compiles_candidates_in_compile_threads(monkeypatch, tmp_path, kernel_launches):
+    """A cold tuning run compiles its candidates ahead in the tuner's compile threads, not while timing them
+    on the calling thread, and the plan it picks is right."""
+    import collections
+    import threading
+
+    import triton.compiler
+    monkeypatch.setenv("TRITONCONV_COMPILE_THREADS", "4")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # Triton's disk cache: compile from scratch
+    compiled_on = []
+    real_compile = triton.compiler.compile
+
+    def compile_and_note(*args, **kwargs):
+        compiled_on.append(threading.current_thread().name)
+        return real_compile(*args, **kwargs)
+
+    monkeypatch.setattr(triton.compiler, "compile", compile_and_note)
+    for kernel in (igemm_mod.igemm_pointer_kernel, igemm_mod.igemm_tma_kernel, igemm_mod.igemm_nchw_kernel):
+        # Forget what earlier tests compiled in this process; each new binder takes triton.compiler.compile.
+        monkeypatch.setattr(kernel, "compile", real_compile, raising=False)  # put back after the test
+        monkeypatch.setattr(kernel, "device_caches", collections.defaultdict(kernel.create_binder))
+    case = Case(3, 24, 40, 9, 9, (3, 3), padding=(1, 1), x_layout="channels_last", dtype=torch.bfloat16)
+    run_case(case, "auto", "ieee")
+    assert len(compiled_on) >= 5, compiled_on
+    assert all(name.startswith("tritonconv-compile") for name in compiled_on), compiled_on
+    assert kernel_launches, "the tuned plan launched nothing"
+
+
 # ---------------------------------------------------------------- TF32 flag states
 
 PRECISION_KNOBS = [("generic", "all"), ("cuda", "all"), ("cuda", "conv"), ("cuda", "rnn")]
@@ -548,10 +579,10 @@ def test_direct_launch_on_side_stream_and_in_cuda_graph(algorithm, one_candidate
     """After its first launch a kernel skips the JIT; those launches must land on the caller's stream
     and be capturable in a CUDA graph that replays with new input values."""
     from conv_backend.kernels.common import KernelLauncher
-    launchers = []
-    real_init = KernelLauncher.__init__
-    monkeypatch.setattr(KernelLauncher, "__init__",
-                        lambda self, *a, **k: launchers.append(self) or real_init(self, *a, **k))
+    launchers = []  # those that launched (the tuner's compile-only calls launch nothing)
+    real_call = KernelLauncher.__call__
+    monkeypatch.setattr(KernelLauncher, "__call__", lambda self, *a: (
+        tuning.compiling_only.get() or launchers.append(self), real_call(self, *a))[1])
     groups = 32 if algorithm == "depthwise" else 1
     layout = "contiguous" if algorithm == "gemm_nchw" else "channels_last"
     case = Case(4, 32, 64, 20, 21, (3, 3), padding=(1, 1), groups=groups, x_layout=layout, dtype=torch.bfloat16)

@@ -186,6 +186,33 @@ def test_tma_candidates_fit_small_maps(monkeypatch):
     assert any(c.params["BLOCK_B"] > 1 for c in cands)
 
 
+ROW_STACK_TMA = tuning.Candidate.make("igemm_tma", BLOCK_B=4, BLOCK_H=1, BLOCK_W=8, BLOCK_N=16, BLOCK_K=16)
+
+
+@pytest.mark.parametrize("case", [
+    Case(6, 16, 12, 7, 7, (3, 3), padding=(1, 1), x_layout="channels_last"),  # 6 images: the last stack half full
+    Case(3, 16, 8, 10, 12, (3, 3), stride=(2, 2), padding=(1, 1)),  # 5x6 output rows of stride-2 boxes
+    Case(4, 32, 20, 5, 6, (3, 3), padding=(2, 1), dilation=(2, 1), groups=2, dtype=torch.bfloat16, bias=False),
+], ids=["7x7_partial_stack", "strided", "grouped_dilated_bf16"])
+def test_tma_row_stacks(case, monkeypatch, kernel_launches):
+    """Tiles of one output row of BLOCK_B images: rows past the map's top and bottom edges, and columns past
+    its sides, are the copy engine's zero fill; images past the batch are not stored."""
+    monkeypatch.setattr(igemm_mod, "tma_candidates", lambda *a, **k: [ROW_STACK_TMA])
+    meta = check_twice(case, "gemm_tma", "igemm_tma_kernel", kernel_launches)
+    assert (meta["BLOCK_B"], meta["BLOCK_H"]) == (4, 1)
+
+
+@pytest.mark.parametrize("out_hw,offered", [((7, 7), True), ((14, 14), True), ((28, 28), True), ((56, 56), False),
+                                            ((8, 200), False)])
+def test_tma_row_stacks_offered_where_boxes_run_past_the_map(out_hw, offered, monkeypatch):
+    monkeypatch.setattr(igemm_mod, "interpreter_enabled", lambda: False)
+    cands = igemm_mod.tma_candidates(256, 256, *out_hw, 32, 1, torch.bfloat16)
+    stacks = [c.params for c in cands if c.params["BLOCK_H"] == 1 and c.params["BLOCK_B"] > 1]
+    assert bool(stacks) == offered
+    for p in stacks:  # one row per image, the map's width rounded up to a power of two
+        assert p["BLOCK_W"] == max(8, 1 << (out_hw[1] - 1).bit_length()), p
+
+
 # ---------------------------------------------------------------- half precision and TF32 policy
 
 DTYPE_CASES = {

@@ -73,8 +73,10 @@ class _Tagged:
 
 @pytest.fixture
 def gpu_like(monkeypatch):
-    """select() as on a GPU: tune for real (but with a fake clock)."""
+    """select() as on a GPU: tune for real (but with a fake clock). Candidates are not compiled ahead
+    (tested on its own below), so each prepared launch runs only when timed."""
     monkeypatch.setattr(tuning, "interpreter_enabled", lambda: False)
+    monkeypatch.setenv("TRITONCONV_COMPILE_THREADS", "1")
     real_benchmark = tuning._benchmark
     monkeypatch.setattr(tuning, "_benchmark",
                         lambda cands, prepare: real_benchmark(cands, lambda c: _Tagged(c, prepare(c))))
@@ -447,3 +449,99 @@ def test_plan_builds_each_candidates_launch_once_while_tuning(gpu_like, monkeypa
 def test_a_candidate_failing_in_the_second_pass_keeps_its_first_time(gpu_like):
     bench = gpu_like({A: [1.0, RuntimeError("launch failed")], B: 2.0, C: 3.0})
     assert select(bench=bench) == A
+
+
+# ---------------------------------------------------------------- compiling candidates ahead of timing
+
+def _async_mode_active() -> bool:
+    return triton.runtime._async_compile.active_mode.get() is not None
+
+
+needs_async_compile = pytest.mark.skipif(not hasattr(triton, "AsyncCompileMode"),
+                                         reason="this Triton has no AsyncCompileMode")
+
+
+@pytest.mark.parametrize("setting,threads", [("3", 3), ("1", 1), ("0", 1), (" 12 ", 12)])
+def test_compile_threads_setting(setting, threads, monkeypatch):
+    monkeypatch.setenv("TRITONCONV_COMPILE_THREADS", setting)
+    assert tuning.compile_threads() == threads
+
+
+@pytest.mark.parametrize("setting", [None, "", "many"])
+def test_compile_threads_default_is_the_usable_cpus(setting, monkeypatch):
+    if setting is None:
+        monkeypatch.delenv("TRITONCONV_COMPILE_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("TRITONCONV_COMPILE_THREADS", setting)
+    assert 1 <= tuning.compile_threads() <= 32
+
+
+@needs_async_compile
+def test_compile_ahead_runs_every_candidate_compile_only(monkeypatch):
+    """Each candidate's launch runs once with compiling_only set, inside Triton's AsyncCompileMode, and one
+    that fails does not stop the others; afterwards both are off again."""
+    monkeypatch.setattr(tuning, "interpreter_enabled", lambda: False)
+    monkeypatch.setenv("TRITONCONV_COMPILE_THREADS", "4")
+    seen = []
+
+    def prepare(candidate):
+        def run():
+            seen.append((candidate, tuning.compiling_only.get(), _async_mode_active()))
+            if candidate == B:
+                raise RuntimeError("does not compile")
+        return run
+
+    tuning._compile_ahead([A, B, C], prepare)
+    assert seen == [(A, True, True), (B, True, True), (C, True, True)]
+    assert not tuning.compiling_only.get() and not _async_mode_active()
+
+
+@pytest.mark.parametrize("threads,interpreted", [("1", False), ("4", True)], ids=["one_thread", "interpreter"])
+def test_compile_ahead_skipped(threads, interpreted, monkeypatch):
+    """One thread, or the interpreter (nothing to compile): candidates compile as they are first timed."""
+    monkeypatch.setattr(tuning, "interpreter_enabled", lambda: interpreted)
+    monkeypatch.setenv("TRITONCONV_COMPILE_THREADS", threads)
+    tuning._compile_ahead([A, B, C], lambda c: pytest.fail("prepared a candidate"))
+
+
+@needs_async_compile
+def test_select_compiles_ahead_then_times(gpu_like, monkeypatch):
+    """With compile threads, select() first runs every candidate compile-only, then times them as before."""
+    monkeypatch.setenv("TRITONCONV_COMPILE_THREADS", "2")
+    bench = gpu_like({A: 3.0, B: 1.0, C: 2.0})
+    compile_only = []
+    real_prepare = bench.prepare
+
+    def prepare(candidate):
+        run = real_prepare(candidate)
+        return lambda: (compile_only.append((candidate, tuning.compiling_only.get())), run())
+
+    bench.prepare = prepare
+    assert select(bench=bench) == B
+    assert compile_only[:3] == [(A, True), (B, True), (C, True)]
+    assert all(not flag for _, flag in compile_only[3:]) and len(compile_only) == 3 + 3 * tuning.TIMING_PASSES
+
+
+def test_launcher_compiles_without_launching_when_compiling_only():
+    """KernelLauncher under compiling_only: the kernel's warmup (compile, no launch) with every argument."""
+    from conv_backend.kernels.common import KernelLauncher
+
+    class Kernel:
+        def __init__(self):
+            self.warmups = []
+
+        def warmup(self, *args, grid, **meta):
+            self.warmups.append((args, grid, meta))
+
+        def __getitem__(self, grid):
+            raise AssertionError("launched while compiling only")
+
+    kernel = Kernel()
+    launcher = KernelLauncher(kernel, (3, 2), (7, 8), BLOCK=16, num_warps=4)
+    token = tuning.compiling_only.set(True)
+    try:
+        launcher("x", "w")
+    finally:
+        tuning.compiling_only.reset(token)
+    assert kernel.warmups == [(("x", "w", 7, 8), (3, 2), {"BLOCK": 16, "num_warps": 4})]
+    assert launcher._direct is None  # the first real launch still goes through the JIT

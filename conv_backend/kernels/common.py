@@ -9,7 +9,7 @@ import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..runtime import interpreter_enabled
-from ..tuning import problem_signature, select
+from ..tuning import compiling_only, problem_signature, select
 
 INT32_MAX = 2**31 - 1
 
@@ -115,6 +115,9 @@ class KernelLauncher:
 
     def __call__(self, *leading):
         args = leading + self.scalars
+        if compiling_only.get():  # the tuner compiles ahead (tuning._compile_ahead): no launch
+            self.kernel.warmup(*args, grid=self.grid, **self.meta)
+            return
         direct = self._direct
         if direct is not None and not _launch_hooks_set():
             run, grid, function, metadata, device, constexprs = direct
