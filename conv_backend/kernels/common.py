@@ -39,7 +39,7 @@ def needs_dot_upcast(dtype: torch.dtype) -> bool:
 def box_row_channels(channels: int, dtype: torch.dtype) -> int:
     """Channels per row of a TMA box: one 128-byte swizzle row, or, where the channels take less, all of
     them rounded up to a power of two and at least 16 (the copy engine zero-fills past the last)."""
-    elem = torch.tensor([], dtype=dtype).element_size()
+    elem = dtype.itemsize
     return min(128 // elem, max(16, triton.next_power_of_2(channels)))
 
 

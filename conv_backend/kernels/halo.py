@@ -92,7 +92,7 @@ def smem_bytes(block_h, block_w, block_n, block_k, kernel_h, dil_h, elem, stages
 def halo_candidates(channels, out_channels, out_h, out_w, kernel_h, dil_h, dtype) -> list:
     """The tile configs worth timing for this problem: HALO_SHAPES fitted to the map, the channels and
     shared memory."""
-    elem = torch.tensor([], dtype=dtype).element_size()
+    elem = dtype.itemsize
     bk = box_row_channels(channels, dtype)
     max_n = max(16, triton.next_power_of_2(out_channels))
     picked = set()
