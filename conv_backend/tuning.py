@@ -6,7 +6,9 @@ the choice is made here, keyed on the full problem (shapes, strides, dtype,
 precision, GPU, torch and triton versions) and stored as JSON under
 $XDG_CACHE_HOME/tritonconv (default ~/.cache/tritonconv). A corrupt or stale
 file is ignored and rewritten; writers hold a lock and replace the file
-atomically, so concurrent processes never leave a torn file.
+atomically, so concurrent processes never leave a torn file. Before a cold
+choice is timed, every candidate is compiled at once in a thread pool
+(_compile_ahead): compiling, not timing, is most of a cold tuning run.
 """
 from __future__ import annotations
 
@@ -228,8 +230,7 @@ def _compile_ahead(candidates: Sequence[Candidate], prepare: Callable[[Candidate
     if async_mode is None or threads < 2 or interpreter_enabled():
         return
     try:
-        stack = contextlib.ExitStack()
-        with stack:
+        with contextlib.ExitStack() as stack:  # unwound in reverse: flag off, wait for every compile, pool down
             pool = stack.enter_context(ThreadPoolExecutor(threads, thread_name_prefix="tritonconv-compile"))
             stack.enter_context(async_mode(pool, ignore_errors=True))
             token = compiling_only.set(True)
