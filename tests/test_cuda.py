@@ -581,8 +581,13 @@ def test_direct_launch_on_side_stream_and_in_cuda_graph(algorithm, one_candidate
     from conv_backend.kernels.common import KernelLauncher
     launchers = []  # those that launched (the tuner's compile-only calls launch nothing)
     real_call = KernelLauncher.__call__
-    monkeypatch.setattr(KernelLauncher, "__call__", lambda self, *a: (
-        tuning.compiling_only.get() or launchers.append(self), real_call(self, *a))[1])
+
+    def call(self, *args):
+        if not tuning.compiling_only.get():
+            launchers.append(self)
+        return real_call(self, *args)
+
+    monkeypatch.setattr(KernelLauncher, "__call__", call)
     groups = 32 if algorithm == "depthwise" else 1
     layout = "contiguous" if algorithm == "gemm_nchw" else "channels_last"
     case = Case(4, 32, 64, 20, 21, (3, 3), padding=(1, 1), groups=groups, x_layout=layout, dtype=torch.bfloat16)
