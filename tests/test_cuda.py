@@ -31,7 +31,8 @@ pytestmark = pytest.mark.cuda
 DEV = "cuda"
 # The Triton functions a forced path may launch (the tuner runs each candidate it times).
 KERNEL_FUNCTIONS = {"seed": {"seed_conv2d_kernel"}, "gemm_pointer": {"igemm_pointer_kernel"},
-                    "gemm_tma": {"igemm_tma_kernel", "igemm_halo_kernel"}, "gemm_nchw": {"igemm_nchw_kernel"},
+                    "gemm_tma": {"igemm_tma_kernel", "igemm_halo_kernel"},
+                    "gemm_nchw": {"igemm_nchw_kernel", "igemm_nchw_streamed_kernel"},
                     "depthwise": {"depthwise_kernel"}}
 CANDIDATE_FUNCTIONS = [(igemm_mod, "tma_candidates"), (igemm_mod, "pointer_candidates"),
                        (igemm_mod, "gather_candidates"), (igemm_mod, "nchw_candidates"),
@@ -238,8 +239,9 @@ def _candidate_problems():
                          "seed_candidates", "seed_conv2d_kernel"))
     problems += [
         ("gemm_nchw", Case(2, 40, 72, 23, 37, (3, 3), padding=(1, 1)), "nchw_candidates", "igemm_nchw_kernel"),
-        # 136 output channels: the 16-bit register-capped 128x64 tile is offered, its second tile partial.
-        ("gemm_nchw", Case(2, 64, 136, 16, 32, (1, 1)), "nchw_candidates", "igemm_nchw_kernel"),
+        # 136 output channels: the 16-bit register-capped 128x64 tile is offered, its second tile partial; and
+        # streamed tiles (TILES), whose last program runs past the last image.
+        ("gemm_nchw", Case(3, 64, 136, 16, 30, (1, 1)), "nchw_candidates", "igemm_nchw_kernel"),
         ("depthwise", Case(2, 48, 48, 23, 37, (3, 3), padding=(1, 1), groups=48), "depthwise_candidates",
          "depthwise_kernel"),
         ("depthwise", Case(2, 48, 96, 23, 37, (3, 3), padding=(1, 1), groups=48, x_layout="channels_last"),
@@ -277,7 +279,8 @@ def test_every_candidate_is_correct(problem, dtype, monkeypatch, kernel_launches
             run_case(case, algorithm, "ieee")
         except AssertionError as exc:
             raise AssertionError(f"{family} {dtype} candidate {cand.describe()}: {exc}") from exc
-        assert set(kernel_launches.names) == {kernel}, (cand.describe(), kernel_launches.names)
+        expected = "igemm_nchw_streamed_kernel" if "TILES" in cand.params else kernel
+        assert set(kernel_launches.names) == {expected}, (cand.describe(), kernel_launches.names)
 
 
 # ---------------------------------------------------------------- the Gluon halo kernel (Hopper)

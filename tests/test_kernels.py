@@ -632,6 +632,44 @@ def test_nchw_kernel_flat_pixels_only_where_valid(case, flat, kernel_launches):
     assert rel_err(y, reference(x, w, b, *case.args())) <= 1e-5
 
 
+STREAMED_NCHW_CASES = [
+    Case(3, 16, 20, 5, 7, (1, 1)),  # 35 pixels: 3 tiles an image, 9 in all, the last program's third past the batch
+    Case(2, 24, 40, 4, 8, (1, 1), groups=2, bias=False),  # 12 channels a group in a 16-channel K step
+    Case(2, 16, 24, 6, 6, (1, 1), dtype=torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("tiles", [2, 3])
+@pytest.mark.parametrize("case", STREAMED_NCHW_CASES, ids=["partial", "grouped", "bf16"])
+def test_nchw_streamed_tiles(case, tiles, monkeypatch, kernel_launches):
+    """1x1 over NCHW planes, a program running over `tiles` pixel tiles across images with its weight tile
+    loaded once: every pixel of every image stored once, none past the batch."""
+    cand = tuning.Candidate.make("igemm_nchw", BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, TILES=tiles)
+    monkeypatch.setattr(igemm_mod, "nchw_candidates", lambda *a, **k: [cand])
+    assert check_twice(case, "gemm_nchw", "igemm_nchw_streamed_kernel", kernel_launches)["TILES"] == tiles
+
+
+@pytest.mark.parametrize("case", [Case(2, 40, 24, 6, 11, (1, 1)),  # 40 channels: more than one K step
+                                  Case(2, 16, 24, 6, 11, (1, 1), padding=(1, 0)),
+                                  Case(2, 16, 24, 6, 11, (3, 3), padding=(1, 1))], ids=["deep", "padded", "3x3"])
+def test_nchw_streamed_tiles_refused_where_they_do_not_apply(case, monkeypatch):
+    """A streamed candidate on a problem it cannot take fails to build (the tuner skips such a candidate),
+    rather than computing something else."""
+    cand = tuning.Candidate.make("igemm_nchw", BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, TILES=2)
+    x, w, b = case.tensors()
+    with pytest.raises(ValueError, match="streamed tiles"):
+        igemm_mod._launcher(cand, x, w, b, F.conv2d(x, w, b, *case.args()), *case.args(), "ieee")
+
+
+@pytest.mark.parametrize("cg,flat,streamed", [(64, True, True), (64, False, False), (128, True, False)])
+def test_nchw_streamed_tiles_offered_for_one_k_step_1x1(cg, flat, streamed, monkeypatch):
+    monkeypatch.setattr(igemm_mod, "interpreter_enabled", lambda: False)
+    cands = igemm_mod.nchw_candidates(cg, 256, torch.bfloat16, flat=flat)
+    tiled = [c.params for c in cands if "TILES" in c.params]
+    assert bool(tiled) == streamed
+    assert all(p["BLOCK_K"] >= cg for p in tiled)
+
+
 SPLIT_K_CASES = [
     Case(2, 37, 9, 5, 6, (3, 3), padding=(1, 1)),  # 3 channel chunks x 9 taps: slices of unequal length
     Case(1, 40, 12, 5, 4, (3, 2), stride=(2, 1), padding=(1, 1), groups=2, x_layout="channels_last"),

@@ -299,6 +299,52 @@ def igemm_nchw_kernel(
     tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def igemm_nchw_streamed_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, NPIX, CG, OCG, sxn, sxc, swo, swc, syn, syc, sb,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
+):
+    """igemm_nchw_kernel's 1x1 case (_flat_nchw) where the input channels fit one K step: there a tile's
+    work is one MMA, and a program of its own spends most of its time waiting on its loads. Here a program
+    loads its weight tile once and runs over TILES consecutive pixel tiles (across images), in a loop whose
+    input loads the pipeliner issues while earlier tiles multiply and store."""
+    pid = tl.program_id(0)
+    group = tl.program_id(1)
+    num_pid_m = tl.cdiv(OCG, BLOCK_M)
+    pid_m = pid % num_pid_m
+    first_tile = (pid // num_pid_m) * TILES
+    tiles_per_image = tl.cdiv(NPIX, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < OCG
+    k_ok = offs_k < CG
+    if USE_INT64:
+        group = group.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)  # channel * plane size passes int32 in one large image
+    oc = group * OCG + offs_m
+    a = tl.load(w_ptr + (oc * swo)[:, None] + (offs_k * swc)[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + oc * sb, mask=m_ok, other=0.0).to(tl.float32)
+    x_group = x_ptr + group * CG * sxc
+    for t in range(TILES):
+        tile = first_tile + t
+        img = tile // tiles_per_image
+        if USE_INT64:
+            img = img.to(tl.int64)
+        offs_n = (tile % tiles_per_image) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = (offs_n < NPIX) & (img < N)
+        b = tl.load(x_group + img * sxn + (offs_k * sxc)[:, None] + offs_n[None, :],
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = mma(a, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, UPCAST_DOT)
+        if HAS_BIAS:
+            acc += bias[:, None]
+        tl.store(y_ptr + img * syn + (oc * syc)[:, None] + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
 # Tile shapes worth timing, from sweeps on an H100 (devices differ: the tuner times them).
 # Pointer path: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
 POINTER_SHAPES_FP32 = [(256, 64, 32, 8, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4),
@@ -399,9 +445,13 @@ def split_k_candidates(candidates: list, batch: int, out_h: int, out_w: int, ocg
     return picked
 
 
-def nchw_candidates(cg: int, ocg: int, dtype: torch.dtype) -> list:
+def nchw_candidates(cg: int, ocg: int, dtype: torch.dtype, flat: bool = False) -> list:
+    """`flat` (_flat_nchw): also tiles streamed through one program (TILES; igemm_nchw_streamed_kernel) where
+    the channels fit one K step."""
     if interpreter_enabled():
-        return [Candidate.make("igemm_nchw", BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)]
+        plain = [Candidate.make("igemm_nchw", BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)]
+        return plain + ([Candidate.make("igemm_nchw", BLOCK_M=16, BLOCK_N=32, BLOCK_K=_pow2_at_least(cg),
+                                        TILES=3)] if flat and cg <= 64 else [])
     shapes = NCHW_SHAPES_FP32 if dtype == torch.float32 else NCHW_SHAPES_16BIT
     max_m, max_k = _pow2_at_least(ocg), _pow2_at_least(cg)
     picked = {Candidate.make("igemm_nchw", num_warps=w, num_stages=s, BLOCK_M=min(m, max_m), BLOCK_N=n,
@@ -411,6 +461,10 @@ def nchw_candidates(cg: int, ocg: int, dtype: torch.dtype) -> list:
         # memory-bound, 0.0243 -> 0.0233 ms (probe 28). Where the tile is clipped, the cap may not fit.
         picked.add(Candidate.make("igemm_nchw", num_warps=4, num_stages=3, maxnreg=80, BLOCK_M=128, BLOCK_N=64,
                                   BLOCK_K=64))
+    if flat:  # 2, 4 and 8 tiles a program each won on ResNet's 1x1 64->256 (probe 37: 0.0209 against 0.0233 ms)
+        picked |= {Candidate.make("igemm_nchw", c.num_warps, c.num_stages, TILES=tiles, **c.params)
+                   for c in list(picked) if c.params["BLOCK_K"] >= cg and c.params["BLOCK_N"] <= 128
+                   and "maxnreg" not in c.params for tiles in (2, 4, 8)}
     return sorted(picked, key=lambda c: c.describe())
 
 
@@ -524,6 +578,21 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
 
     if cand.kernel == "igemm_halo":
         return halo.halo_launcher(cand, x, weight, y, padding, dilation, {**flags, "bias_stride": bias_stride})
+
+    if cand.kernel == "igemm_nchw" and p.get("TILES", 1) > 1:
+        if not (_flat_nchw(x, weight, y, stride, padding) and cg <= p["BLOCK_K"]):
+            raise ValueError(f"{cand.describe()}: streamed tiles take 1x1 convolutions of dense planes whose "
+                             "channels fit one K step")
+        grid = (triton.cdiv(n * triton.cdiv(out_h * out_w, p["BLOCK_N"]), p["TILES"]) *
+                triton.cdiv(ocg, p["BLOCK_M"]), groups)
+        scalars = (n, out_h * out_w, cg, ocg, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+                   y.stride(0), y.stride(1), bias_stride)
+        flags = {k: v for k, v in flags.items() if k not in ("KH", "KW")}
+        kernel = KernelLauncher(igemm_nchw_streamed_kernel, grid, scalars, **flags)
+
+        def launch(x, weight, bias, y):
+            kernel(x, weight, y if bias is None else bias, y)
+        return launch
 
     if cand.kernel == "igemm_nchw":
         grid = (n * triton.cdiv(out_h * out_w, p["BLOCK_N"]) * triton.cdiv(ocg, p["BLOCK_M"]), groups)
@@ -650,7 +719,7 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
     if load_path == "nchw" or (load_path == "auto" and _flat_nchw(x, weight, y, stride, padding)):
         # A 1x1 convolution of NCHW planes is a batched GEMM over them: reading them in place saves the copy
         # to channels_last the other paths make. With a gather per tap (3x3 and up) it lost 4-15x to that copy.
-        candidates += nchw_candidates(cg, oc // groups, x.dtype)
+        candidates += nchw_candidates(cg, oc // groups, x.dtype, flat=_flat_nchw(x, weight, y, stride, padding))
     if load_path == "auto":
         candidates += seed_candidates(cg, groups, x.shape[0])
 
