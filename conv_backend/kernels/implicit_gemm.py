@@ -449,9 +449,7 @@ def nchw_candidates(cg: int, ocg: int, dtype: torch.dtype, flat: bool = False) -
     """`flat` (_flat_nchw): also tiles streamed through one program (TILES; igemm_nchw_streamed_kernel) where
     the channels fit one K step."""
     if interpreter_enabled():
-        plain = [Candidate.make("igemm_nchw", BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)]
-        return plain + ([Candidate.make("igemm_nchw", BLOCK_M=16, BLOCK_N=32, BLOCK_K=_pow2_at_least(cg),
-                                        TILES=3)] if flat and cg <= 64 else [])
+        return [Candidate.make("igemm_nchw", BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)]
     shapes = NCHW_SHAPES_FP32 if dtype == torch.float32 else NCHW_SHAPES_16BIT
     max_m, max_k = _pow2_at_least(ocg), _pow2_at_least(cg)
     picked = {Candidate.make("igemm_nchw", num_warps=w, num_stages=s, BLOCK_M=min(m, max_m), BLOCK_N=n,
