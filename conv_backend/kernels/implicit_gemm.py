@@ -577,27 +577,23 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     if cand.kernel == "igemm_halo":
         return halo.halo_launcher(cand, x, weight, y, padding, dilation, {**flags, "bias_stride": bias_stride})
 
-    if cand.kernel == "igemm_nchw" and p.get("TILES", 1) > 1:
-        if not (_flat_nchw(x, weight, y, stride, padding) and cg <= p["BLOCK_K"]):
-            raise ValueError(f"{cand.describe()}: streamed tiles take 1x1 convolutions of dense planes whose "
-                             "channels fit one K step")
-        grid = (triton.cdiv(n * triton.cdiv(out_h * out_w, p["BLOCK_N"]), p["TILES"]) *
-                triton.cdiv(ocg, p["BLOCK_M"]), groups)
-        scalars = (n, out_h * out_w, cg, ocg, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-                   y.stride(0), y.stride(1), bias_stride)
-        flags = {k: v for k, v in flags.items() if k not in ("KH", "KW")}
-        kernel = KernelLauncher(igemm_nchw_streamed_kernel, grid, scalars, **flags)
-
-        def launch(x, weight, bias, y):
-            kernel(x, weight, y if bias is None else bias, y)
-        return launch
-
     if cand.kernel == "igemm_nchw":
-        grid = (n * triton.cdiv(out_h * out_w, p["BLOCK_N"]) * triton.cdiv(ocg, p["BLOCK_M"]), groups)
         flat = _flat_nchw(x, weight, y, stride, padding)
-        scalars = (out_h, out_w, out_h * out_w, in_h, in_w, cg, ocg, triton.cdiv(cg, p["BLOCK_K"]), *x.stride(),
-                   *weight.stride(), *y.stride(), bias_stride, *stride, *padding, *dilation)
-        kernel = KernelLauncher(igemm_nchw_kernel, grid, scalars, PIXELS_FLAT=flat, **flags)
+        if p.get("TILES", 1) > 1:  # igemm_nchw_streamed_kernel
+            if not (flat and cg <= bk):
+                raise ValueError(f"{cand.describe()}: streamed tiles take 1x1 convolutions of dense planes whose "
+                                 "channels fit one K step")
+            grid = (triton.cdiv(n * triton.cdiv(out_h * out_w, p["BLOCK_N"]), p["TILES"]) *
+                    triton.cdiv(ocg, p["BLOCK_M"]), groups)
+            scalars = (n, out_h * out_w, cg, ocg, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+                       y.stride(0), y.stride(1), bias_stride)
+            kernel = KernelLauncher(igemm_nchw_streamed_kernel, grid, scalars,
+                                    **{k: v for k, v in flags.items() if k not in ("KH", "KW")})
+        else:
+            grid = (n * triton.cdiv(out_h * out_w, p["BLOCK_N"]) * triton.cdiv(ocg, p["BLOCK_M"]), groups)
+            scalars = (out_h, out_w, out_h * out_w, in_h, in_w, cg, ocg, triton.cdiv(cg, bk), *x.stride(),
+                       *weight.stride(), *y.stride(), bias_stride, *stride, *padding, *dilation)
+            kernel = KernelLauncher(igemm_nchw_kernel, grid, scalars, PIXELS_FLAT=flat, **flags)
 
         def launch(x, weight, bias, y):
             kernel(x, weight, y if bias is None else bias, y)
@@ -714,10 +710,11 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
     if load_path == "auto" and _gather_pays(x, y, flat, tma_why):
         gather = gather_candidates(cg, oc // groups, x.dtype)
         candidates += gather + split_k_candidates(gather, *batch_hw, *split_k_args)
-    if load_path == "nchw" or (load_path == "auto" and _flat_nchw(x, weight, y, stride, padding)):
+    flat_nchw = _flat_nchw(x, weight, y, stride, padding)
+    if load_path == "nchw" or (load_path == "auto" and flat_nchw):
         # A 1x1 convolution of NCHW planes is a batched GEMM over them: reading them in place saves the copy
         # to channels_last the other paths make. With a gather per tap (3x3 and up) it lost 4-15x to that copy.
-        candidates += nchw_candidates(cg, oc // groups, x.dtype, flat=_flat_nchw(x, weight, y, stride, padding))
+        candidates += nchw_candidates(cg, oc // groups, x.dtype, flat=flat_nchw)
     if load_path == "auto":
         candidates += seed_candidates(cg, groups, x.shape[0])
 
