@@ -220,15 +220,17 @@ def compile_threads() -> int:
     return min(32, len(usable))
 
 
-def _compile_ahead(candidates: Sequence[Candidate], prepare: Callable[[Candidate], Callable[[], None]]) -> None:
+def _compile_ahead(candidates: Sequence[Candidate], prepare: Callable[[Candidate], Callable[[], None]]) -> dict:
     """Compile every candidate's kernels at once in a thread pool, through Triton's AsyncCompileMode (its
     compiler releases the GIL in its passes, and ptxas is a process of its own), so that timing them
     finds them compiled. Compiling, not timing, is most of a cold tuning run. A candidate that fails here
-    fails again when timed, and is skipped there."""
+    fails again when timed, and is skipped there. Returns the launches it built, {candidate: launch}, for
+    the timing to run (empty where it did not run)."""
+    launches = {}
     async_mode = getattr(triton, "AsyncCompileMode", None)
     threads = min(compile_threads(), len(candidates))
     if async_mode is None or threads < 2 or interpreter_enabled():
-        return
+        return launches
     try:
         with contextlib.ExitStack() as stack:  # unwound in reverse: flag off, wait for every compile, pool down
             pool = stack.enter_context(ThreadPoolExecutor(threads, thread_name_prefix="tritonconv-compile"))
@@ -237,30 +239,33 @@ def _compile_ahead(candidates: Sequence[Candidate], prepare: Callable[[Candidate
             stack.callback(compiling_only.reset, token)
             for candidate in candidates:
                 try:
-                    prepare(candidate)()
+                    launches[candidate] = prepare(candidate)
+                    launches[candidate]()
                 except Exception as exc:
                     log.debug("tritonconv: candidate %s did not compile: %s", candidate.describe(), exc)
     except Exception as exc:  # e.g. the caller already compiles asynchronously: compile while timing instead
         log.debug("tritonconv: compiling candidates ahead of timing failed: %s", exc)
+    return launches
 
 
 def _benchmark(candidates: Sequence[Candidate], prepare: Callable[[Candidate], Callable[[], None]]) -> Candidate:
     """The candidate with the lowest time, each timed in TIMING_PASSES passes over the whole list (its best
     pass counts): a host stall that inflates one pass does not reach the same candidate's other pass."""
-    _compile_ahead(candidates, prepare)
-    launches, timings = {}, {}
+    launches = _compile_ahead(candidates, prepare)
+    timings = {}
     for candidate in candidates:
         try:
-            launches[candidate] = prepare(candidate)
+            if candidate not in launches:
+                launches[candidate] = prepare(candidate)
             timings[candidate] = _time_candidate(launches[candidate])
         except Exception as exc:  # e.g. out of shared memory for this shape: skip the config
             log.debug("tritonconv: candidate %s failed: %s", candidate.describe(), exc)
             timings[candidate] = math.inf
     for _ in range(TIMING_PASSES - 1):
-        for candidate, launch in launches.items():
+        for candidate in candidates:
             if not math.isinf(timings[candidate]):
                 try:
-                    timings[candidate] = min(timings[candidate], _time_candidate(launch))
+                    timings[candidate] = min(timings[candidate], _time_candidate(launches[candidate]))
                 except Exception as exc:  # it ran once: keep that time
                     log.debug("tritonconv: candidate %s failed when timed again: %s", candidate.describe(), exc)
     best = min(timings, key=timings.get)

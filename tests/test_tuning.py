@@ -491,7 +491,8 @@ def test_compile_ahead_runs_every_candidate_compile_only(monkeypatch):
                 raise RuntimeError("does not compile")
         return run
 
-    tuning._compile_ahead([A, B, C], prepare)
+    launches = tuning._compile_ahead([A, B, C], prepare)
+    assert list(launches) == [A, B, C]  # what timing runs (B fails there again, and is skipped)
     assert seen == [(A, True, True), (B, True, True), (C, True, True)]
     assert not tuning.compiling_only.get() and not _async_mode_active()
 
@@ -501,7 +502,7 @@ def test_compile_ahead_skipped(threads, interpreted, monkeypatch):
     """One thread, or the interpreter (nothing to compile): candidates compile as they are first timed."""
     monkeypatch.setattr(tuning, "interpreter_enabled", lambda: interpreted)
     monkeypatch.setenv("TRITONCONV_COMPILE_THREADS", threads)
-    tuning._compile_ahead([A, B, C], lambda c: pytest.fail("prepared a candidate"))
+    assert tuning._compile_ahead([A, B, C], lambda c: pytest.fail("prepared a candidate")) == {}
 
 
 @needs_async_compile
@@ -518,6 +519,7 @@ def test_select_compiles_ahead_then_times(gpu_like, monkeypatch):
 
     bench.prepare = prepare
     assert select(bench=bench) == B
+    assert len(bench.prepared) == 3, "timing reuses the launches built while compiling ahead"
     assert compile_only[:3] == [(A, True), (B, True), (C, True)]
     assert all(not flag for _, flag in compile_only[3:]) and len(compile_only) == 3 + 3 * tuning.TIMING_PASSES
 
