@@ -11,14 +11,13 @@ host cannot queue the next launch while the GPU clears L2.
 import cProfile
 import pstats
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from probe_tiles import PROBLEMS  # noqa: E402
+from probe_tiles import PROBLEMS, host_laps_us  # noqa: E402
 
 from conv_backend import tuning  # noqa: E402
 from conv_backend.dispatch import launch_conv2d  # noqa: E402
@@ -26,14 +25,7 @@ from conv_backend.kernels import common, implicit_gemm as ig  # noqa: E402
 
 
 def host_us(fn, calls=300):
-    laps = []
-    for _ in range(calls):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        laps.append((time.perf_counter() - t0) * 1e6)
-    torch.cuda.synchronize()
-    laps.sort()
+    laps = host_laps_us(fn, calls)
     return f"p50 {laps[calls // 2]:6.1f} p90 {laps[calls * 9 // 10]:6.1f}"
 
 

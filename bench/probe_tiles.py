@@ -90,18 +90,23 @@ def kernel_times(fn, calls=40):
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
-def host_us(fn, calls=200):
-    """Median host time of one call, in microseconds (the GPU drained before each, so no call waits on
-    a full launch queue)."""
+def host_laps_us(fn, calls=200):
+    """Host time of each of `calls` calls, in microseconds, sorted (the GPU drained before each, so no call
+    waits on a full launch queue)."""
     import time
     laps = []
     for _ in range(calls):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
-        laps.append(time.perf_counter() - t0)
+        laps.append((time.perf_counter() - t0) * 1e6)
     torch.cuda.synchronize()
-    return sorted(laps)[calls // 2] * 1e6
+    return sorted(laps)
+
+
+def host_us(fn, calls=200):
+    """Median host time of one call, in microseconds."""
+    return host_laps_us(fn, calls)[calls // 2]
 
 
 def relerr(y, ref):
