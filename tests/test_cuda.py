@@ -22,6 +22,7 @@ import conv_backend
 import conv_backend.kernels.depthwise as depthwise_mod
 import conv_backend.kernels.halo as halo_mod
 import conv_backend.kernels.implicit_gemm as igemm_mod
+import conv_backend.kernels.warp_specialized as ws_mod
 from conv_backend import dispatch, last_report, tuning
 from conv_backend.dispatch import launch_conv2d
 
@@ -31,13 +32,13 @@ pytestmark = pytest.mark.cuda
 DEV = "cuda"
 # The Triton functions a forced path may launch (the tuner runs each candidate it times).
 KERNEL_FUNCTIONS = {"seed": {"seed_conv2d_kernel"}, "gemm_pointer": {"igemm_pointer_kernel"},
-                    "gemm_tma": {"igemm_tma_kernel", "igemm_halo_kernel"},
+                    "gemm_tma": {"igemm_tma_kernel", "igemm_halo_kernel", "igemm_ws_kernel"},
                     "gemm_nchw": {"igemm_nchw_kernel", "igemm_nchw_streamed_kernel"},
                     "depthwise": {"depthwise_kernel"}}
 CANDIDATE_FUNCTIONS = [(igemm_mod, "tma_candidates"), (igemm_mod, "pointer_candidates"),
                        (igemm_mod, "gather_candidates"), (igemm_mod, "nchw_candidates"),
                        (igemm_mod, "split_k_candidates"), (depthwise_mod, "depthwise_candidates"),
-                       (halo_mod, "halo_candidates")]
+                       (halo_mod, "halo_candidates"), (ws_mod, "ws_candidates")]
 if hasattr(igemm_mod, "seed_candidates"):  # the seed's direct kernel, offered for few-channel convolutions
     CANDIDATE_FUNCTIONS.append((igemm_mod, "seed_candidates"))
 
@@ -322,6 +323,72 @@ def test_every_halo_candidate_is_correct(case, dtype, precision, monkeypatch, ke
         except AssertionError as exc:
             raise AssertionError(f"{dtype} candidate {cand.describe()}: {exc}") from exc
         assert set(kernel_launches.names) == {"igemm_halo_kernel"}, (cand.describe(), kernel_launches.names)
+
+
+WS_CASES = [
+    # A partial channel chunk (48 = 32 + 16 in fp32), 72 output channels (a partial N tile), padding, NCHW.
+    Case(2, 48, 72, 23, 37, (3, 3), padding=(1, 1)),
+    # 7x7 maps, an odd batch: tiles of two images' 8x8 boxes end past the last image.
+    Case(5, 64, 64, 7, 7, (3, 3), padding=(1, 1), x_layout="channels_last"),
+    # The seed problem's kernel, padding and dilation, no bias.
+    Case(2, 32, 64, 37, 45, (5, 9), padding=(2, 4), dilation=(2, 3), bias=False, x_layout="channels_last"),
+    # A 1x1 into channels_last: one row of all 2*17*15 pixels, whose last tile is partial.
+    Case(2, 64, 96, 17, 15, (1, 1), x_layout="channels_last", w_layout="channels_last"),
+    # Fewer channels than a box row (16 per row; the copy engine zero-fills channels 8..15).
+    Case(2, 8, 24, 20, 33, (3, 3), padding=(1, 1)),
+    # 264 output channels: 256-channel tiles (two consumer warpgroups), the second one mostly past the end.
+    Case(1, 64, 264, 9, 20, (1, 1), x_layout="channels_last", w_layout="channels_last"),
+]
+
+
+def ws_candidates_for(case, dtype):
+    out_h, out_w = case.out_hw()
+    n, h, w = case.n, out_h, out_w
+    if case.kernel == (1, 1):
+        n, h, w = 1, 1, case.n * out_h * out_w
+    return ws_mod.ws_candidates(case.c, case.oc, n, h, w, dtype, sms=1)
+
+
+@pytest.mark.skipif(not gluon_hopper(), reason="the warp-specialized kernel is Gluon code for sm_90")
+@pytest.mark.parametrize("programs", [None, 3], ids=["one-per-sm", "three-programs"])
+@pytest.mark.parametrize("dtype,precision", HALO_DTYPES, ids=["tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", WS_CASES, ids=[f"ws-{i}" for i in range(len(WS_CASES))])
+def test_every_ws_candidate_is_correct(case, dtype, precision, programs, monkeypatch, kernel_launches):
+    """Each config the tuner may pick for the warp-specialized kernel, run alone against float64. With
+    three programs, each loops over many tiles: its consumers take turns, and the ring of stages wraps
+    around across tiles."""
+    case = dataclasses.replace(case, dtype=dtype)
+    cands = ws_candidates_for(case, dtype)
+    assert cands, f"no warp-specialized candidate for {case}"
+    if programs:
+        monkeypatch.setattr(ws_mod, "persistent_programs", lambda tiles, device: min(tiles, programs))
+    for module, name in CANDIDATE_FUNCTIONS:
+        monkeypatch.setattr(module, name, lambda *a, **k: [])
+    for cand in cands:
+        monkeypatch.setattr(ws_mod, "ws_candidates", lambda *a, _c=cand, **k: [_c])
+        forget()
+        del kernel_launches[:]
+        try:
+            run_case(case, "gemm_tma", precision)
+        except AssertionError as exc:
+            raise AssertionError(f"{dtype} candidate {cand.describe()}: {exc}") from exc
+        assert set(kernel_launches.names) == {"igemm_ws_kernel"}, (cand.describe(), kernel_launches.names)
+
+
+@pytest.mark.skipif(not gluon_hopper(), reason="the warp-specialized kernel is Gluon code for sm_90")
+def test_auto_offers_the_ws_kernel_only_where_it_can_run(monkeypatch, one_candidate):
+    offered = []
+    real = ws_mod.ws_candidates
+    monkeypatch.setattr(ws_mod, "ws_candidates", lambda *a, **k: offered.append(1) or real(*a, **k))
+    for case, precision, expected in [
+            (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), x_layout="channels_last"), "tf32", True),
+            (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), x_layout="channels_last"), "ieee", False),  # exact fp32
+            (Case(2, 32, 64, 38, 46, (3, 3), stride=(2, 2), padding=(1, 1)), "tf32", False),
+            (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), groups=2), "tf32", False)]:
+        forget()
+        del offered[:]
+        run_case(case, "auto", precision)
+        assert bool(offered) == expected, (case, precision)
 
 
 @pytest.mark.skipif(not gluon_hopper(), reason="the halo kernel is Gluon code for sm_90")

@@ -32,7 +32,7 @@ from ..layout import empty_output
 from ..runtime import has_tma, interpreter_enabled
 from ..support import tma_reason
 from ..tuning import Candidate
-from . import halo
+from . import halo, warp_specialized
 from .common import (KernelLauncher, WeightDescriptors, box_row_channels, mma, needs_dot_upcast, needs_int64,
                      tile_origin, tuned_plan)
 from .seed import seed_conv2d_kernel, seed_launch_args
@@ -577,6 +577,13 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     if cand.kernel == "igemm_halo":
         return halo.halo_launcher(cand, x, weight, y, padding, dilation, {**flags, "bias_stride": bias_stride})
 
+    if cand.kernel == "igemm_ws":
+        maps = (n, in_h, in_w, out_h, out_w)
+        if _flat_pixels(weight, y, stride, padding):  # as the TMA kernel below: one row of N*H*W pixels
+            maps = (1, 1, n * in_h * in_w, 1, n * out_h * out_w)
+        return warp_specialized.ws_launcher(cand, maps, weight, y, padding, dilation,
+                                            {**flags, "bias_stride": bias_stride})
+
     if cand.kernel == "igemm_nchw":
         flat = _flat_nchw(x, weight, y, stride, padding)
         if p.get("TILES", 1) > 1:  # igemm_nchw_streamed_kernel
@@ -704,6 +711,9 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
         candidates += tma + split_k_candidates(tma, tma_n, tma_h, tma_w, *split_k_args)
         if not halo.halo_reason(x, weight, stride, dilation, groups, input_precision):
             candidates += halo.halo_candidates(cg, oc, y.shape[2], y.shape[3], weight.shape[2], dilation[0], x.dtype)
+        if not warp_specialized.ws_reason(x, weight, stride, dilation, groups, input_precision):
+            candidates += warp_specialized.ws_candidates(cg, oc, tma_n, tma_h, tma_w, x.dtype,
+                                                         torch.cuda.get_device_properties(x.device).multi_processor_count)
     if load_path in ("auto", "pointer"):
         pointer = pointer_candidates(cg, oc // groups, x.dtype)
         candidates += pointer + split_k_candidates(pointer, *batch_hw, *split_k_args)

@@ -1,0 +1,354 @@
+"""Warp-specialized, persistent implicit GEMM for Hopper (sm_90), written in Gluon.
+
+The TMA kernel in implicit_gemm.py is software-pipelined by Triton: the warps that run the tensor
+cores also issue the copies, wait on them, and drain the pipeline at the end of every tile, so on
+problems whose tiles are short (K = 9 taps x 64 channels on #55) or few (3x3 512 at 7x7) the tensor
+cores idle while a tile starts and ends. Here the work is split by warps:
+
+- a loader warp issues every TMA copy, running up to STAGES K steps ahead, across tile boundaries;
+- one or two consumer warpgroups run the MMAs and the epilogue. With two, they take a program's
+  tiles in turn: one stores its tile while the other multiplies the next (the "ping-pong" schedule),
+  and a turn barrier keeps their main loops in the order the loader fills the ring.
+
+Programs are persistent: one per SM, each looping over tiles pid, pid + programs, ...
+A tile is the TMA kernel's: a BLOCK_B x BLOCK_H x BLOCK_W box of output pixels by BLOCK_N channels,
+one input box and one weight tile per K step (one tap, one channel chunk); padding is the copy
+engine's zero fill.
+
+Scope: stride 1, groups 1, TF32 or 16-bit operands, compute capability 9.x; `ws_reason` says why
+not otherwise.
+"""
+import functools
+import logging
+
+import torch
+import triton
+
+from ..runtime import interpreter_enabled
+from ..tuning import Candidate
+from .common import KernelLauncher, WeightDescriptors, box_row_channels
+
+try:  # Gluon ships with Triton >= 3.4; without it this kernel is simply not offered.
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+    from triton.language.core import _aggregate as aggregate
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gluon = None
+
+log = logging.getLogger("conv_backend")
+
+SMEM_BUDGET = 220 * 1024
+# (BLOCK_B, BLOCK_H, BLOCK_W, BLOCK_N, consumer warps, consumers); stages are what fits SMEM_BUDGET. Fitted
+# to a map like the TMA kernel's boxes: a 128-pixel row becomes 8x16 on 14x14 maps. Each was best or within
+# 5% of the best on one of #55, #56, #63 and ResNet's 3x3 layers at 7x7, 14x14 and 56x56 on an H200
+# (bench/results/probes/*-probe45-*); two consumers won only on #56.
+WS_SHAPES = [(1, 1, 128, 128, 4, 1), (1, 1, 128, 128, 8, 1), (1, 8, 16, 128, 4, 2), (2, 8, 8, 128, 4, 1),
+             (1, 8, 8, 128, 4, 1), (2, 8, 8, 64, 4, 1), (1, 1, 128, 256, 8, 1)]
+
+
+def ws_reason(x, weight, stride, dilation, groups, input_precision) -> str | None:
+    """None when the warp-specialized kernel can take this convolution, else why not."""
+    if gluon is None:
+        return "this Triton has no Gluon"
+    if interpreter_enabled() or x.device.type != "cuda":
+        return "Gluon kernels run on CUDA devices only (not in the interpreter)"
+    if torch.cuda.get_device_capability(x.device)[0] != 9:
+        return "warpgroup MMA needs compute capability 9.x (Hopper)"
+    if not warp_specialize_compiles():
+        return f"Triton {triton.__version__} does not compile the warp-specialized kernel"
+    if groups != 1 or tuple(stride) != (1, 1):
+        return "stride 1 and groups 1 only"
+    if x.dtype == torch.float32 and input_precision != "tf32":
+        return "exact fp32 (wgmma multiplies fp32 as TF32 only)"
+    return None
+
+
+def ws_candidates(channels, out_channels, batch, out_h, out_w, dtype, sms: int) -> list:
+    """Tile configs worth timing: WS_SHAPES fitted to the map like the TMA kernel's boxes, as many
+    stages as fit, and only where there are tiles for at least half the SMs."""
+    elem = dtype.itemsize
+    bk = box_row_channels(channels, dtype)
+    max_n = max(16, triton.next_power_of_2(out_channels))
+    picked = set()
+    for bb, bh, bw, bn, warps, consumers in WS_SHAPES:
+        bn = min(bn, max_n)
+        pixels = bb * bh * bw
+        bw = min(bw, max(8, triton.next_power_of_2(out_w)))
+        bh = min(pixels // (bb * bw), max(1, triton.next_power_of_2(out_h)))
+        bb = min(pixels // (bh * bw), max(1, triton.next_power_of_2(batch)))
+        if bb * bh * bw != pixels:
+            continue
+        stages = SMEM_BUDGET // ((pixels + bn) * bk * elem)
+        tiles = triton.cdiv(batch, bb) * triton.cdiv(out_h, bh) * triton.cdiv(out_w, bw) * triton.cdiv(out_channels, bn)
+        if stages >= 3 and tiles * 2 >= sms:
+            picked.add(Candidate.make("igemm_ws", num_warps=warps, num_stages=min(stages, 8), BLOCK_B=bb, BLOCK_H=bh,
+                                      BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, CONSUMERS=consumers))
+    return sorted(picked, key=lambda c: c.describe())
+
+
+@functools.cache
+def warp_specialize_compiles() -> bool:
+    """Whether this Triton compiles the kernel for sm_90 (Gluon's API still moves between releases).
+    Needs no GPU; found out once per process."""
+    if gluon is None:
+        return False
+    try:
+        compile_for_sm90(torch.bfloat16, dict(BLOCK_B=1, BLOCK_H=8, BLOCK_W=8, BLOCK_N=64, BLOCK_K=64, CONSUMERS=2),
+                         num_warps=4, num_stages=3)
+    except Exception as exc:  # a Gluon whose API moved: the kernel is not offered
+        log.info("tritonconv: warp-specialized kernel not offered: %s",
+                 str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return False
+    return True
+
+
+def compile_for_sm90(dtype: torch.dtype, params: dict, num_warps: int, num_stages: int, kernel_hw=(3, 3)):
+    """igemm_ws_kernel compiled for sm_90 with these tile parameters (a Candidate's), on any machine."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    names = igemm_ws_kernel.arg_names
+    type_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    gl_dtype = getattr(gl, str(dtype).removeprefix("torch."))
+    x_box = [params["BLOCK_B"], params["BLOCK_H"], params["BLOCK_W"], params["BLOCK_K"]]
+    w_box = [params["BLOCK_N"], params["BLOCK_K"]]
+    signature = {name: "i32" for name in names}
+    for name, box in (("x_desc", x_box), ("w_desc", w_box)):
+        layout = gl.NVMMASharedLayout.get_default_for(box, gl_dtype)
+        signature[name] = f"tensordesc<{type_name}[{', '.join(map(str, box))}],{layout!r}>"
+    signature["b_ptr"] = signature["y_ptr"] = f"*{type_name}"
+    constexprs = dict(KH=kernel_hw[0], KW=kernel_hw[1], HAS_BIAS=True, USE_INT64=False, STAGES=num_stages,
+                      num_warps=num_warps, **params)
+    for name in constexprs:
+        signature[name] = "constexpr"
+    source = GluonASTSource(igemm_ws_kernel, signature, {(names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "maxnreg": 168})
+
+
+if gluon is not None:
+    TF32 = gl.constexpr("tf32")  # how wgmma multiplies fp32 operands (ws_reason turns exact fp32 away)
+
+    @gluon.jit
+    def _tile(t, num_pid_n, OH, OW, BLOCK_B: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_W: gl.constexpr,
+              BLOCK_N: gl.constexpr):
+        """(first image, first output row, first output column, first output channel) of tile t. Channel
+        tiles of one pixel box come one after another (they share the input in L2); boxes run along W,
+        then H, then on to the next BLOCK_B images (common.tile_origin's order)."""
+        box = t // num_pid_n
+        tiles_w = gl.cdiv(OW, BLOCK_W)
+        tiles_hw = gl.cdiv(OH, BLOCK_H) * tiles_w
+        return (box // tiles_hw * BLOCK_B, (box % tiles_hw) // tiles_w * BLOCK_H, (box % tiles_w) * BLOCK_W,
+                (t % num_pid_n) * BLOCK_N)
+
+    class _Args:
+        """Everything every partition reads. warp_specialize hands each partition the same arguments, and
+        an aggregate keeps the constexprs constant where a tuple would turn them into tensors."""
+        x_desc: tma.tensor_descriptor
+        w_desc: tma.tensor_descriptor
+        b_ptr: gl.tensor
+        y_ptr: gl.tensor
+        a_smem: gl.shared_memory_descriptor
+        w_smem: gl.shared_memory_descriptor
+        ready: gl.shared_memory_descriptor
+        empty: gl.shared_memory_descriptor
+        turn: gl.shared_memory_descriptor
+        N: gl.tensor
+        OH: gl.tensor
+        OW: gl.tensor
+        OC: gl.tensor
+        C_CHUNKS: gl.tensor
+        CPAD: gl.tensor
+        syn: gl.tensor
+        syc: gl.tensor
+        syh: gl.tensor
+        syw: gl.tensor
+        sb: gl.tensor
+        pad_h: gl.tensor
+        pad_w: gl.tensor
+        dil_h: gl.tensor
+        dil_w: gl.tensor
+        tiles: gl.tensor
+        num_pid_n: gl.tensor
+        KH: gl.constexpr
+        KW: gl.constexpr
+        HAS_BIAS: gl.constexpr
+        USE_INT64: gl.constexpr
+        BLOCK_B: gl.constexpr
+        BLOCK_H: gl.constexpr
+        BLOCK_W: gl.constexpr
+        BLOCK_N: gl.constexpr
+        BLOCK_K: gl.constexpr
+        STAGES: gl.constexpr
+        CONSUMERS: gl.constexpr
+
+        def __init__(self, *values):
+            for name, value in zip(_Args.__annotations__, values):
+                setattr(self, name, value)
+        # Runs while the kernel is traced, like Triton's own builtins; marked so, the JIT's cache key
+        # skips it (it accepts only JIT functions and builtins).
+        __init__.__triton_builtin__ = True
+
+    WsArgs = aggregate(_Args)
+
+    @gluon.jit
+    def _ws_loader(p):
+        """Fill the ring: K step k of this program's i-th tile goes to position i * k_steps + k."""
+        pid = gl.program_id(0)
+        programs = gl.num_programs(0)
+        k_steps = p.KH * p.KW * p.C_CHUNKS
+        nbytes: gl.constexpr = p.x_desc.block_type.nbytes + p.w_desc.block_type.nbytes
+        pos = 0
+        for t in range(pid, p.tiles, programs):
+            img0, oh0, ow0, n0 = _tile(t, p.num_pid_n, p.OH, p.OW, p.BLOCK_B, p.BLOCK_H, p.BLOCK_W, p.BLOCK_N)
+            for k in range(k_steps):
+                s = pos % p.STAGES
+                # The stage's previous contents (position pos - STAGES) must have been consumed; a fresh
+                # barrier passes the wait on parity 1 at once.
+                mbarrier.wait(p.empty.index(s), ((pos // p.STAGES) & 1) ^ 1)
+                tap = k // p.C_CHUNKS
+                c0 = (k - tap * p.C_CHUNKS) * p.BLOCK_K
+                kh = tap // p.KW
+                bar = p.ready.index(s)
+                mbarrier.expect(bar, nbytes)
+                # Rows and columns before or past the image are zero-filled by the copy engine: the padding.
+                tma.async_copy_global_to_shared(
+                    p.x_desc, [img0, oh0 + kh * p.dil_h - p.pad_h, ow0 + (tap - kh * p.KW) * p.dil_w - p.pad_w, c0],
+                    bar, p.a_smem.index(s))
+                tma.async_copy_global_to_shared(p.w_desc, [n0, tap * p.CPAD + c0], bar, p.w_smem.index(s))
+                pos += 1
+
+    @gluon.jit
+    def _ws_consume(p, WHO: gl.constexpr):
+        """Consumer WHO of CONSUMERS: multiply and store tiles WHO, WHO + CONSUMERS, ... of this program."""
+        BLOCK_M: gl.constexpr = p.BLOCK_B * p.BLOCK_H * p.BLOCK_W
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
+            instr_shape=[16, p.BLOCK_N, 256 // p.x_desc.dtype.primitive_bitwidth])
+        pid = gl.program_id(0)
+        programs = gl.num_programs(0)
+        k_steps = p.KH * p.KW * p.C_CHUNKS
+        mine = 0
+        for t in range(pid + WHO * programs, p.tiles, p.CONSUMERS * programs):
+            base = ((t - pid) // programs) * k_steps
+            if p.CONSUMERS > 1:
+                # Main loops take turns in ring order: a consumer waiting on a position two fills ahead of
+                # a barrier would mistake that barrier's older phase of the same parity for its own.
+                mbarrier.wait(p.turn.index(WHO), (mine & 1) ^ (1 - WHO))
+            acc = gl.zeros([BLOCK_M, p.BLOCK_N], gl.float32, layout=mma_layout)
+            for k in range(k_steps):
+                pos = base + k
+                s = pos % p.STAGES
+                mbarrier.wait(p.ready.index(s), (pos // p.STAGES) & 1)
+                a = p.a_smem.index(s).reshape([BLOCK_M, p.BLOCK_K])
+                acc = warpgroup_mma(a, p.w_smem.index(s).permute((1, 0)), acc, precision=TF32.value,
+                                    is_async=True)
+                # With at most this step's MMA in flight, the previous step's stage goes back to the loader.
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                mbarrier.arrive(p.empty.index((pos + p.STAGES - 1) % p.STAGES), count=1, pred=k > 0)
+            if p.CONSUMERS > 1:
+                mbarrier.arrive(p.turn.index(1 - WHO), count=1)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(p.empty.index((base + k_steps - 1) % p.STAGES), count=1)
+
+            img0, oh0, ow0, n0 = _tile(t, p.num_pid_n, p.OH, p.OW, p.BLOCK_B, p.BLOCK_H, p.BLOCK_W, p.BLOCK_N)
+            offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
+            offs_n = n0 + gl.arange(0, p.BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+            in_map = offs_m % (p.BLOCK_H * p.BLOCK_W)
+            oh = oh0 + in_map // p.BLOCK_W
+            ow = ow0 + in_map % p.BLOCK_W
+            img = img0 + offs_m // (p.BLOCK_H * p.BLOCK_W)
+            n_ok = offs_n < p.OC
+            if p.HAS_BIAS:
+                acc += gl.expand_dims(gl.load(p.b_ptr + offs_n * p.sb, mask=n_ok, other=0.0).to(gl.float32), 0)
+            m_ok = (img < p.N) & (oh < p.OH) & (ow < p.OW)
+            if p.USE_INT64:
+                img = img.to(gl.int64)
+                oh = oh.to(gl.int64)
+                ow = ow.to(gl.int64)
+            pix = img * p.syn + oh * p.syh + ow * p.syw
+            y_offsets = gl.expand_dims(pix, 1) + gl.expand_dims(offs_n * p.syc, 0)
+            gl.store(p.y_ptr + y_offsets, acc.to(p.y_ptr.dtype.element_ty),
+                     mask=gl.expand_dims(m_ok, 1) & gl.expand_dims(n_ok, 0))
+            mine += 1
+
+    @gluon.jit
+    def _ws_first_consumer(p):
+        _ws_consume(p, 0)
+
+    @gluon.jit
+    def _ws_second_consumer(p):
+        _ws_consume(p, 1)
+
+    @gluon.jit
+    def igemm_ws_kernel(
+        x_desc, w_desc, b_ptr, y_ptr,
+        N, OH, OW, OC, C_CHUNKS, CPAD, syn, syc, syh, syw, sb, pad_h, pad_w, dil_h, dil_w, tiles, num_pid_n,
+        KH: gl.constexpr, KW: gl.constexpr, HAS_BIAS: gl.constexpr, USE_INT64: gl.constexpr,
+        BLOCK_B: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_W: gl.constexpr, BLOCK_N: gl.constexpr,
+        BLOCK_K: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        a_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+        w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
+
+        # Scalars equal to 1 arrive as constexprs (Triton specializes them); the aggregate wants tensors.
+        p = WsArgs(x_desc, w_desc, b_ptr, y_ptr, a_smem, w_smem, ready, empty, turn,
+                   gl.to_tensor(N), gl.to_tensor(OH), gl.to_tensor(OW), gl.to_tensor(OC), gl.to_tensor(C_CHUNKS),
+                   gl.to_tensor(CPAD), gl.to_tensor(syn), gl.to_tensor(syc), gl.to_tensor(syh), gl.to_tensor(syw),
+                   gl.to_tensor(sb), gl.to_tensor(pad_h), gl.to_tensor(pad_w), gl.to_tensor(dil_h),
+                   gl.to_tensor(dil_w), gl.to_tensor(tiles), gl.to_tensor(num_pid_n),
+                   KH, KW, HAS_BIAS, USE_INT64, BLOCK_B, BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K, STAGES, CONSUMERS)
+        # Registers a thread: the loader warp needs few; the consumers share what is left of the SM's 64K
+        # (the launch caps the average at 168 over the 12 warps).
+        if CONSUMERS == 2:
+            gl.warp_specialize([(_ws_first_consumer, (p, )), (_ws_loader, (p, )), (_ws_second_consumer, (p, ))],
+                               [1, num_warps], [40, 232])
+        else:
+            gl.warp_specialize([(_ws_first_consumer, (p, )), (_ws_loader, (p, ))], [1], [40])
+
+
+def persistent_programs(tiles: int, device) -> int:
+    """Programs to launch: one per SM (each takes every programs-th tile), fewer where there are fewer tiles."""
+    return min(tiles, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def ws_launcher(cand: Candidate, maps, weight, y, padding, dilation, flags):
+    """launch(x, weight, bias, y) for `cand` on tensors shaped like these. `maps` = (images, input height,
+    input width, output height, output width) as the kernel sees them: a flat 1x1 problem is one row of all
+    the pixels. `flags` are implicit_gemm's constexprs (HAS_BIAS, USE_INT64) plus the bias stride."""
+    n, in_h, in_w, out_h, out_w = maps
+    oc, c, kernel_h, kernel_w = weight.shape
+    p = cand.params
+    bb, bh, bw, bn, bk = p["BLOCK_B"], p["BLOCK_H"], p["BLOCK_W"], p["BLOCK_N"], p["BLOCK_K"]
+    cpad = triton.cdiv(c, bk) * bk
+    x_shape, x_strides, x_box = [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1], [bb, bh, bw, bk]
+    gl_dtype = getattr(gl, str(y.dtype).removeprefix("torch."))
+    x_layout = gl.NVMMASharedLayout.get_default_for(x_box, gl_dtype)
+    w_shape, w_strides, w_box = [oc, kernel_h * kernel_w * cpad], [kernel_h * kernel_w * cpad, 1], [bn, bk]
+    w_layout = gl.NVMMASharedLayout.get_default_for(w_box, gl_dtype)
+    num_pid_n = triton.cdiv(oc, bn)
+    tiles = triton.cdiv(n, bb) * triton.cdiv(out_h, bh) * triton.cdiv(out_w, bw) * num_pid_n
+    programs = persistent_programs(tiles, y.device)
+    scalars = (n, out_h, out_w, oc, triton.cdiv(c, bk), cpad, *y.stride(), flags["bias_stride"], *padding, *dilation,
+               tiles, num_pid_n)
+    # At most 12 warps (two consumer warpgroups and the loader's): 168 registers a thread on average fit 64K.
+    kernel = KernelLauncher(igemm_ws_kernel, (programs,), scalars, KH=kernel_h, KW=kernel_w,
+                            HAS_BIAS=flags["HAS_BIAS"], USE_INT64=flags["USE_INT64"], BLOCK_B=bb, BLOCK_H=bh,
+                            BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, STAGES=cand.num_stages, CONSUMERS=p["CONSUMERS"],
+                            num_warps=cand.num_warps, maxnreg=168)
+    weight_descriptor = WeightDescriptors(
+        bk, lambda packed: GluonTensorDescriptor(packed, w_shape, w_strides, w_box, w_layout))
+
+    def launch(x, weight, bias, y):
+        x = x.contiguous(memory_format=torch.channels_last)
+        x_desc = GluonTensorDescriptor(x, x_shape, x_strides, x_box, x_layout)
+        kernel(x_desc, weight_descriptor(weight), y if bias is None else bias, y)
+    return launch

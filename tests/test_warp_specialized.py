@@ -1,0 +1,83 @@
+"""The warp-specialized kernel's host-side rules, on any machine (its numerics are tested on a Hopper GPU in
+test_cuda.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+
+import conv_backend.kernels.implicit_gemm as igemm_mod
+import conv_backend.kernels.warp_specialized as ws
+from conv_backend.kernels.common import box_row_channels
+
+needs_gluon = pytest.mark.skipif(ws.gluon is None, reason="this Triton has no Gluon")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels,out_channels,batch,out_h,out_w", [
+    (64, 128, 8, 510, 1022),   # #55
+    (512, 512, 32, 7, 7),      # ResNet's 3x3 at 7x7
+    (256, 256, 32, 14, 14),
+    (48, 72, 2, 23, 37),       # a partial channel chunk and a partial N tile
+    (8, 24, 2, 20, 33),        # fewer channels than a box row
+])
+def test_candidates_fit_the_map_and_shared_memory(dtype, channels, out_channels, batch, out_h, out_w):
+    cands = ws.ws_candidates(channels, out_channels, batch, out_h, out_w, dtype, sms=1)
+    assert cands
+    pixel_counts = {bb * bh * bw for bb, bh, bw, *_ in ws.WS_SHAPES}
+    for cand in cands:
+        p = cand.params
+        block_m = p["BLOCK_B"] * p["BLOCK_H"] * p["BLOCK_W"]
+        assert block_m in pixel_counts, cand.describe()  # fitting a tile to the map keeps its pixel count
+        assert p["BLOCK_W"] <= max(8, triton.next_power_of_2(out_w))
+        assert p["BLOCK_H"] <= max(1, triton.next_power_of_2(out_h))
+        assert p["BLOCK_B"] <= max(1, triton.next_power_of_2(batch))
+        assert p["BLOCK_K"] == box_row_channels(channels, dtype)
+        assert p["BLOCK_N"] <= max(16, triton.next_power_of_2(out_channels))
+        assert 3 <= cand.num_stages <= 8
+        stage_bytes = (block_m + p["BLOCK_N"]) * p["BLOCK_K"] * dtype.itemsize
+        assert cand.num_stages * stage_bytes <= ws.SMEM_BUDGET, cand.describe()
+        assert p["CONSUMERS"] in (1, 2) and (p["CONSUMERS"] == 1 or cand.num_warps == 4)
+
+
+def test_seven_by_seven_maps_get_one_box_per_image():
+    cands = ws.ws_candidates(512, 512, 32, 7, 7, torch.bfloat16, sms=132)
+    assert {(c.params["BLOCK_H"], c.params["BLOCK_W"]) for c in cands} == {(8, 8)}
+
+
+def test_no_candidate_where_tiles_leave_most_sms_idle():
+    # One 7x7 image: four tiles of 64 pixels x 128 channels, where the GPU has 132 SMs.
+    assert ws.ws_candidates(512, 512, 1, 7, 7, torch.bfloat16, sms=132) == []
+    assert ws.ws_candidates(512, 512, 1, 7, 7, torch.bfloat16, sms=8)
+
+
+def test_not_offered_off_gpu():
+    x, w = torch.randn(1, 32, 16, 16), torch.randn(64, 32, 3, 3)
+    assert "CUDA" in ws.ws_reason(x, w, (1, 1), (1, 1), 1, "tf32") or ws.gluon is None
+
+
+def test_plan_on_cpu_offers_no_ws_candidate(monkeypatch):
+    """Off a Hopper GPU the warp-specialized kernel is never timed (the interpreter can't run Gluon)."""
+    monkeypatch.setattr(ws, "ws_candidates", lambda *a, **k: pytest.fail("warp-specialized kernel offered"))
+    x = torch.randn(1, 16, 9, 9).to(memory_format=torch.channels_last)
+    w = torch.randn(16, 16, 3, 3)
+    if not igemm_mod.tma_reason(x, w, (1, 1), 1):
+        igemm_mod.implicit_gemm_plan(x, w, None, (1, 1), (1, 1), (1, 1), 1, "ieee", "auto")
+
+
+@needs_gluon
+@pytest.mark.parametrize("dtype,shape", [
+    (torch.float32, (512, 512, 32, 7, 7)),
+    (torch.bfloat16, (64, 256, 1, 1, 4 * 56 * 56)),  # a flat 1x1: one row of pixels, 256-channel tiles
+    (torch.float16, (8, 24, 2, 20, 33)),
+])
+def test_compile_probe_agrees_with_every_candidate(dtype, shape):
+    """warp_specialize_compiles() decides whether the kernel is offered: where it says yes, every config the
+    tuner may pick compiles for sm_90 on this Triton (no GPU needed)."""
+    if not ws.warp_specialize_compiles():
+        pytest.skip(f"Triton {triton.__version__} does not compile the kernel; it is not offered")
+    for cand in ws.ws_candidates(*shape, dtype, sms=1):
+        compiled = ws.compile_for_sm90(dtype, cand.params, cand.num_warps, cand.num_stages)
+        ptx = compiled.asm["ptx"]
+        # The loader's copies and the consumers' MMAs are there, in warps whose registers were re-divided.
+        assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async" in ptx and "setmaxnreg" in ptx, cand.describe()
