@@ -312,17 +312,24 @@ def test_every_halo_candidate_is_correct(case, dtype, precision, monkeypatch, ke
     out_h, out_w = case.out_hw()
     cands = halo_mod.halo_candidates(case.c, case.oc, out_h, out_w, case.kernel[0], case.dilation[0], dtype)
     assert cands, f"no halo candidate for {case}"
-    for module, name in CANDIDATE_FUNCTIONS:
-        monkeypatch.setattr(module, name, lambda *a, **k: [])
+    run_each_gluon_candidate(case, precision, cands, halo_mod, "halo_candidates", "igemm_halo_kernel",
+                             monkeypatch, kernel_launches)
+
+
+def run_each_gluon_candidate(case, precision, cands, module, name, kernel, monkeypatch, kernel_launches):
+    """Run `case` on the TMA path with `module.name` offering each of `cands` alone (every other candidate
+    function offering none), and check that only `kernel` ran."""
+    for other_module, other_name in CANDIDATE_FUNCTIONS:
+        monkeypatch.setattr(other_module, other_name, lambda *a, **k: [])
     for cand in cands:
-        monkeypatch.setattr(halo_mod, "halo_candidates", lambda *a, _c=cand, **k: [_c])
+        monkeypatch.setattr(module, name, lambda *a, _c=cand, **k: [_c])
         forget()
         del kernel_launches[:]
         try:
             run_case(case, "gemm_tma", precision)
         except AssertionError as exc:
-            raise AssertionError(f"{dtype} candidate {cand.describe()}: {exc}") from exc
-        assert set(kernel_launches.names) == {"igemm_halo_kernel"}, (cand.describe(), kernel_launches.names)
+            raise AssertionError(f"{case.dtype} candidate {cand.describe()}: {exc}") from exc
+        assert set(kernel_launches.names) == {kernel}, (cand.describe(), kernel_launches.names)
 
 
 WS_CASES = [
@@ -362,40 +369,17 @@ def test_every_ws_candidate_is_correct(case, dtype, precision, programs, monkeyp
     assert cands, f"no warp-specialized candidate for {case}"
     if programs:
         monkeypatch.setattr(ws_mod, "persistent_programs", lambda tiles, device: min(tiles, programs))
-    for module, name in CANDIDATE_FUNCTIONS:
-        monkeypatch.setattr(module, name, lambda *a, **k: [])
-    for cand in cands:
-        monkeypatch.setattr(ws_mod, "ws_candidates", lambda *a, _c=cand, **k: [_c])
-        forget()
-        del kernel_launches[:]
-        try:
-            run_case(case, "gemm_tma", precision)
-        except AssertionError as exc:
-            raise AssertionError(f"{dtype} candidate {cand.describe()}: {exc}") from exc
-        assert set(kernel_launches.names) == {"igemm_ws_kernel"}, (cand.describe(), kernel_launches.names)
+    run_each_gluon_candidate(case, precision, cands, ws_mod, "ws_candidates", "igemm_ws_kernel", monkeypatch,
+                             kernel_launches)
 
 
-@pytest.mark.skipif(not gluon_hopper(), reason="the warp-specialized kernel is Gluon code for sm_90")
-def test_auto_offers_the_ws_kernel_only_where_it_can_run(monkeypatch, one_candidate):
+@pytest.mark.skipif(not gluon_hopper(), reason="the halo and warp-specialized kernels are Gluon code for sm_90")
+@pytest.mark.parametrize("module,name", [(halo_mod, "halo_candidates"), (ws_mod, "ws_candidates")],
+                         ids=["halo", "ws"])
+def test_auto_offers_the_gluon_kernels_only_where_they_can_run(module, name, monkeypatch, one_candidate):
     offered = []
-    real = ws_mod.ws_candidates
-    monkeypatch.setattr(ws_mod, "ws_candidates", lambda *a, **k: offered.append(1) or real(*a, **k))
-    for case, precision, expected in [
-            (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), x_layout="channels_last"), "tf32", True),
-            (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), x_layout="channels_last"), "ieee", False),  # exact fp32
-            (Case(2, 32, 64, 38, 46, (3, 3), stride=(2, 2), padding=(1, 1)), "tf32", False),
-            (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), groups=2), "tf32", False)]:
-        forget()
-        del offered[:]
-        run_case(case, "auto", precision)
-        assert bool(offered) == expected, (case, precision)
-
-
-@pytest.mark.skipif(not gluon_hopper(), reason="the halo kernel is Gluon code for sm_90")
-def test_auto_offers_the_halo_kernel_only_where_it_can_run(monkeypatch, one_candidate):
-    offered = []
-    real = halo_mod.halo_candidates
-    monkeypatch.setattr(halo_mod, "halo_candidates", lambda *a, **k: offered.append(1) or real(*a, **k))
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: offered.append(1) or real(*a, **k))
     for case, precision, expected in [
             (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), x_layout="channels_last"), "tf32", True),
             (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), x_layout="channels_last"), "ieee", False),  # exact fp32

@@ -81,3 +81,28 @@ def test_compile_probe_agrees_with_every_candidate(dtype, shape):
         ptx = compiled.asm["ptx"]
         # The loader's copies and the consumers' MMAs are there, in warps whose registers were re-divided.
         assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async" in ptx and "setmaxnreg" in ptx, cand.describe()
+
+
+def test_gluon_rules_on_a_pretend_hopper(monkeypatch):
+    """The conditions both Gluon kernels share (common.gluon_sm90_reason), checked without a GPU: the
+    capability query and the interpreter switch are stood in for, and the tensor is a stand-in on 'cuda'."""
+    import types
+
+    import conv_backend.kernels.halo as halo
+    from conv_backend.kernels import common
+    monkeypatch.setattr(common, "interpreter_enabled", lambda: False)
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    x = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32)
+    assert common.gluon_sm90_reason(True, x, (1, 1), 1, "tf32") is None
+    assert "no Gluon" in common.gluon_sm90_reason(False, x, (1, 1), 1, "tf32")
+    assert "stride 1" in common.gluon_sm90_reason(True, x, (2, 2), 1, "tf32")
+    assert "groups 1" in common.gluon_sm90_reason(True, x, (1, 1), 2, "tf32")
+    assert "exact fp32" in common.gluon_sm90_reason(True, x, (1, 1), 1, "ieee")
+    x16 = types.SimpleNamespace(device=x.device, dtype=torch.bfloat16)
+    assert common.gluon_sm90_reason(True, x16, (1, 1), 1, "ieee") is None
+    capability[0] = (8, 0)
+    assert "Hopper" in common.gluon_sm90_reason(True, x, (1, 1), 1, "tf32")
+    capability[0] = (9, 0)
+    # Each kernel adds its own: the halo kernel needs a kernel taller than one row.
+    assert "one row" in halo.halo_reason(x, torch.empty(64, 32, 1, 3), (1, 1), (1, 1), 1, "tf32")

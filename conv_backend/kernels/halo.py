@@ -28,9 +28,8 @@ import sys
 import torch
 import triton
 
-from ..runtime import interpreter_enabled
 from ..tuning import Candidate
-from .common import KernelLauncher, WeightDescriptors, box_row_channels
+from .common import KernelLauncher, WeightDescriptors, box_row_channels, gluon_sm90_reason
 
 try:  # Gluon ships with Triton >= 3.4; without it this kernel is simply not offered.
     from triton.experimental import gluon
@@ -54,20 +53,13 @@ HALO_SHAPES = [(16, 16, 64, 8, 2), (8, 16, 64, 4, 3), (8, 32, 64, 8, 2), (16, 8,
 
 def halo_reason(x, weight, stride, dilation, groups, input_precision) -> str | None:
     """None when the halo kernel can take this convolution, else why not."""
-    if gluon is None:
-        return "this Triton has no Gluon"
-    if interpreter_enabled() or x.device.type != "cuda":
-        return "Gluon kernels run on CUDA devices only (not in the interpreter)"
-    if torch.cuda.get_device_capability(x.device)[0] != 9:
-        return "warpgroup MMA needs compute capability 9.x (Hopper)"
-    if not unaligned_views_supported():
-        return f"Triton {triton.__version__} forbids the shared-memory views the kernel reads its taps through"
-    if groups != 1 or tuple(stride) != (1, 1):
-        return "stride 1 and groups 1 only"
-    if x.dtype == torch.float32 and input_precision != "tf32":
-        return "exact fp32 (wgmma multiplies fp32 as TF32 only)"
+    why = gluon_sm90_reason(gluon is not None, x, stride, groups, input_precision)
+    if why:
+        return why
     if weight.shape[2] < 2:
         return "a kernel one row high reuses nothing across rows"
+    if not unaligned_views_supported():
+        return f"Triton {triton.__version__} forbids the shared-memory views the kernel reads its taps through"
     return None
 
 

@@ -8,7 +8,6 @@ explicit input precision.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

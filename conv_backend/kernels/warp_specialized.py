@@ -24,9 +24,8 @@ import logging
 import torch
 import triton
 
-from ..runtime import interpreter_enabled
 from ..tuning import Candidate
-from .common import KernelLauncher, WeightDescriptors, box_row_channels
+from .common import KernelLauncher, WeightDescriptors, box_row_channels, gluon_sm90_reason
 
 try:  # Gluon ships with Triton >= 3.4; without it this kernel is simply not offered.
     from triton.experimental import gluon
@@ -50,18 +49,11 @@ WS_SHAPES = [(1, 1, 128, 128, 4, 1), (1, 1, 128, 128, 8, 1), (1, 8, 16, 128, 4, 
 
 def ws_reason(x, weight, stride, dilation, groups, input_precision) -> str | None:
     """None when the warp-specialized kernel can take this convolution, else why not."""
-    if gluon is None:
-        return "this Triton has no Gluon"
-    if interpreter_enabled() or x.device.type != "cuda":
-        return "Gluon kernels run on CUDA devices only (not in the interpreter)"
-    if torch.cuda.get_device_capability(x.device)[0] != 9:
-        return "warpgroup MMA needs compute capability 9.x (Hopper)"
+    why = gluon_sm90_reason(gluon is not None, x, stride, groups, input_precision)
+    if why:
+        return why
     if not warp_specialize_compiles():
         return f"Triton {triton.__version__} does not compile the warp-specialized kernel"
-    if groups != 1 or tuple(stride) != (1, 1):
-        return "stride 1 and groups 1 only"
-    if x.dtype == torch.float32 and input_precision != "tf32":
-        return "exact fp32 (wgmma multiplies fp32 as TF32 only)"
     return None
 
 
