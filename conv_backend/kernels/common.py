@@ -11,6 +11,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..runtime import interpreter_enabled
 from ..tuning import compiling_only, problem_signature, select
 
+try:  # Gluon ships with Triton >= 3.4; the Hopper kernels written in it (halo.py, warp_specialized.py) need it.
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gluon = None
+
 INT32_MAX = 2**31 - 1
 
 
@@ -30,6 +36,30 @@ def tile_origin(tile, OH, OW, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     tiles_w = tl.cdiv(OW, BLOCK_W)
     tiles_hw = tl.cdiv(OH, BLOCK_H) * tiles_w
     return tile // tiles_hw, (tile % tiles_hw) // tiles_w * BLOCK_H, (tile % tiles_w) * BLOCK_W
+
+
+if gluon is not None:
+    @gluon.jit
+    def gluon_tile_origin(t, num_pid_n, OH, OW, BLOCK_B: gl.constexpr, BLOCK_H: gl.constexpr,
+                          BLOCK_W: gl.constexpr, BLOCK_N: gl.constexpr):
+        """tile_origin for the Gluon kernels, which cannot call a `tl` function: (first image, first output
+        row, first output column, first output channel) of tile t, whose num_pid_n channel tiles of one
+        pixel box come one after another (they share the input in L2); a box spans BLOCK_B images."""
+        box = t // num_pid_n
+        tiles_w = gl.cdiv(OW, BLOCK_W)
+        tiles_hw = gl.cdiv(OH, BLOCK_H) * tiles_w
+        return (box // tiles_hw * BLOCK_B, (box % tiles_hw) // tiles_w * BLOCK_H, (box % tiles_w) * BLOCK_W,
+                (t % num_pid_n) * BLOCK_N)
+
+
+def fit_box(bb: int, bh: int, bw: int, batch: int, out_h: int, out_w: int) -> tuple:
+    """A BLOCK_B x BLOCK_H x BLOCK_W pixel box fitted to the maps, keeping its pixel count where it can: a
+    narrow map gets a taller box, and a map smaller than that box gets several images per box."""
+    pixels = bb * bh * bw
+    bw = min(bw, max(8, triton.next_power_of_2(out_w)))
+    bh = min(pixels // (bb * bw), max(1, triton.next_power_of_2(out_h)))
+    bb = min(pixels // (bh * bw), max(1, triton.next_power_of_2(batch)))
+    return bb, bh, bw
 
 
 def needs_dot_upcast(dtype: torch.dtype) -> bool:

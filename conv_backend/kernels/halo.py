@@ -29,7 +29,7 @@ import torch
 import triton
 
 from ..tuning import Candidate
-from .common import KernelLauncher, WeightDescriptors, box_row_channels, gluon_sm90_reason
+from .common import KernelLauncher, WeightDescriptors, box_row_channels, gluon_sm90_reason, gluon_tile_origin
 
 try:  # Gluon ships with Triton >= 3.4; without it this kernel is simply not offered.
     from triton.experimental import gluon
@@ -185,16 +185,7 @@ if gluon is not None:
         PATCH_ALLOC: gl.constexpr = PATCH_H if TAIL_H == 0 else 2 * x_desc.block_type.shape[1]
         pid = gl.program_id(0)
         # Output-channel tiles of one pixel tile run next to each other: they share the input patch in L2.
-        num_pid_n = gl.cdiv(OC, BLOCK_N)
-        pid_n = pid % num_pid_n
-        tile = pid // num_pid_n
-        # The pixel-tile order of common.tile_origin, which a Gluon kernel cannot call.
-        tiles_w = gl.cdiv(OW, BLOCK_W)
-        tiles_hw = gl.cdiv(OH, BLOCK_H) * tiles_w
-        img = tile // tiles_hw
-        oh0 = (tile % tiles_hw) // tiles_w * BLOCK_H
-        ow0 = (tile % tiles_w) * BLOCK_W
-        n0 = pid_n * BLOCK_N
+        img, oh0, ow0, n0 = gluon_tile_origin(pid, gl.cdiv(OC, BLOCK_N), OH, OW, 1, BLOCK_H, BLOCK_W, BLOCK_N)
 
         x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, 1, PATCH_ALLOC, BLOCK_W, BLOCK_K], x_desc.layout)
         w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES * KH, BLOCK_N, BLOCK_K], w_desc.layout)

@@ -21,7 +21,6 @@ convolutions of NCHW inputs, which it reads in place.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 import triton
@@ -33,8 +32,8 @@ from ..runtime import has_tma, interpreter_enabled
 from ..support import tma_reason
 from ..tuning import Candidate
 from . import halo, warp_specialized
-from .common import (KernelLauncher, WeightDescriptors, box_row_channels, mma, needs_dot_upcast, needs_int64,
-                     tile_origin, tuned_plan)
+from .common import (KernelLauncher, WeightDescriptors, box_row_channels, fit_box, mma, needs_dot_upcast,
+                     needs_int64, tile_origin, tuned_plan)
 from .seed import seed_conv2d_kernel, seed_launch_args
 
 log = logging.getLogger("conv_backend")
@@ -483,14 +482,9 @@ def tma_candidates(cg: int, ocg: int, out_h: int, out_w: int, batch: int, groups
                        for bw, n, w, s in FLAT_TMA_SHAPES}, key=lambda c: c.describe())
     picked = set()
     for bb, bh, bw, n, w, s in TMA_SHAPES:
-        # Where the map is smaller than the box, keep the tile's pixel count: a narrow map gets a taller
-        # box, and a map smaller than that box gets several images per tile.
-        pixels = bb * bh * bw
-        bw_fit = min(bw, _pow2_at_least(out_w, 8))
-        bh_fit = min(pixels // (bb * bw_fit), _pow2_at_least(out_h, 1))
-        bb_fit = min(pixels // (bh_fit * bw_fit), _pow2_at_least(batch, 1))
-        picked.add(Candidate.make("igemm_tma", num_warps=w, num_stages=s, BLOCK_B=bb_fit, BLOCK_H=bh_fit,
-                                  BLOCK_W=bw_fit, BLOCK_N=min(n, max_n), BLOCK_K=k))
+        bb, bh, bw = fit_box(bb, bh, bw, batch, out_h, out_w)
+        picked.add(Candidate.make("igemm_tma", num_warps=w, num_stages=s, BLOCK_B=bb, BLOCK_H=bh, BLOCK_W=bw,
+                                  BLOCK_N=min(n, max_n), BLOCK_K=k))
     if out_h % 8 or out_w % 8:  # where 2-D boxes of 8 rows or columns and up would run past the map's edge
         picked |= _row_stacks(ocg, out_w, batch, k)
     return sorted(picked, key=lambda c: c.describe())
@@ -528,6 +522,15 @@ def _flat_nchw(x, weight, y, stride, padding) -> bool:
     """A 1x1, stride-1, unpadded convolution over dense NCHW planes: output pixel p reads input pixel p."""
     return (tuple(weight.shape[2:]), tuple(stride), tuple(padding)) == ((1, 1), (1, 1), (0, 0)) and \
         x.stride()[2:] == (x.shape[3], 1) and y.stride()[2:] == (y.shape[3], 1)
+
+
+def _tma_maps(x, y, flat: bool) -> tuple:
+    """(images, input height, input width, output height, output width) as the TMA kernels see them: a flat
+    problem (_flat_pixels) is one image of one row of all the pixels."""
+    n, in_h, in_w, out_h, out_w = x.shape[0], x.shape[2], x.shape[3], y.shape[2], y.shape[3]
+    if flat:
+        return 1, 1, n * in_h * in_w, 1, n * out_h * out_w
+    return n, in_h, in_w, out_h, out_w
 
 
 def _nhwc_strides(shape) -> tuple:
@@ -578,11 +581,8 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
         return halo.halo_launcher(cand, x, weight, y, padding, dilation, {**flags, "bias_stride": bias_stride})
 
     if cand.kernel == "igemm_ws":
-        maps = (n, in_h, in_w, out_h, out_w)
-        if _flat_pixels(weight, y, stride, padding):  # as the TMA kernel below: one row of N*H*W pixels
-            maps = (1, 1, n * in_h * in_w, 1, n * out_h * out_w)
-        return warp_specialized.ws_launcher(cand, maps, weight, y, padding, dilation,
-                                            {**flags, "bias_stride": bias_stride})
+        return warp_specialized.ws_launcher(cand, _tma_maps(x, y, _flat_pixels(weight, y, stride, padding)), weight,
+                                            y, padding, dilation, {**flags, "bias_stride": bias_stride})
 
     if cand.kernel == "igemm_nchw":
         flat = _flat_nchw(x, weight, y, stride, padding)
@@ -606,8 +606,7 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
             kernel(x, weight, y if bias is None else bias, y)
         return launch
 
-    if _flat_pixels(weight, y, stride, padding):  # one image, one row of N*H*W pixels (see _flat_pixels)
-        n, in_h, in_w, out_h, out_w = 1, 1, n * in_h * in_w, 1, n * out_h * out_w
+    n, in_h, in_w, out_h, out_w = _tma_maps(x, y, _flat_pixels(weight, y, stride, padding))
     block_m, pixel_tiles = _pixel_tiles(cand, n, out_h, out_w)
     grid = (pixel_tiles * triton.cdiv(ocg, p["BLOCK_N"]), groups)
     scalars = (n, out_h, out_w, c, cg, ocg, triton.cdiv(cg, bk), cpad, *y.stride(), bias_stride, *stride, *padding,
@@ -704,8 +703,7 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
     split_k_args = (oc // groups, groups, cg, weight.shape[2] * weight.shape[3], x.device)
     flat = _flat_pixels(weight, y, stride, padding)
     if load_path in ("auto", "tma") and not tma_why:
-        # As the TMA kernel sees the output: a flat problem is one image of one row of all the pixels.
-        tma_n, tma_h, tma_w = (1, 1, math.prod(batch_hw)) if flat else batch_hw
+        tma_n, _, _, tma_h, tma_w = _tma_maps(x, y, flat)
         tma = tma_candidates(cg, oc // groups, tma_h, tma_w, tma_n, groups, x.dtype,
                              strided=tuple(stride) != (1, 1), flat=flat)
         candidates += tma + split_k_candidates(tma, tma_n, tma_h, tma_w, *split_k_args)

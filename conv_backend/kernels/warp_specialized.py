@@ -28,7 +28,7 @@ import torch
 import triton
 
 from ..tuning import Candidate
-from .common import KernelLauncher, WeightDescriptors, box_row_channels, gluon_sm90_reason
+from .common import KernelLauncher, WeightDescriptors, box_row_channels, fit_box, gluon_sm90_reason, gluon_tile_origin
 
 try:  # Gluon ships with Triton >= 3.4; without it this kernel is simply not offered.
     from triton.experimental import gluon
@@ -61,7 +61,7 @@ def ws_reason(x, weight, stride, dilation, groups, input_precision) -> str | Non
 
 
 def ws_candidates(channels, out_channels, batch, out_h, out_w, dtype, sms: int) -> list:
-    """Tile configs worth timing: WS_SHAPES fitted to the map like the TMA kernel's boxes, as many
+    """Tile configs worth timing: WS_SHAPES fitted to the map as the TMA kernel's boxes are (fit_box), as many
     stages as fit, and only where there are tiles for at least half the SMs."""
     elem = dtype.itemsize
     bk = box_row_channels(channels, dtype)
@@ -70,10 +70,8 @@ def ws_candidates(channels, out_channels, batch, out_h, out_w, dtype, sms: int) 
     for bb, bh, bw, bn, warps, consumers in WS_SHAPES:
         bn = min(bn, max_n)
         pixels = bb * bh * bw
-        bw = min(bw, max(8, triton.next_power_of_2(out_w)))
-        bh = min(pixels // (bb * bw), max(1, triton.next_power_of_2(out_h)))
-        bb = min(pixels // (bh * bw), max(1, triton.next_power_of_2(batch)))
-        if bb * bh * bw != pixels:
+        bb, bh, bw = fit_box(bb, bh, bw, batch, out_h, out_w)
+        if bb * bh * bw != pixels:  # the maps can't fill this many pixels: a smaller shape serves them
             continue
         stages = SMEM_BUDGET // ((pixels + bn) * bk * elem)
         tiles = triton.cdiv(batch, bb) * triton.cdiv(out_h, bh) * triton.cdiv(out_w, bw) * triton.cdiv(out_channels, bn)
@@ -123,18 +121,6 @@ def compile_for_sm90(dtype: torch.dtype, params: dict, num_warps: int, num_stage
 
 if gluon is not None:
     TF32 = gl.constexpr("tf32")  # how wgmma multiplies fp32 operands (ws_reason turns exact fp32 away)
-
-    @gluon.jit
-    def _tile(t, num_pid_n, OH, OW, BLOCK_B: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_W: gl.constexpr,
-              BLOCK_N: gl.constexpr):
-        """(first image, first output row, first output column, first output channel) of tile t. Channel
-        tiles of one pixel box come one after another (they share the input in L2); boxes run along W,
-        then H, then on to the next BLOCK_B images (common.tile_origin's order)."""
-        box = t // num_pid_n
-        tiles_w = gl.cdiv(OW, BLOCK_W)
-        tiles_hw = gl.cdiv(OH, BLOCK_H) * tiles_w
-        return (box // tiles_hw * BLOCK_B, (box % tiles_hw) // tiles_w * BLOCK_H, (box % tiles_w) * BLOCK_W,
-                (t % num_pid_n) * BLOCK_N)
 
     class _Args:
         """Everything every partition reads. warp_specialize hands each partition the same arguments, and
@@ -195,7 +181,7 @@ if gluon is not None:
         nbytes: gl.constexpr = p.x_desc.block_type.nbytes + p.w_desc.block_type.nbytes
         pos = 0
         for t in range(pid, p.tiles, programs):
-            img0, oh0, ow0, n0 = _tile(t, p.num_pid_n, p.OH, p.OW, p.BLOCK_B, p.BLOCK_H, p.BLOCK_W, p.BLOCK_N)
+            img0, oh0, ow0, n0 = gluon_tile_origin(t, p.num_pid_n, p.OH, p.OW, p.BLOCK_B, p.BLOCK_H, p.BLOCK_W, p.BLOCK_N)
             for k in range(k_steps):
                 s = pos % p.STAGES
                 # The stage's previous contents (position pos - STAGES) must have been consumed; a fresh
@@ -246,7 +232,7 @@ if gluon is not None:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(p.empty.index((base + k_steps - 1) % p.STAGES), count=1)
 
-            img0, oh0, ow0, n0 = _tile(t, p.num_pid_n, p.OH, p.OW, p.BLOCK_B, p.BLOCK_H, p.BLOCK_W, p.BLOCK_N)
+            img0, oh0, ow0, n0 = gluon_tile_origin(t, p.num_pid_n, p.OH, p.OW, p.BLOCK_B, p.BLOCK_H, p.BLOCK_W, p.BLOCK_N)
             offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
             offs_n = n0 + gl.arange(0, p.BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
             in_map = offs_m % (p.BLOCK_H * p.BLOCK_W)
