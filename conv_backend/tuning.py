@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -169,7 +170,7 @@ def select(problem_key: str, signature: tuple, device: torch.device, candidates:
     """
     if not candidates:
         raise NoKernelError("no kernel candidate for this convolution")
-    key = f"{environment_key(device)}|{problem_key}"
+    key = f"{environment_key(device)}|{problem_key}|{candidate_set_id(candidates)}"
     choice = _memory.get(key)
     if choice not in candidates:
         choice = None
@@ -187,6 +188,13 @@ def select(problem_key: str, signature: tuple, device: torch.device, candidates:
     if described not in chosen:
         chosen.append(described)
     return choice
+
+
+def candidate_set_id(candidates: Sequence[Candidate]) -> str:
+    """A short digest of the candidate set, in any order: a choice made among other candidates (an older
+    release's tile list, say) is not reused, since a new candidate may beat it."""
+    described = "\n".join(sorted(c.describe() for c in candidates))
+    return "c" + hashlib.sha1(described.encode()).hexdigest()[:10]
 
 
 def _time_candidate(fn: Callable[[], None]) -> float:

@@ -126,7 +126,7 @@ def test_select_picks_fastest_and_writes_cache(gpu_like):
     data = read_cache()
     assert data["format"] == tuning.CACHE_FORMAT
     (key,) = data["entries"]
-    assert key.endswith("|prob")
+    assert key.endswith(f"|prob|{tuning.candidate_set_id([A, B, C])}")
     assert f"triton {triton.__version__}" in key and f"torch {torch.__version__}" in key
     entry = data["entries"][key]
     assert entry["kernel"] == "k" and entry["num_warps"] == 8 and entry["num_stages"] == 2
@@ -154,8 +154,7 @@ def test_warm_process_reuses_cache_without_benchmarking(gpu_like, monkeypatch):
     tuning.reset_memory()  # a new process: only the file remains
     monkeypatch.setattr(triton.testing, "do_bench", no_benchmark)
     monkeypatch.setattr(tuning, "_benchmark", no_benchmark)
-    assert select(candidates=(C, A, B)) == B
-    assert select(key="prob", candidates=(B, C)) == B
+    assert select(candidates=(C, A, B)) == B  # the same candidates in another order
 
 
 def test_distinct_problems_get_distinct_entries(gpu_like):
@@ -174,6 +173,16 @@ def test_stale_entry_not_among_candidates_is_retuned(gpu_like):
     bench = gpu_like({A: 3.0, C: 2.0})
     assert select(candidates=(A, C), bench=bench) == C
     assert bench.timed, "the cached choice is not a candidate any more: tune again"
+
+
+def test_choice_made_among_other_candidates_is_retuned(gpu_like):
+    """A new candidate (say, a tile added in a later release) gets its chance on a warm cache."""
+    assert select(candidates=(A, B), bench=gpu_like({A: 3.0, B: 2.0})) == B
+    tuning.reset_memory()
+    bench = gpu_like({A: 3.0, B: 2.0, C: 1.0})
+    assert select(candidates=(A, B, C), bench=bench) == C and bench.timed
+    assert tuning.candidate_set_id([A, B]) != tuning.candidate_set_id([A, B, C])
+    assert tuning.candidate_set_id([B, A]) == tuning.candidate_set_id([A, B])
 
 
 def test_in_process_choice_not_among_candidates_is_not_used(gpu_like):
