@@ -1,34 +1,59 @@
-"""One launch of one kernel config, for Nsight Compute: `ncu [sections] python bench/probe_ncu.py CASE`.
+"""One call of one convolution, for Nsight Compute:
+`ncu --profile-from-start off [sections] python bench/probe_ncu.py CASE`.
 
-CASE: dw82 (kb82 depthwise, channels_last, the tuner's pick in run 10) or rn50-512 (ResNet-50's 3x3 512 at 7x7,
-bf16 channels_last, the TMA tile with split-K 2 that the tuner picks). The plan is built with the tuner bypassed,
-so the profiled launches are this config's alone: a warm-up launch, then the one to profile (ncu -s 1 -c 1).
+CASE names a problem and what runs it, the tuner bypassed so that the profiled kernels are that config's alone:
+  dw82       kb82 depthwise, channels_last, the tuner's pick in run 10;
+  rn50-512   ResNet-50's 3x3 512 at 7x7, bf16 channels_last, the TMA tile with split-K 2;
+  kb55-tma   kb55 fp32 (TF32), channels_last, the TMA kernel's 128x128 one-warpgroup tile (run 18's NCHW pick);
+  kb55-ws    kb55, the warp-specialized kernel's 128x128 tile (run 18's channels_last pick);
+  kb55-ws256 kb55, the warp-specialized kernel with a 256x128 tile shared by two consumer warpgroups;
+  kb55-cudnn kb55 through F.conv2d (cuDNN, channels_last).
+Two warm-up calls run first; only the third is inside the profiler range.
 """
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from conv_backend import tuning
 from conv_backend.kernels import common, depthwise, implicit_gemm
 
-CASES = {
-    "dw82": ((16, 64, 512, 512), (64, 1, 3, 3), 64, torch.float32,
-             tuning.Candidate.make("depthwise", 8, 1, BLOCK_H=16, BLOCK_W=8, BLOCK_C=32)),
-    "rn50-512": ((32, 512, 7, 7), (512, 512, 3, 3), 1, torch.bfloat16,
-                 tuning.Candidate.make("igemm_tma", 4, 4, BLOCK_B=1, BLOCK_H=8, BLOCK_W=8, BLOCK_N=128, BLOCK_K=64,
-                                       SPLIT_K=2)),
+Candidate = tuning.Candidate
+KB55 = ((8, 64, 512, 1024), (128, 64, 3, 3), 1, (0, 0), torch.float32)
+CASES = {  # name: ((x shape, weight shape, groups, padding, dtype), candidate or None for cuDNN)
+    "dw82": (((16, 64, 512, 512), (64, 1, 3, 3), 64, (0, 0), torch.float32),
+             Candidate.make("depthwise", 8, 1, BLOCK_H=16, BLOCK_W=8, BLOCK_C=32)),
+    "rn50-512": (((32, 512, 7, 7), (512, 512, 3, 3), 1, (1, 1), torch.bfloat16),
+                 Candidate.make("igemm_tma", 4, 4, BLOCK_B=1, BLOCK_H=8, BLOCK_W=8, BLOCK_N=128, BLOCK_K=64,
+                                SPLIT_K=2)),
+    "kb55-tma": (KB55, Candidate.make("igemm_tma", 4, 3, BLOCK_B=1, BLOCK_H=1, BLOCK_W=128, BLOCK_N=128,
+                                      BLOCK_K=32)),
+    "kb55-ws": (KB55, Candidate.make("igemm_ws", 4, 6, BLOCK_B=1, BLOCK_H=1, BLOCK_W=128, BLOCK_N=128, BLOCK_K=32,
+                                     CONSUMERS=1)),
+    "kb55-ws256": (KB55, Candidate.make("igemm_ws", 8, 4, BLOCK_B=1, BLOCK_H=1, BLOCK_W=256, BLOCK_N=128,
+                                        BLOCK_K=32, CONSUMERS=1)),
+    "kb55-cudnn": (KB55, None),
 }
 
-x_shape, w_shape, groups, dtype, cand = CASES[sys.argv[1]]
+(x_shape, w_shape, groups, pad, dtype), cand = CASES[sys.argv[1]]
+torch.backends.cudnn.allow_tf32 = True
+torch.backends.cudnn.benchmark = True
 x = torch.randn(x_shape, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
 w = torch.randn(w_shape, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
-common.select = lambda *args: cand
-pad = (1, 1) if groups == 1 else (0, 0)
-if groups > 1:
-    plan = depthwise.depthwise_plan(x, w, None, (1, 1), pad, (1, 1))
+if cand is None:
+    plan = lambda x, w, b: F.conv2d(x, w, b, 1, pad, 1, groups)  # noqa: E731
 else:
-    plan = implicit_gemm.implicit_gemm_plan(x, w, None, (1, 1), pad, (1, 1), 1, "ieee")
+    common.select = lambda *args: cand
+    if groups > 1:
+        plan = depthwise.depthwise_plan(x, w, None, (1, 1), pad, (1, 1))
+    else:
+        precision = "tf32" if dtype == torch.float32 else "ieee"
+        plan = implicit_gemm.implicit_gemm_plan(x, w, None, (1, 1), pad, (1, 1), 1, precision)
 for _ in range(2):
     plan(x, w, None)
 torch.cuda.synchronize()
-print("ran", cand.describe())
+torch.cuda.cudart().cudaProfilerStart()
+plan(x, w, None)
+torch.cuda.synchronize()
+torch.cuda.cudart().cudaProfilerStop()
+print("ran", "cuDNN" if cand is None else cand.describe())

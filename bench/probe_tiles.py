@@ -6,8 +6,9 @@ Usage on a GPU: python bench/probe_tiles.py [problem ...] [--variants] [--only=K
               stages (where they fit in 200 KiB of shared memory) and with 4 warps (tiles up to 128x128),
               halo tiles with 2 or 3 stages and 4 or 8 warps, and pointer tiles with 1 stage (plain loads,
               which go through L1, instead of cp.async.cg), NCHW tiles with 1, 2 or 4 stages and 256-row
-              or 256-column tiles or capped at 80 or 96 registers a thread, and depthwise tiles capped at 64,
-              80 or 96 registers a thread.
+              or 256-column tiles or capped at 80 or 96 registers a thread, depthwise tiles capped at 64,
+              80 or 96 registers a thread, and warp-specialized tiles with two consumers taking turns or 256
+              pixels for two consumer warpgroups (pixels as the MMA's M or N).
   --only      time only the candidates of these kernels (e.g. --only=igemm_halo).
   --match     time only the candidates (and variants) whose description contains one of these
               '|'-separated strings (e.g. --match="BLOCK_N=128,BLOCK_W=8|BLOCK_W=256").
@@ -40,7 +41,7 @@ import triton
 os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp())  # the --tuner check starts from an empty cache
 from conv_backend import tuning  # noqa: E402
 from conv_backend.dispatch import launch_conv2d  # noqa: E402
-from conv_backend.kernels import common, depthwise as dw, implicit_gemm as ig  # noqa: E402
+from conv_backend.kernels import common, depthwise as dw, implicit_gemm as ig, warp_specialized as ws  # noqa: E402
 
 torch.backends.cudnn.benchmark = True
 torch.backends.cudnn.allow_tf32 = True
@@ -146,6 +147,20 @@ def variants(cands, elem):
                       if s * stage <= 200 * 1024]
             if cand.num_warps == 8 and p["BLOCK_B"] * p["BLOCK_H"] * p["BLOCK_W"] * p["BLOCK_N"] <= 128 * 128:
                 extra.append(tuning.Candidate(cand.kernel, cand.meta, 4, 3))
+        if cand.kernel == "igemm_ws" and cand.num_warps == 4 and cand.params["CONSUMERS"] == 1:
+            # The same tile with two consumers taking turns: one's epilogue under the other's MMAs.
+            extra.append(tuning.Candidate.make(cand.kernel, 4, cand.num_stages, **{**cand.params, "CONSUMERS": 2}))
+        if cand.kernel == "igemm_ws" and cand.num_warps == 8 and cand.params["CONSUMERS"] == 1:
+            # 256-pixel tiles shared by the two consumer warpgroups: each weight tile feeds twice the pixels.
+            p = cand.params
+            if p["BLOCK_B"] * p["BLOCK_H"] * p["BLOCK_W"] == 128 and p["BLOCK_N"] <= 128:
+                stages = min(8, ws.SMEM_BUDGET // ((256 + p["BLOCK_N"]) * p["BLOCK_K"] * elem))
+                # PIXELS_AS_N: the MMA's N is the 256 pixels (m64n256 per warpgroup), so each weight row read
+                # from shared memory feeds 256 pixels, not 128.
+                for box in ((1, 1, 256), (1, 2, 128), (1, 8, 32), (1, 16, 16)):
+                    for pixels_as_n in (False, True):
+                        extra.append(tuning.Candidate.make(cand.kernel, 8, stages, **{
+                            **p, "BLOCK_B": box[0], "BLOCK_H": box[1], "BLOCK_W": box[2], "PIXELS_AS_N": pixels_as_n}))
         if cand.kernel == "igemm_halo":  # fewer stages or warps: more programs per SM
             extra += [tuning.Candidate(cand.kernel, cand.meta, w, s) for w, s in ((8, 2), (4, 2), (4, 3))]
         if cand.kernel == "igemm_pointer" and cand.num_stages > 1 and "SPLIT_K" not in cand.params:

@@ -42,6 +42,20 @@ def test_candidates_fit_the_map_and_shared_memory(dtype, channels, out_channels,
         stage_bytes = (block_m + p["BLOCK_N"]) * p["BLOCK_K"] * dtype.itemsize
         assert cand.num_stages * stage_bytes <= ws.SMEM_BUDGET, cand.describe()
         assert p["CONSUMERS"] in (1, 2) and (p["CONSUMERS"] == 1 or cand.num_warps == 4)
+        # With pixels as the MMA's N, the channels are its M: 64 for each warpgroup.
+        assert not p["PIXELS_AS_N"] or p["BLOCK_N"] >= 16 * cand.num_warps, cand.describe()
+
+
+def test_256_pixel_tiles_in_both_orientations_for_large_maps():
+    cands = ws.ws_candidates(64, 128, 8, 510, 1022, torch.float32, sms=132)  # #55
+    big = {(c.params["BLOCK_H"], c.params["BLOCK_W"], c.params["PIXELS_AS_N"]) for c in cands
+           if c.params["BLOCK_B"] * c.params["BLOCK_H"] * c.params["BLOCK_W"] == 256}
+    assert big == {(2, 128, True), (8, 32, True), (1, 256, True), (1, 256, False)}
+    assert all(c.num_warps == 8 and c.num_stages == 4 for c in cands
+               if c.params["BLOCK_B"] * c.params["BLOCK_H"] * c.params["BLOCK_W"] == 256)
+    # 64 output channels: one warpgroup's worth, so no pixels-as-N tile of two warpgroups.
+    narrow = ws.ws_candidates(32, 64, 8, 512, 512, torch.float32, sms=132)
+    assert narrow and not any(c.params["PIXELS_AS_N"] for c in narrow)
 
 
 def test_seven_by_seven_maps_get_one_box_per_image():

@@ -42,12 +42,18 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 log = logging.getLogger("conv_backend")
 
 SMEM_BUDGET = 220 * 1024
-# (BLOCK_B, BLOCK_H, BLOCK_W, BLOCK_N, consumer warps, consumers); stages are what fits SMEM_BUDGET. Fitted
-# to a map like the TMA kernel's boxes: a 128-pixel row becomes 8x16 on 14x14 maps. Each was best or within
-# 5% of the best on one of #55, #56, #63 and ResNet's 3x3 layers at 7x7, 14x14 and 56x56 on an H200
-# (bench/results/probes/*-probe45-*); two consumers won only on #56.
-WS_SHAPES = [(1, 1, 128, 128, 4, 1), (1, 1, 128, 128, 8, 1), (1, 8, 16, 128, 4, 2), (2, 8, 8, 128, 4, 1),
-             (1, 8, 8, 128, 4, 1), (2, 8, 8, 64, 4, 1), (1, 1, 128, 256, 8, 1)]
+# (BLOCK_B, BLOCK_H, BLOCK_W, BLOCK_N, consumer warps, consumers, PIXELS_AS_N); stages are what fits
+# SMEM_BUDGET. Fitted to a map like the TMA kernel's boxes: a 128-pixel row becomes 8x16 on 14x14 maps. The
+# first seven were each best or within 5% of the best on one of #55, #56, #63 and ResNet's 3x3 layers at 7x7,
+# 14x14 and 56x56 on an H200 (bench/results/probes/*-probe45-*); two consumers won only on #56. The 256-pixel
+# tiles, two consumer warpgroups each taking 128 pixels (or, with PIXELS_AS_N, 64 channels of all 256 pixels),
+# feed twice the pixels per weight tile: on an H100 #56 1.66 ms against 2.09, #63 4.27 against 6.09, #55 2.03
+# against 2.15 (bench/results/probes/*-probe48-*, *-probe49-*).
+WS_SHAPES = [(1, 1, 128, 128, 4, 1, False), (1, 1, 128, 128, 8, 1, False), (1, 8, 16, 128, 4, 2, False),
+             (2, 8, 8, 128, 4, 1, False), (1, 8, 8, 128, 4, 1, False), (2, 8, 8, 64, 4, 1, False),
+             (1, 1, 128, 256, 8, 1, False),
+             (1, 2, 128, 128, 8, 1, True), (1, 8, 32, 128, 8, 1, True), (1, 1, 256, 128, 8, 1, True),
+             (1, 1, 256, 128, 8, 1, False)]
 
 
 def ws_reason(x, weight, stride, dilation, groups, input_precision) -> str | None:
@@ -67,17 +73,20 @@ def ws_candidates(channels, out_channels, batch, out_h, out_w, dtype, sms: int) 
     bk = box_row_channels(channels, dtype)
     max_n = max(16, triton.next_power_of_2(out_channels))
     picked = set()
-    for bb, bh, bw, bn, warps, consumers in WS_SHAPES:
+    for bb, bh, bw, bn, warps, consumers, pixels_as_n in WS_SHAPES:
         bn = min(bn, max_n)
         pixels = bb * bh * bw
         bb, bh, bw = fit_box(bb, bh, bw, batch, out_h, out_w)
         if bb * bh * bw != pixels:  # the maps can't fill this many pixels: a smaller shape serves them
             continue
+        if pixels_as_n and bn < 16 * warps:  # each warpgroup's MMA takes 64 channels as its M
+            continue
         stages = SMEM_BUDGET // ((pixels + bn) * bk * elem)
         tiles = triton.cdiv(batch, bb) * triton.cdiv(out_h, bh) * triton.cdiv(out_w, bw) * triton.cdiv(out_channels, bn)
         if stages >= 3 and tiles * 2 >= sms:
             picked.add(Candidate.make("igemm_ws", num_warps=warps, num_stages=min(stages, 8), BLOCK_B=bb, BLOCK_H=bh,
-                                      BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, CONSUMERS=consumers))
+                                      BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, CONSUMERS=consumers,
+                                      PIXELS_AS_N=pixels_as_n))
     return sorted(picked, key=lambda c: c.describe())
 
 
@@ -112,7 +121,8 @@ def compile_for_sm90(dtype: torch.dtype, params: dict, num_warps: int, num_stage
         signature[name] = f"tensordesc<{type_name}[{', '.join(map(str, box))}],{layout!r}>"
     signature["b_ptr"] = signature["y_ptr"] = f"*{type_name}"
     constexprs = dict(KH=kernel_hw[0], KW=kernel_hw[1], HAS_BIAS=True, USE_INT64=False, STAGES=num_stages,
-                      num_warps=num_warps, **params)
+                      PIXELS_AS_N=False, num_warps=num_warps)
+    constexprs.update(params)
     for name in constexprs:
         signature[name] = "constexpr"
     source = GluonASTSource(igemm_ws_kernel, signature, {(names.index(k),): v for k, v in constexprs.items()})
@@ -162,6 +172,7 @@ if gluon is not None:
         BLOCK_K: gl.constexpr
         STAGES: gl.constexpr
         CONSUMERS: gl.constexpr
+        PIXELS_AS_N: gl.constexpr
 
         def __init__(self, *values):
             for name, value in zip(_Args.__annotations__, values):
@@ -203,9 +214,12 @@ if gluon is not None:
     def _ws_consume(p, WHO: gl.constexpr):
         """Consumer WHO of CONSUMERS: multiply and store tiles WHO, WHO + CONSUMERS, ... of this program."""
         BLOCK_M: gl.constexpr = p.BLOCK_B * p.BLOCK_H * p.BLOCK_W
+        # The accumulator is [pixels, channels], or [channels, pixels] where PIXELS_AS_N.
+        ACC_ROWS: gl.constexpr = p.BLOCK_N if p.PIXELS_AS_N else BLOCK_M
+        ACC_COLS: gl.constexpr = BLOCK_M if p.PIXELS_AS_N else p.BLOCK_N
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
-            instr_shape=[16, p.BLOCK_N, 256 // p.x_desc.dtype.primitive_bitwidth])
+            instr_shape=[16, ACC_COLS, 256 // p.x_desc.dtype.primitive_bitwidth])
         pid = gl.program_id(0)
         programs = gl.num_programs(0)
         k_steps = p.KH * p.KW * p.C_CHUNKS
@@ -216,14 +230,18 @@ if gluon is not None:
                 # Main loops take turns in ring order: a consumer waiting on a position two fills ahead of
                 # a barrier would mistake that barrier's older phase of the same parity for its own.
                 mbarrier.wait(p.turn.index(WHO), (mine & 1) ^ (1 - WHO))
-            acc = gl.zeros([BLOCK_M, p.BLOCK_N], gl.float32, layout=mma_layout)
+            acc = gl.zeros([ACC_ROWS, ACC_COLS], gl.float32, layout=mma_layout)
             for k in range(k_steps):
                 pos = base + k
                 s = pos % p.STAGES
                 mbarrier.wait(p.ready.index(s), (pos // p.STAGES) & 1)
                 a = p.a_smem.index(s).reshape([BLOCK_M, p.BLOCK_K])
-                acc = warpgroup_mma(a, p.w_smem.index(s).permute((1, 0)), acc, precision=TF32.value,
-                                    is_async=True)
+                if p.PIXELS_AS_N:
+                    acc = warpgroup_mma(p.w_smem.index(s), a.permute((1, 0)), acc, precision=TF32.value,
+                                        is_async=True)
+                else:
+                    acc = warpgroup_mma(a, p.w_smem.index(s).permute((1, 0)), acc, precision=TF32.value,
+                                        is_async=True)
                 # With at most this step's MMA in flight, the previous step's stage goes back to the loader.
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
                 mbarrier.arrive(p.empty.index((pos + p.STAGES - 1) % p.STAGES), count=1, pred=k > 0)
@@ -233,24 +251,27 @@ if gluon is not None:
             mbarrier.arrive(p.empty.index((base + k_steps - 1) % p.STAGES), count=1)
 
             img0, oh0, ow0, n0 = gluon_tile_origin(t, p.num_pid_n, p.OH, p.OW, p.BLOCK_B, p.BLOCK_H, p.BLOCK_W, p.BLOCK_N)
-            offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
-            offs_n = n0 + gl.arange(0, p.BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+            # Pixel offsets along the accumulator's pixel axis, channel offsets along its channel axis.
+            PIX_AXIS: gl.constexpr = 1 if p.PIXELS_AS_N else 0
+            offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1 - PIX_AXIS, mma_layout))
+            offs_n = n0 + gl.arange(0, p.BLOCK_N, layout=gl.SliceLayout(PIX_AXIS, mma_layout))
             in_map = offs_m % (p.BLOCK_H * p.BLOCK_W)
             oh = oh0 + in_map // p.BLOCK_W
             ow = ow0 + in_map % p.BLOCK_W
             img = img0 + offs_m // (p.BLOCK_H * p.BLOCK_W)
             n_ok = offs_n < p.OC
             if p.HAS_BIAS:
-                acc += gl.expand_dims(gl.load(p.b_ptr + offs_n * p.sb, mask=n_ok, other=0.0).to(gl.float32), 0)
+                bias = gl.load(p.b_ptr + offs_n * p.sb, mask=n_ok, other=0.0).to(gl.float32)
+                acc += gl.expand_dims(bias, PIX_AXIS)
             m_ok = (img < p.N) & (oh < p.OH) & (ow < p.OW)
             if p.USE_INT64:
                 img = img.to(gl.int64)
                 oh = oh.to(gl.int64)
                 ow = ow.to(gl.int64)
             pix = img * p.syn + oh * p.syh + ow * p.syw
-            y_offsets = gl.expand_dims(pix, 1) + gl.expand_dims(offs_n * p.syc, 0)
+            y_offsets = gl.expand_dims(pix, 1 - PIX_AXIS) + gl.expand_dims(offs_n * p.syc, PIX_AXIS)
             gl.store(p.y_ptr + y_offsets, acc.to(p.y_ptr.dtype.element_ty),
-                     mask=gl.expand_dims(m_ok, 1) & gl.expand_dims(n_ok, 0))
+                     mask=gl.expand_dims(m_ok, 1 - PIX_AXIS) & gl.expand_dims(n_ok, PIX_AXIS))
             mine += 1
 
     @gluon.jit
@@ -267,7 +288,8 @@ if gluon is not None:
         N, OH, OW, OC, C_CHUNKS, CPAD, syn, syc, syh, syw, sb, pad_h, pad_w, dil_h, dil_w, tiles, num_pid_n,
         KH: gl.constexpr, KW: gl.constexpr, HAS_BIAS: gl.constexpr, USE_INT64: gl.constexpr,
         BLOCK_B: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_W: gl.constexpr, BLOCK_N: gl.constexpr,
-        BLOCK_K: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr, num_warps: gl.constexpr,
+        BLOCK_K: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr, PIXELS_AS_N: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         a_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
         w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
@@ -286,7 +308,8 @@ if gluon is not None:
                    gl.to_tensor(CPAD), gl.to_tensor(syn), gl.to_tensor(syc), gl.to_tensor(syh), gl.to_tensor(syw),
                    gl.to_tensor(sb), gl.to_tensor(pad_h), gl.to_tensor(pad_w), gl.to_tensor(dil_h),
                    gl.to_tensor(dil_w), gl.to_tensor(tiles), gl.to_tensor(num_pid_n),
-                   KH, KW, HAS_BIAS, USE_INT64, BLOCK_B, BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K, STAGES, CONSUMERS)
+                   KH, KW, HAS_BIAS, USE_INT64, BLOCK_B, BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K, STAGES, CONSUMERS,
+                   PIXELS_AS_N)
         # Registers a thread: the loader warp needs few; the consumers share what is left of the SM's 64K
         # (the launch caps the average at 168 over the 12 warps).
         if CONSUMERS == 2:
@@ -324,7 +347,7 @@ def ws_launcher(cand: Candidate, maps, weight, y, padding, dilation, flags):
     kernel = KernelLauncher(igemm_ws_kernel, (programs,), scalars, KH=kernel_h, KW=kernel_w,
                             HAS_BIAS=flags["HAS_BIAS"], USE_INT64=flags["USE_INT64"], BLOCK_B=bb, BLOCK_H=bh,
                             BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, STAGES=cand.num_stages, CONSUMERS=p["CONSUMERS"],
-                            num_warps=cand.num_warps, maxnreg=168)
+                            PIXELS_AS_N=p["PIXELS_AS_N"], num_warps=cand.num_warps, maxnreg=168)
     weight_descriptor = WeightDescriptors(
         bk, lambda packed: GluonTensorDescriptor(packed, w_shape, w_strides, w_box, w_layout))
 
