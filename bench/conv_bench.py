@@ -5,10 +5,11 @@ For every problem: random inputs (fresh per row), weights scaled like nn.Conv2d'
 init; the float64 ATen reference first; then every variant is run once, checked
 against the reference (relative error ||out - ref|| / ||ref||; TF32 2e-3, exact
 fp32 1e-5, bf16/fp16 1e-2) and only then timed (triton.testing.do_bench, median,
-the checking call keeps tuning and compilation out of the timing). A variant that
-fails the check is reported as FAIL and not timed. On a GPU every timed variant of
-a row is timed again in two more rounds, interleaved, and keeps its best median
-(--rounds), the same for cuDNN and for us.
+the checking call keeps tuning and compilation out of the timing; a 250 ms warm-up
+of the variant itself first, so that each is timed at the clock it sustains under the
+GPU's power limit). A variant that fails the check is reported as FAIL and not timed.
+On a GPU every timed variant of a row is timed again in two more rounds, interleaved,
+and keeps its best median (--rounds), the same for cuDNN and for us.
 
 Variants per problem:
   cudnn_nchw, cudnn_cl      F.conv2d on NCHW / channels_last input (cudnn.benchmark=True)
@@ -650,7 +651,11 @@ def parse_args(argv=None):
                     help="config set of the seed kernel column (default: the seed's original configs)")
     ap.add_argument("--no-seed", action="store_true", help="skip the seed kernel column")
     ap.add_argument("--bias", action="store_true", help="convolutions with bias (the suite has none)")
-    ap.add_argument("--warmup", type=float, default=10.0, help="do_bench warm-up, ms (default 10)")
+    # A long warm-up: under a power cap the SM clock falls within a fraction of a second of sustained load
+    # (an H200 on #55: 1980 -> ~1450 MHz at 700 W), so a variant timed on an idle GPU reads up to 15% faster
+    # than one timed after another's load (bench/NOTES.md, run 54). Each variant first runs alone this long.
+    ap.add_argument("--warmup", type=float, default=250.0,
+                    help="do_bench warm-up, ms (default 250: each variant is timed at its own sustained clock)")
     ap.add_argument("--rep", type=float, default=50.0, help="do_bench measuring time, ms (default 50)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="timing rounds over a row's variants, interleaved; each keeps its best "
