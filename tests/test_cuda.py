@@ -318,7 +318,7 @@ def test_every_halo_candidate_is_correct(case, dtype, precision, monkeypatch, ke
 
 def run_each_gluon_candidate(case, precision, cands, module, name, kernel, monkeypatch, kernel_launches):
     """Run `case` on the TMA path with `module.name` offering each of `cands` alone (every other candidate
-    function offering none), and check that only `kernel` ran."""
+    function offering none), and check that only `kernel` ran, with that candidate's tile and warps."""
     for other_module, other_name in CANDIDATE_FUNCTIONS:
         monkeypatch.setattr(other_module, other_name, lambda *a, **k: [])
     for cand in cands:
@@ -330,6 +330,9 @@ def run_each_gluon_candidate(case, precision, cands, module, name, kernel, monke
         except AssertionError as exc:
             raise AssertionError(f"{case.dtype} candidate {cand.describe()}: {exc}") from exc
         assert set(kernel_launches.names) == {kernel}, (cand.describe(), kernel_launches.names)
+        for _, meta in kernel_launches:
+            launched = {key: meta.get(key) for key in cand.params}
+            assert launched == cand.params and meta["num_warps"] == cand.num_warps, (cand.describe(), meta)
 
 
 WS_CASES = [

@@ -97,6 +97,9 @@ for dtype, shape in [(torch.float32, (512, 512, 32, 7, 7)),
         ptx = ws.compile_for_sm90(dtype, cand.params, cand.num_warps, cand.num_stages).asm["ptx"]
         # The loader's copies and the consumers' MMAs, in warps whose registers were re-divided.
         assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async" in ptx and "setmaxnreg" in ptx, cand.describe()
+        p = cand.params
+        if p["PIXELS_AS_N"]:  # all the tile's pixels are each MMA's N
+            assert f"m64n{p['BLOCK_B'] * p['BLOCK_H'] * p['BLOCK_W']}k" in ptx, cand.describe()
         print("compiled", dtype, cand.describe())
 """
 
@@ -114,6 +117,7 @@ def test_compile_probe_agrees_with_every_candidate():
         assert not triton.__version__.startswith(("3.6.", "3.8.")), done.stderr[-4000:]
         pytest.skip(f"Triton {triton.__version__} does not compile the kernel; it is not offered")
     assert done.stdout.count("compiled") >= 3, done.stdout
+    assert "PIXELS_AS_N=True" in done.stdout, done.stdout  # the swapped orientation is among them
 
 
 def test_gluon_rules_on_a_pretend_hopper(monkeypatch):
