@@ -653,7 +653,7 @@ def parse_args(argv=None):
     ap.add_argument("--bias", action="store_true", help="convolutions with bias (the suite has none)")
     # A long warm-up: under a power cap the SM clock falls within a fraction of a second of sustained load
     # (an H200 on #55: 1980 -> ~1450 MHz at 700 W), so a variant timed on an idle GPU reads up to 15% faster
-    # than one timed after another's load (bench/NOTES.md, run 54). Each variant first runs alone this long.
+    # than one timed after another's load (bench/NOTES.md, entry 54). Each variant first runs alone this long.
     ap.add_argument("--warmup", type=float, default=250.0,
                     help="do_bench warm-up, ms (default 250: each variant is timed at its own sustained clock)")
     ap.add_argument("--rep", type=float, default=50.0, help="do_bench measuring time, ms (default 50)")

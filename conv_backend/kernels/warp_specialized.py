@@ -11,12 +11,16 @@ cores idle while a tile starts and ends. Here the work is split by warps:
   and a turn barrier keeps their main loops in the order the loader fills the ring.
 
 Programs are persistent: one per SM, each looping over tiles pid, pid + programs, ...
-It wins where tiles are few and K is deep (ResNet's 3x3 layers at 7x7 and 14x14: GPU time 0.0254 and
-0.0197 ms with the TMA kernel, 0.0183 here); on large fp32 maps L2 traffic, not the pipeline, sets the
-time and the TMA kernel's several programs per SM stay ahead (bench/NOTES.md, run 44).
 A tile is the TMA kernel's: a BLOCK_B x BLOCK_H x BLOCK_W box of output pixels by BLOCK_N channels,
 one input box and one weight tile per K step (one tap, one channel chunk); padding is the copy
-engine's zero fill.
+engine's zero fill. A consumer of 8 warps is two warpgroups sharing one tile, each taking half its
+pixel rows; on 256-pixel tiles each weight tile brought in feeds twice the pixels of a 128-pixel one.
+With PIXELS_AS_N the MMA runs transposed (channels as M, 64 for each warpgroup; the tile's pixels as N:
+m64n256), so that a weight row read from shared memory feeds all 256 pixels.
+
+It wins where tiles are few and K is deep (ResNet's 3x3 layers at 7x7 and 14x14: GPU time 0.0254 and
+0.0197 ms with the TMA kernel, 0.0183 here), and with 256-pixel tiles on large fp32 problems with 128
+output channels (#56 on an H100: 2.09 -> 1.66 ms; bench/NOTES.md, entries 44, 49 and 50).
 
 Scope: stride 1, groups 1, TF32 or 16-bit operands, compute capability 9.x; `ws_reason` says why
 not otherwise.
