@@ -22,7 +22,7 @@ from probe_tiles import PROBLEMS, relerr  # noqa: E402
 
 torch.backends.cudnn.benchmark = True
 torch.backends.cudnn.allow_tf32 = True
-CONFIGS = {  # the tuner's picks for #55 in runs 19 (H100) and 20 (H200)
+CONFIGS = {  # the tuner's picks for #55 in runs 19-21 (H100 and H200)
     "ws128": tuning.Candidate.make("igemm_ws", 4, 6, BLOCK_B=1, BLOCK_H=1, BLOCK_W=128, BLOCK_N=128, BLOCK_K=32,
                                    CONSUMERS=1, PIXELS_AS_N=False),
     "ws256n": tuning.Candidate.make("igemm_ws", 8, 4, BLOCK_B=1, BLOCK_H=8, BLOCK_W=32, BLOCK_N=128, BLOCK_K=32,
@@ -45,8 +45,10 @@ for label, cand in CONFIGS.items():
     fns[label] = lambda plan=plan: plan(x, wt, None)
 common.select = tuning.select
 log_path = os.path.join(os.environ.get("OUT", "/tmp"), "clocks.csv")
-smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active",
-                        "--format=csv", "-lms", "100"], stdout=open(log_path, "w"), stderr=subprocess.DEVNULL)
+clock_log = open(log_path, "w")
+smi = subprocess.Popen(["nvidia-smi", "--format=csv", "-lms", "100",
+                        "--query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"],
+                       stdout=clock_log, stderr=subprocess.DEVNULL)
 try:
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, name, flush=True)
     for r in range(rounds):
@@ -58,3 +60,5 @@ try:
     time.sleep(0.3)
 finally:
     smi.terminate()
+    smi.wait()
+    clock_log.close()
