@@ -11,11 +11,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..runtime import interpreter_enabled
 from ..tuning import compiling_only, problem_signature, select
 
-try:  # Gluon ships with Triton >= 3.4; the Hopper kernels written in it (halo.py, warp_specialized.py) need it.
+try:  # Gluon ships with Triton >= 3.4; the Hopper kernels written in it (halo.py, warp_specialized.py) import
+    # it from here, and without it (gluon is None) they are simply not offered.
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
 except ImportError:  # pragma: no cover - depends on the installed Triton
-    gluon = None
+    gluon = gl = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = GluonTensorDescriptor = None
 
 INT32_MAX = 2**31 - 1
 
@@ -233,3 +236,18 @@ class WeightDescriptors:
         if packed.data_ptr() == weight.data_ptr():
             self._in_place[weight] = (weight.data_ptr(), desc)
         return desc
+
+
+def gluon_dtype(dtype: torch.dtype):
+    """The Gluon element type of a torch dtype."""
+    return getattr(gl, str(dtype).removeprefix("torch."))
+
+
+def gluon_weight_descriptors(weight_shape, dtype: torch.dtype, block_n: int, block_k: int) -> WeightDescriptors:
+    """WeightDescriptors for the Gluon kernels: the weight packed as [OC, KH*KW*CPAD], read in
+    [block_n, block_k] boxes in the default NVMMA shared layout."""
+    oc, c, kernel_h, kernel_w = weight_shape
+    row = kernel_h * kernel_w * triton.cdiv(c, block_k) * block_k
+    box = [block_n, block_k]
+    layout = gl.NVMMASharedLayout.get_default_for(box, gluon_dtype(dtype))
+    return WeightDescriptors(block_k, lambda packed: GluonTensorDescriptor(packed, [oc, row], [row, 1], box, layout))

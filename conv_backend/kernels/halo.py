@@ -29,15 +29,9 @@ import torch
 import triton
 
 from ..tuning import Candidate
-from .common import KernelLauncher, WeightDescriptors, box_row_channels, gluon_sm90_reason, gluon_tile_origin
-
-try:  # Gluon ships with Triton >= 3.4; without it this kernel is simply not offered.
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
-except ImportError:  # pragma: no cover - depends on the installed Triton
-    gluon = None
+from .common import (GluonTensorDescriptor, KernelLauncher, box_row_channels, gl, gluon, gluon_dtype,
+                     gluon_sm90_reason, gluon_tile_origin, gluon_weight_descriptors, mbarrier, tma, warpgroup_mma,
+                     warpgroup_mma_wait)
 
 log = logging.getLogger("conv_backend")
 
@@ -252,18 +246,14 @@ def halo_launcher(cand: Candidate, x, weight, y, padding, dilation, flags):
     head, tail = patch_split(bh, kernel_h, dil_h)
     x_shape, x_strides = [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1]
     x_box, x_tail_box = [1, head, bw, bk], [1, max(tail, 1), bw, bk]
-    gl_dtype = getattr(gl, str(x.dtype).removeprefix("torch."))
-    x_layout = gl.NVMMASharedLayout.get_default_for(x_box, gl_dtype)  # the tail box shares it: same buffer
-    w_shape, w_strides, w_box = [oc, kernel_h * kernel_w * cpad], [kernel_h * kernel_w * cpad, 1], [bn, bk]
-    w_layout = gl.NVMMASharedLayout.get_default_for(w_box, gl_dtype)
+    x_layout = gl.NVMMASharedLayout.get_default_for(x_box, gluon_dtype(x.dtype))  # the tail box shares it
     grid = (n * triton.cdiv(out_h, bh) * triton.cdiv(out_w, bw) * triton.cdiv(oc, bn),)
     scalars = (out_h, out_w, oc, triton.cdiv(c, bk), cpad, *y.stride(), flags["bias_stride"], *padding, dil_w)
     kernel = KernelLauncher(igemm_halo_kernel, grid, scalars, KH=kernel_h, KW=kernel_w, DIL_H=dil_h, TAIL_H=tail,
                             HAS_BIAS=flags["HAS_BIAS"], INPUT_PRECISION=flags["INPUT_PRECISION"],
                             USE_INT64=flags["USE_INT64"], BLOCK_H=bh, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk,
                             SWIZZLE=x_layout.swizzle_byte_width, STAGES=cand.num_stages, num_warps=cand.num_warps)
-    weight_descriptor = WeightDescriptors(
-        bk, lambda packed: GluonTensorDescriptor(packed, w_shape, w_strides, w_box, w_layout))
+    weight_descriptor = gluon_weight_descriptors(weight.shape, x.dtype, bn, bk)
 
     def launch(x, weight, bias, y):
         x = x.contiguous(memory_format=torch.channels_last)

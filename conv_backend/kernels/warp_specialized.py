@@ -32,16 +32,14 @@ import torch
 import triton
 
 from ..tuning import Candidate
-from .common import KernelLauncher, WeightDescriptors, box_row_channels, fit_box, gluon_sm90_reason, gluon_tile_origin
+from .common import (GluonTensorDescriptor, KernelLauncher, box_row_channels, fit_box, gl, gluon, gluon_dtype,
+                     gluon_sm90_reason, gluon_tile_origin, gluon_weight_descriptors, mbarrier, tma, warpgroup_mma,
+                     warpgroup_mma_wait)
 
-try:  # Gluon ships with Triton >= 3.4; without it this kernel is simply not offered.
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+try:  # the class decorator the kernel's argument bundle (_Args) needs, by its private name
     from triton.language.core import _aggregate as aggregate
 except ImportError:  # pragma: no cover - depends on the installed Triton
-    gluon = None
+    gluon = None  # noqa: F811 - this kernel is then not offered, as without Gluon
 
 log = logging.getLogger("conv_backend")
 
@@ -116,7 +114,7 @@ def compile_for_sm90(dtype: torch.dtype, params: dict, num_warps: int, num_stage
     from triton.experimental.gluon._runtime import GluonASTSource
     names = igemm_ws_kernel.arg_names
     type_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    gl_dtype = getattr(gl, str(dtype).removeprefix("torch."))
+    gl_dtype = gluon_dtype(dtype)
     x_box = [params["BLOCK_B"], params["BLOCK_H"], params["BLOCK_W"], params["BLOCK_K"]]
     w_box = [params["BLOCK_N"], params["BLOCK_K"]]
     signature = {name: "i32" for name in names}
@@ -338,10 +336,7 @@ def ws_launcher(cand: Candidate, maps, weight, y, padding, dilation, flags):
     bb, bh, bw, bn, bk = p["BLOCK_B"], p["BLOCK_H"], p["BLOCK_W"], p["BLOCK_N"], p["BLOCK_K"]
     cpad = triton.cdiv(c, bk) * bk
     x_shape, x_strides, x_box = [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1], [bb, bh, bw, bk]
-    gl_dtype = getattr(gl, str(y.dtype).removeprefix("torch."))
-    x_layout = gl.NVMMASharedLayout.get_default_for(x_box, gl_dtype)
-    w_shape, w_strides, w_box = [oc, kernel_h * kernel_w * cpad], [kernel_h * kernel_w * cpad, 1], [bn, bk]
-    w_layout = gl.NVMMASharedLayout.get_default_for(w_box, gl_dtype)
+    x_layout = gl.NVMMASharedLayout.get_default_for(x_box, gluon_dtype(y.dtype))
     num_pid_n = triton.cdiv(oc, bn)
     tiles = triton.cdiv(n, bb) * triton.cdiv(out_h, bh) * triton.cdiv(out_w, bw) * num_pid_n
     programs = persistent_programs(tiles, y.device)
@@ -352,8 +347,7 @@ def ws_launcher(cand: Candidate, maps, weight, y, padding, dilation, flags):
                             HAS_BIAS=flags["HAS_BIAS"], USE_INT64=flags["USE_INT64"], BLOCK_B=bb, BLOCK_H=bh,
                             BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, STAGES=cand.num_stages, CONSUMERS=p["CONSUMERS"],
                             PIXELS_AS_N=p["PIXELS_AS_N"], num_warps=cand.num_warps, maxnreg=168)
-    weight_descriptor = WeightDescriptors(
-        bk, lambda packed: GluonTensorDescriptor(packed, w_shape, w_strides, w_box, w_layout))
+    weight_descriptor = gluon_weight_descriptors(weight.shape, y.dtype, bn, bk)
 
     def launch(x, weight, bias, y):
         x = x.contiguous(memory_format=torch.channels_last)
