@@ -4,8 +4,11 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import pytest
 import torch
 import torch.nn.functional as F
+
+import conv_backend.kernels.implicit_gemm as igemm_mod
 
 # Relative-error bounds against a float64 reference, per math mode.
 TOL = {"ieee": 1e-5, "tf32": 2e-3, "auto": 2e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -129,3 +132,13 @@ def draw_case(rng: random.Random, path: str, dtype=torch.float32) -> Case:
                     rng.random() < 0.5, x_layout, w_layout, dtype)
         if min(case.out_hw()) >= 1:
             return case
+
+
+def assert_plan_on_cpu_never_offers(monkeypatch, module, candidates_fn: str, kernel: str):
+    """Off a Hopper GPU a Gluon kernel's candidates (`module.candidates_fn`) are never asked for: the
+    interpreter can't run Gluon, so the kernel must not reach the tuner."""
+    monkeypatch.setattr(module, candidates_fn, lambda *a, **k: pytest.fail(f"{kernel} kernel offered"))
+    x = torch.randn(1, 16, 9, 9).to(memory_format=torch.channels_last)
+    w = torch.randn(16, 16, 3, 3)
+    if not igemm_mod.tma_reason(x, w, (1, 1), 1):
+        igemm_mod.implicit_gemm_plan(x, w, None, (1, 1), (1, 1), (1, 1), 1, "ieee", "auto")

@@ -6,8 +6,9 @@ import torch
 import triton
 
 import conv_backend.kernels.halo as halo
-import conv_backend.kernels.implicit_gemm as igemm_mod
 from conv_backend.kernels.common import box_row_channels
+
+from _util import assert_plan_on_cpu_never_offers
 
 needs_gluon = pytest.mark.skipif(halo.gluon is None, reason="this Triton has no Gluon")
 
@@ -53,11 +54,7 @@ def test_not_offered_off_gpu():
 
 def test_plan_on_cpu_offers_no_halo_candidate(monkeypatch):
     """Off a Hopper GPU the halo kernel is never timed (the interpreter can't run Gluon)."""
-    monkeypatch.setattr(halo, "halo_candidates", lambda *a, **k: pytest.fail("halo kernel offered"))
-    x = torch.randn(1, 16, 9, 9).to(memory_format=torch.channels_last)
-    w = torch.randn(16, 16, 3, 3)
-    if not igemm_mod.tma_reason(x, w, (1, 1), 1):
-        igemm_mod.implicit_gemm_plan(x, w, None, (1, 1), (1, 1), (1, 1), 1, "ieee", "auto")
+    assert_plan_on_cpu_never_offers(monkeypatch, halo, "halo_candidates", "halo")
 
 
 def _compile_halo_for_sm90():

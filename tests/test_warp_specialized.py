@@ -10,9 +10,10 @@ import pytest
 import torch
 import triton
 
-import conv_backend.kernels.implicit_gemm as igemm_mod
 import conv_backend.kernels.warp_specialized as ws
 from conv_backend.kernels.common import box_row_channels
+
+from _util import assert_plan_on_cpu_never_offers
 
 needs_gluon = pytest.mark.skipif(ws.gluon is None, reason="this Triton has no Gluon")
 
@@ -76,11 +77,7 @@ def test_not_offered_off_gpu():
 
 def test_plan_on_cpu_offers_no_ws_candidate(monkeypatch):
     """Off a Hopper GPU the warp-specialized kernel is never timed (the interpreter can't run Gluon)."""
-    monkeypatch.setattr(ws, "ws_candidates", lambda *a, **k: pytest.fail("warp-specialized kernel offered"))
-    x = torch.randn(1, 16, 9, 9).to(memory_format=torch.channels_last)
-    w = torch.randn(16, 16, 3, 3)
-    if not igemm_mod.tma_reason(x, w, (1, 1), 1):
-        igemm_mod.implicit_gemm_plan(x, w, None, (1, 1), (1, 1), (1, 1), 1, "ieee", "auto")
+    assert_plan_on_cpu_never_offers(monkeypatch, ws, "ws_candidates", "warp-specialized")
 
 
 # Compiles every config the tuner may pick for these problems, in a process of its own: the interpreter, which
