@@ -21,6 +21,7 @@ from probe_tiles import PROBLEMS, host_laps_us  # noqa: E402
 
 from conv_backend import tuning  # noqa: E402
 from conv_backend.dispatch import launch_conv2d  # noqa: E402
+from conv_backend.layout import conv_output_hw  # noqa: E402
 from conv_backend.kernels import common, implicit_gemm as ig, warp_specialized as ws  # noqa: E402
 
 
@@ -47,8 +48,7 @@ def main(names):
             memory_format=torch.channels_last)
         prec = "tf32" if dt == torch.float32 else "ieee"
         print(f"== {name}: F.conv2d {host_us(lambda: F.conv2d(x, wt, None, s, p, d, g))}")
-        out_h, out_w = ((size + 2 * pad - dil * (k - 1) - 1) // st + 1 for size, k, st, pad, dil in
-                        zip((h, w), (kh, kw), s, p, d))
+        out_h, out_w = conv_output_hw(h, w, kh, kw, s, p, d)
         for family in ("tma", "ws", "pointer"):
             if family == "ws":
                 cands = ws.ws_candidates(c, oc, n, out_h, out_w, dt, sms=1)

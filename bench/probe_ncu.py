@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from conv_backend import tuning
-from conv_backend.kernels import common, depthwise, implicit_gemm
+from conv_backend.kernels import common
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from probe_tiles import make_plan  # noqa: E402
 
 Candidate = tuning.Candidate
 KB55 = ((8, 64, 512, 1024), (128, 64, 3, 3), 1, (0, 0), torch.float32)
@@ -44,11 +47,7 @@ if cand is None:
     plan = lambda x, w, b: F.conv2d(x, w, b, 1, pad, 1, groups)  # noqa: E731
 else:
     common.select = lambda *args: cand
-    if groups > 1:
-        plan = depthwise.depthwise_plan(x, w, None, (1, 1), pad, (1, 1))
-    else:
-        precision = "tf32" if dtype == torch.float32 else "ieee"
-        plan = implicit_gemm.implicit_gemm_plan(x, w, None, (1, 1), pad, (1, 1), 1, precision)
+    plan = make_plan(x, w, (1, 1), pad, (1, 1), groups, "tf32" if dtype == torch.float32 else "ieee")
 for _ in range(2):
     plan(x, w, None)
 torch.cuda.synchronize()

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 import triton
 
 from conv_backend import tuning
-from conv_backend.kernels import common, implicit_gemm
+from conv_backend.kernels import common
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from probe_tiles import PROBLEMS, relerr  # noqa: E402
+from probe_tiles import PROBLEMS, make_plan, relerr  # noqa: E402
 
 torch.backends.cudnn.benchmark = True
 torch.backends.cudnn.allow_tf32 = True
@@ -39,7 +39,7 @@ ref = F.conv2d(x.double(), wt.double(), None, s, p, d, g)
 fns = {"cudnn": lambda: F.conv2d(x, wt, None, s, p, d, g)}
 for label, cand in CONFIGS.items():
     common.select = lambda *args, cand=cand: cand
-    plan = implicit_gemm.implicit_gemm_plan(x, wt, None, s, p, d, g, "tf32")
+    plan = make_plan(x, wt, s, p, d, g, "tf32")
     err = relerr(plan(x, wt, None), ref)
     assert err < 2e-3, (label, err)
     fns[label] = lambda plan=plan: plan(x, wt, None)
