@@ -7,6 +7,8 @@ CASE names a problem and what runs it, the tuner bypassed so that the profiled k
   kb55-tma   kb55 fp32 (TF32), channels_last, the TMA kernel's 128x128 one-warpgroup tile (run 18's NCHW pick);
   kb55-ws    kb55, the warp-specialized kernel's 128x128 tile (run 18's channels_last pick);
   kb55-ws256 kb55, the warp-specialized kernel with a 256x128 tile shared by two consumer warpgroups;
+  kb55-wshalo   kb55, its patch variant: a 16x16 tile by 128 channels (runs 23 and 24's pick);
+  kb55-wshalo-n kb55, the patch variant with 8x32 pixels as the MMA's N (probe 51's fastest);
   kb55-cudnn kb55 through F.conv2d (cuDNN, channels_last).
 Two warm-up calls run first; only the third is inside the profiler range.
 """
@@ -32,9 +34,13 @@ CASES = {  # name: ((x shape, weight shape, groups, padding, dtype), candidate o
     "kb55-tma": (KB55, Candidate.make("igemm_tma", 4, 3, BLOCK_B=1, BLOCK_H=1, BLOCK_W=128, BLOCK_N=128,
                                       BLOCK_K=32)),
     "kb55-ws": (KB55, Candidate.make("igemm_ws", 4, 6, BLOCK_B=1, BLOCK_H=1, BLOCK_W=128, BLOCK_N=128, BLOCK_K=32,
-                                     CONSUMERS=1)),
+                                     CONSUMERS=1, PIXELS_AS_N=False)),
     "kb55-ws256": (KB55, Candidate.make("igemm_ws", 8, 4, BLOCK_B=1, BLOCK_H=1, BLOCK_W=256, BLOCK_N=128,
-                                        BLOCK_K=32, CONSUMERS=1)),
+                                        BLOCK_K=32, CONSUMERS=1, PIXELS_AS_N=False)),
+    "kb55-wshalo": (KB55, Candidate.make("igemm_ws_halo", 8, 3, BLOCK_B=1, BLOCK_H=16, BLOCK_W=16, BLOCK_N=128,
+                                         BLOCK_K=16, CONSUMERS=1, PIXELS_AS_N=False)),
+    "kb55-wshalo-n": (KB55, Candidate.make("igemm_ws_halo", 8, 3, BLOCK_B=1, BLOCK_H=8, BLOCK_W=32, BLOCK_N=128,
+                                           BLOCK_K=16, CONSUMERS=1, PIXELS_AS_N=True)),
     "kb55-cudnn": (KB55, None),
 }
 

@@ -8,7 +8,8 @@ Usage on a GPU: python bench/probe_tiles.py [problem ...] [--variants] [--only=K
               which go through L1, instead of cp.async.cg), NCHW tiles with 1, 2 or 4 stages and 256-row
               or 256-column tiles or capped at 80 or 96 registers a thread, depthwise tiles capped at 64,
               80 or 96 registers a thread, and warp-specialized tiles with two consumers taking turns or 256
-              pixels for two consumer warpgroups (pixels as the MMA's M or N).
+              pixels for two consumer warpgroups (pixels as the MMA's M or N), and patch-variant tiles with one
+              stage more than the tuner allows or with a full 128-byte channel chunk.
   --only      time only the candidates of these kernels (e.g. --only=igemm_halo).
   --match     time only the candidates (and variants) whose description contains one of these
               '|'-separated strings (e.g. --match="BLOCK_N=128,BLOCK_W=8|BLOCK_W=256").
@@ -161,6 +162,13 @@ def variants(cands, elem):
                     for pixels_as_n in (False, True):
                         extra.append(tuning.Candidate.make(cand.kernel, 8, stages, **{
                             **p, "BLOCK_B": box[0], "BLOCK_H": box[1], "BLOCK_W": box[2], "PIXELS_AS_N": pixels_as_n}))
+        if cand.kernel == "igemm_ws_halo":
+            # One stage more than the tuner's 220 KiB budget allows (up to the 227 KiB an H100 block may take),
+            # and the full 128-byte channel chunk where the tuner halved it for stages.
+            extra.append(tuning.Candidate(cand.kernel, cand.meta, cand.num_warps, cand.num_stages + 1))
+            if cand.params["BLOCK_K"] * elem == 64:
+                extra += [tuning.Candidate.make(cand.kernel, cand.num_warps, s, **{
+                    **cand.params, "BLOCK_K": 2 * cand.params["BLOCK_K"]}) for s in (2, 3)]
         if cand.kernel == "igemm_halo":  # fewer stages or warps: more programs per SM
             extra += [tuning.Candidate(cand.kernel, cand.meta, w, s) for w, s in ((8, 2), (4, 2), (4, 3))]
         if cand.kernel == "igemm_pointer" and cand.num_stages > 1 and "SPLIT_K" not in cand.params:

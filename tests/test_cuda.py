@@ -38,7 +38,7 @@ KERNEL_FUNCTIONS = {"seed": {"seed_conv2d_kernel"}, "gemm_pointer": {"igemm_poin
 CANDIDATE_FUNCTIONS = [(igemm_mod, "tma_candidates"), (igemm_mod, "pointer_candidates"),
                        (igemm_mod, "gather_candidates"), (igemm_mod, "nchw_candidates"),
                        (igemm_mod, "split_k_candidates"), (depthwise_mod, "depthwise_candidates"),
-                       (halo_mod, "halo_candidates"), (ws_mod, "ws_candidates")]
+                       (halo_mod, "halo_candidates"), (ws_mod, "ws_candidates"), (ws_mod, "ws_halo_candidates")]
 if hasattr(igemm_mod, "seed_candidates"):  # the seed's direct kernel, offered for few-channel convolutions
     CANDIDATE_FUNCTIONS.append((igemm_mod, "seed_candidates"))
 
@@ -376,9 +376,42 @@ def test_every_ws_candidate_is_correct(case, dtype, precision, programs, monkeyp
                              kernel_launches)
 
 
+WS_HALO_CASES = [
+    # A partial channel chunk, 72 output channels (a partial N tile), padding, NCHW; the 3-row kernel's
+    # patches arrive as a head box and a 2-row tail box.
+    Case(2, 48, 72, 23, 37, (3, 3), padding=(1, 1)),
+    # The seed problem's kernel, padding and dilation, no bias: views 2 * BLOCK_W pixels apart.
+    Case(2, 32, 64, 37, 45, (5, 9), padding=(2, 4), dilation=(2, 3), bias=False, x_layout="channels_last"),
+    # 136 output channels: 128-channel tiles in both orientations, the second mostly past the end.
+    Case(1, 64, 136, 21, 70, (3, 3), padding=(1, 1), x_layout="channels_last", w_layout="channels_last"),
+    # A kernel two rows high (a 1-row tail), asymmetric padding.
+    Case(2, 32, 64, 19, 40, (2, 3), padding=(0, 1)),
+    # Fewer channels than a box row (the copy engine zero-fills channels 8..15).
+    Case(2, 8, 24, 20, 33, (3, 3), padding=(1, 1)),
+]
+
+
+@pytest.mark.skipif(not gluon_hopper(), reason="the warp-specialized kernel is Gluon code for sm_90")
+@pytest.mark.parametrize("programs", [None, 3], ids=["one-per-sm", "three-programs"])
+@pytest.mark.parametrize("dtype,precision", HALO_DTYPES, ids=["tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", WS_HALO_CASES, ids=[f"ws-halo-{i}" for i in range(len(WS_HALO_CASES))])
+def test_every_ws_halo_candidate_is_correct(case, dtype, precision, programs, monkeypatch, kernel_launches):
+    """Each config the tuner may pick for the warp-specialized kernel's patch variant (KH row taps read from
+    one patch), run alone against float64, with one program per SM and with three looping over many tiles."""
+    case = dataclasses.replace(case, dtype=dtype)
+    out_h, out_w = case.out_hw()
+    cands = ws_mod.ws_halo_candidates(case.c, case.oc, case.n, out_h, out_w, case.kernel[0], case.dilation[0], dtype,
+                                      sms=1)
+    assert cands, f"no patch-variant candidate for {case}"
+    if programs:
+        monkeypatch.setattr(ws_mod, "persistent_programs", lambda tiles, device: min(tiles, programs))
+    run_each_gluon_candidate(case, precision, cands, ws_mod, "ws_halo_candidates", "igemm_ws_kernel", monkeypatch,
+                             kernel_launches)
+
+
 @pytest.mark.skipif(not gluon_hopper(), reason="the halo and warp-specialized kernels are Gluon code for sm_90")
-@pytest.mark.parametrize("module,name", [(halo_mod, "halo_candidates"), (ws_mod, "ws_candidates")],
-                         ids=["halo", "ws"])
+@pytest.mark.parametrize("module,name", [(halo_mod, "halo_candidates"), (ws_mod, "ws_candidates"),
+                                         (ws_mod, "ws_halo_candidates")], ids=["halo", "ws", "ws-halo"])
 def test_auto_offers_the_gluon_kernels_only_where_they_can_run(module, name, monkeypatch, one_candidate):
     offered = []
     real = getattr(module, name)

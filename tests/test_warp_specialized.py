@@ -10,6 +10,7 @@ import pytest
 import torch
 import triton
 
+import conv_backend.kernels.halo as halo
 import conv_backend.kernels.warp_specialized as ws
 from conv_backend.kernels.common import box_row_channels
 
@@ -41,7 +42,9 @@ def test_candidates_fit_the_map_and_shared_memory(dtype, channels, out_channels,
         assert p["BLOCK_N"] <= max(16, triton.next_power_of_2(out_channels))
         assert 3 <= cand.num_stages <= 8
         stage_bytes = (block_m + p["BLOCK_N"]) * p["BLOCK_K"] * dtype.itemsize
-        assert cand.num_stages * stage_bytes <= ws.SMEM_BUDGET, cand.describe()
+        # What the epilogue's trip through shared memory takes is left free (16-bit outputs, pixels as M).
+        scratch = ws.EPILOGUE_SCRATCH if dtype.itemsize == 2 and not p["PIXELS_AS_N"] else 0
+        assert cand.num_stages * stage_bytes <= ws.SMEM_BUDGET - scratch, cand.describe()
         assert p["CONSUMERS"] in (1, 2) and (p["CONSUMERS"] == 1 or cand.num_warps == 4)
         # With pixels as the MMA's N, the channels are its M: 64 for each warpgroup.
         assert not p["PIXELS_AS_N"] or p["BLOCK_N"] >= 16 * cand.num_warps, cand.describe()
@@ -70,6 +73,90 @@ def test_no_candidate_where_tiles_leave_most_sms_idle():
     assert ws.ws_candidates(512, 512, 1, 7, 7, torch.bfloat16, sms=8)
 
 
+@pytest.fixture
+def views_supported(monkeypatch):
+    """The patch variant is offered only where this Triton compiles its shared-memory views (3.6 does, 3.8
+    does not); its host-side rules are tested as if it did."""
+    monkeypatch.setattr(ws, "unaligned_views_supported", lambda: True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels,out_channels,batch,out_h,out_w,kernel_h,dil_h", [
+    (64, 128, 8, 510, 1022, 3, 1),  # #55
+    (32, 64, 8, 508, 496, 5, 2),    # the seed problem (#80): a 24-row patch for 16-row tiles
+    (64, 64, 4, 127, 255, 2, 1),    # a 2-row kernel: patches of BLOCK_H + 1 rows
+    (8, 24, 2, 60, 70, 3, 1),       # fewer channels than a box row
+    (48, 72, 2, 23, 37, 3, 1),      # a small map, a partial channel chunk and a partial N tile
+])
+def test_halo_candidates_fit_the_map_and_shared_memory(views_supported, dtype, channels, out_channels, batch, out_h,
+                                                       out_w, kernel_h, dil_h):
+    cands = ws.ws_halo_candidates(channels, out_channels, batch, out_h, out_w, kernel_h, dil_h, dtype, sms=1)
+    assert cands
+    elem, row = dtype.itemsize, box_row_channels(channels, dtype)
+    max_n = max(16, triton.next_power_of_2(out_channels))
+    shapes = {(bh, bw, min(bn, max_n), warps, pixels_as_n) for bh, bw, bn, warps, pixels_as_n in ws.WS_HALO_SHAPES}
+    for cand in cands:
+        p = cand.params
+        bh, bw, bn, bk = p["BLOCK_H"], p["BLOCK_W"], p["BLOCK_N"], p["BLOCK_K"]
+        assert cand.kernel == "igemm_ws_halo" and p["BLOCK_B"] == 1 and p["CONSUMERS"] == 1, cand.describe()
+        assert (bh, bw, bn, cand.num_warps, p["PIXELS_AS_N"]) in shapes, cand.describe()
+        assert bw <= max(8, triton.next_power_of_2(out_w)) and bh <= max(1, triton.next_power_of_2(out_h))
+        assert ws.patch_split(bh, kernel_h, dil_h) is not None, cand.describe()
+        assert 3 <= cand.num_stages <= 8
+        stage_bytes = halo.smem_bytes(bh, bw, bn, bk, kernel_h, dil_h, elem, 1)
+        budget = ws.SMEM_BUDGET - (ws.EPILOGUE_SCRATCH if elem == 2 and not p["PIXELS_AS_N"] else 0)
+        assert cand.num_stages * stage_bytes <= budget, cand.describe()
+        # A full 128-byte row of channels, or half of one only where a full row would not leave three stages.
+        full_row_stages = budget // halo.smem_bytes(bh, bw, bn, row, kernel_h, dil_h, elem, 1)
+        assert bk == row or (bk == row // 2 and full_row_stages < 3), cand.describe()
+        # With pixels as the MMA's N, the channels are its M: 64 for each warpgroup.
+        assert not p["PIXELS_AS_N"] or bn >= 16 * cand.num_warps, cand.describe()
+
+
+def test_halo_candidates_for_problem_55(views_supported):
+    """#55 in fp32 (64 -> 128 channels, 3x3, out 510x1022; 32 channels fill a 128-byte row) takes every shape.
+    Budget 220 KiB = 225280 bytes; a stage holds next_pow2(BLOCK_H + 2) * BLOCK_W patch pixels and 3 * BLOCK_N
+    weight rows, of BLOCK_K * 4 bytes each:
+    - 8x32 and 4x64 (patches of 16 and 8 rows: 512 pixels) and 16x16 (32 rows: 512) with BLOCK_N 128 (16x16
+      only with pixels as M):
+      (512 + 384) * 128 B = 114688 B, one stage; a half row (16 channels) makes it 57344 B, three stages.
+    - 16x16 with BLOCK_N 64: (512 + 192) * 128 B = 90112 B, two stages; a half row: 45056 B, five stages.
+    - 16x8 and 8x16 with BLOCK_N 64 (256 patch pixels): (256 + 192) * 128 B = 57344 B, three stages, a full row.
+    Pixels as N only with 128 channels (64 per warpgroup of 8 warps); tiles are in the thousands."""
+    cands = ws.ws_halo_candidates(64, 128, 8, 510, 1022, 3, 1, torch.float32, sms=132)
+    got = {(c.params["BLOCK_H"], c.params["BLOCK_W"], c.params["BLOCK_N"], c.params["PIXELS_AS_N"],
+            c.params["BLOCK_K"]): c.num_stages for c in cands}
+    assert got == {(8, 32, 128, True, 16): 3, (4, 64, 128, True, 16): 3, (8, 32, 128, False, 16): 3,
+                   (16, 16, 128, False, 16): 3, (16, 16, 64, False, 16): 5,
+                   (16, 8, 64, False, 32): 3, (8, 16, 64, False, 32): 3}
+    assert len(cands) == len(got)
+
+
+def test_halo_variant_not_offered_where_it_cannot_help(monkeypatch):
+    """No rows to share in a one-row kernel; no views on a Triton that rejects them; and, like the other
+    configs, none where the tiles would leave most SMs idle."""
+    monkeypatch.setattr(ws, "unaligned_views_supported", lambda: True)
+    assert ws.ws_halo_candidates(64, 128, 8, 510, 1022, 1, 1, torch.float32, sms=132) == []
+    # One 16x16 image: at most four tiles (16x8 or 8x16 pixels by 64 channels, twice), where the GPU has 132 SMs.
+    assert ws.ws_halo_candidates(64, 128, 1, 16, 16, 3, 1, torch.bfloat16, sms=132) == []
+    assert ws.ws_halo_candidates(64, 128, 1, 16, 16, 3, 1, torch.bfloat16, sms=1)
+    monkeypatch.setattr(ws, "unaligned_views_supported", lambda: False)
+    assert ws.ws_halo_candidates(64, 128, 8, 510, 1022, 3, 1, torch.float32, sms=132) == []
+
+
+def test_epilogue_stores_through_shared_memory_for_16_bit_outputs():
+    """16-bit channels_last outputs leave the MMA layout in 4-byte pairs, so the epilogue converts them through
+    shared memory into 8-byte stores; fp32 stores 8 bytes from the MMA layout already, and with pixels as N or
+    into NCHW (pixels contiguous) the conversion would take the whole tile's worth of shared memory."""
+    assert ws.blocked_store(torch.bfloat16, False, True) and ws.blocked_store(torch.float16, False, True)
+    assert not ws.blocked_store(torch.float32, False, True)
+    assert not ws.blocked_store(torch.bfloat16, True, True) and not ws.blocked_store(torch.bfloat16, False, False)
+    # Where it does, the stages leave the conversion its scratch: 128x128 bf16 tiles of 64-channel rows.
+    plain = {c.params["BLOCK_B"] * c.params["BLOCK_H"] * c.params["BLOCK_W"]: c.num_stages
+             for c in ws.ws_candidates(64, 128, 8, 510, 1022, torch.bfloat16, sms=1)
+             if c.params["BLOCK_N"] == 128 and not c.params["PIXELS_AS_N"] and c.params["CONSUMERS"] == 1}
+    assert plain[128] == (ws.SMEM_BUDGET - ws.EPILOGUE_SCRATCH) // ((128 + 128) * 64 * 2)
+
 def test_not_offered_off_gpu():
     x, w = torch.randn(1, 32, 16, 16), torch.randn(64, 32, 3, 3)
     assert "CUDA" in ws.ws_reason(x, w, (1, 1), (1, 1), 1, "tf32") or ws.gluon is None
@@ -78,6 +165,11 @@ def test_not_offered_off_gpu():
 def test_plan_on_cpu_offers_no_ws_candidate(monkeypatch):
     """Off a Hopper GPU the warp-specialized kernel is never timed (the interpreter can't run Gluon)."""
     assert_plan_on_cpu_never_offers(monkeypatch, ws, "ws_candidates", "warp-specialized")
+
+
+def test_plan_on_cpu_offers_no_ws_halo_candidate(monkeypatch):
+    """Nor is its patch variant."""
+    assert_plan_on_cpu_never_offers(monkeypatch, ws, "ws_halo_candidates", "warp-specialized patch")
 
 
 # Compiles every config the tuner may pick for these problems, in a process of its own: the interpreter, which
@@ -91,20 +183,40 @@ for dtype, shape in [(torch.float32, (512, 512, 32, 7, 7)),
                      (torch.bfloat16, (64, 256, 1, 1, 4 * 56 * 56)),  # a flat 1x1: 256-channel tiles
                      (torch.float16, (8, 24, 2, 20, 33))]:
     for cand in ws.ws_candidates(*shape, dtype, sms=1):
-        ptx = ws.compile_for_sm90(dtype, cand.params, cand.num_warps, cand.num_stages).asm["ptx"]
+        kernel = ws.compile_for_sm90(dtype, cand.params, cand.num_warps, cand.num_stages)
+        ptx = kernel.asm["ptx"]
+        # The stages and the epilogue's scratch fit the 227 KiB a block may take on an H100 or H200.
+        assert kernel.metadata.shared <= 227 * 1024, (cand.describe(), kernel.metadata.shared)
         # The loader's copies and the consumers' MMAs, in warps whose registers were re-divided.
         assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async" in ptx and "setmaxnreg" in ptx, cand.describe()
         p = cand.params
         if p["PIXELS_AS_N"]:  # all the tile's pixels are each MMA's N
             assert f"m64n{p['BLOCK_B'] * p['BLOCK_H'] * p['BLOCK_W']}k" in ptx, cand.describe()
         print("compiled", dtype, cand.describe())
+# The patch variant, where this Triton compiles its views: #55 in fp32 (8 configs) and the seed problem in bf16
+# (4 configs; 32 channels are half a bf16 row, and its patches are split 8 + 4, 16 and 16 + 8).
+print("views supported:", ws.unaligned_views_supported())
+if ws.unaligned_views_supported():
+    for dtype, shape, kernel_hw, dil_h in [(torch.float32, (64, 128, 8, 510, 1022), (3, 3), 1),
+                                           (torch.bfloat16, (32, 64, 8, 508, 496), (5, 9), 2)]:
+        for cand in ws.ws_halo_candidates(*shape, kernel_hw[0], dil_h, dtype, sms=1):
+            kernel = ws.compile_for_sm90(dtype, cand.params, cand.num_warps, cand.num_stages, kernel_hw=kernel_hw,
+                                         kernel="igemm_ws_halo", dil_h=dil_h)
+            ptx = kernel.asm["ptx"]
+            assert kernel.metadata.shared <= 227 * 1024, (cand.describe(), kernel.metadata.shared)
+            assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async" in ptx and "setmaxnreg" in ptx, cand.describe()
+            p = cand.params
+            if p["PIXELS_AS_N"]:
+                assert f"m64n{p['BLOCK_H'] * p['BLOCK_W']}k" in ptx, cand.describe()
+            print("compiled-halo", dtype, kernel_hw, cand.describe())
 """
 
 
 @needs_gluon
 def test_compile_probe_agrees_with_every_candidate():
     """warp_specialize_compiles() decides whether the kernel is offered: where it says yes, every config the
-    tuner may pick compiles for sm_90 on this Triton (no GPU needed)."""
+    tuner may pick compiles for sm_90 on this Triton (no GPU needed); so does every config of the patch
+    variant where unaligned_views_supported() offers it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE_EVERY_CANDIDATE], env=env, capture_output=True, text=True,
                           timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -113,8 +225,16 @@ def test_compile_probe_agrees_with_every_candidate():
         # Releases it is known to compile on must not lose it: that would be our bug, not Gluon's API moving.
         assert not triton.__version__.startswith(("3.6.", "3.8.")), done.stderr[-4000:]
         pytest.skip(f"Triton {triton.__version__} does not compile the kernel; it is not offered")
-    assert done.stdout.count("compiled") >= 3, done.stdout
-    assert "PIXELS_AS_N=True" in done.stdout, done.stdout  # the swapped orientation is among them
+    lines = done.stdout.splitlines()
+    plain = [line for line in lines if line.startswith("compiled ")]
+    assert len(plain) >= 3, done.stdout
+    assert any("PIXELS_AS_N=True" in line for line in plain), done.stdout  # the swapped orientation is among them
+    views = "views supported: True" in lines
+    if triton.__version__.startswith("3.6."):  # the release the patch variant was written for must keep it
+        assert views, done.stdout
+    if views:
+        patched = [line for line in lines if line.startswith("compiled-halo ")]
+        assert patched and any("PIXELS_AS_N=True" in line for line in patched), done.stdout
 
 
 def test_gluon_rules_on_a_pretend_hopper(monkeypatch):

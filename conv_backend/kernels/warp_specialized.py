@@ -18,6 +18,14 @@ pixel rows; on 256-pixel tiles each weight tile brought in feeds twice the pixel
 With PIXELS_AS_N the MMA runs transposed (channels as M, 64 for each warpgroup; the tile's pixels as N:
 m64n256), so that a weight row read from shared memory feeds all 256 pixels.
 
+The patch variant (candidates "igemm_ws_halo", HALO_ROW_STEP > 0) brings the halo kernel's input reuse
+into this pipeline: a K step is one kernel column and one channel chunk, for which the loader copies one
+patch of BLOCK_H + (KH-1)*dil_h input rows and KH weight tiles, and the consumer runs the KH row taps as
+MMAs on views of the patch, HALO_ROW_STEP pixels apart (halo.py says how those views are made). An input
+pixel then crosses from L2 once per kernel column instead of once per tap: #80 1.10 ms against 1.31 with
+the halo kernel, #56 1.52 against 1.66 (an H100, entries 56-57 of bench/NOTES.md). Like the halo kernel,
+it is offered only where this Triton compiles those views.
+
 It wins where tiles are few and K is deep (ResNet's 3x3 layers at 7x7 and 14x14: GPU time 0.0254 and
 0.0197 ms with the TMA kernel, 0.0183 here), and with 256-pixel tiles on large fp32 problems with 128
 output channels (#56 on an H100: 2.09 -> 1.66 ms; bench/NOTES.md, entries 44, 49 and 50).
@@ -35,6 +43,7 @@ from ..tuning import Candidate
 from .common import (GluonTensorDescriptor, KernelLauncher, box_row_channels, fit_box, gl, gluon, gluon_dtype,
                      gluon_sm90_reason, gluon_tile_origin, gluon_weight_descriptors, mbarrier, tma, warpgroup_mma,
                      warpgroup_mma_wait)
+from .halo import patch_split, smem_bytes, unaligned_views_supported
 
 try:  # the class decorator the kernel's argument bundle (_Args) needs, by its private name
     from triton.language.core import _aggregate as aggregate
@@ -44,6 +53,8 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 log = logging.getLogger("conv_backend")
 
 SMEM_BUDGET = 220 * 1024
+# Taken from SMEM_BUDGET where the epilogue converts its tile's layout through shared memory (blocked_store).
+EPILOGUE_SCRATCH = 16 * 1024
 # (BLOCK_B, BLOCK_H, BLOCK_W, BLOCK_N, consumer warps, consumers, PIXELS_AS_N); stages are what fits
 # SMEM_BUDGET. Fitted to a map like the TMA kernel's boxes: a 128-pixel row becomes 8x16 on 14x14 maps. The
 # first seven were each best or within 5% of the best on one of #55, #56, #63 and ResNet's 3x3 layers at 7x7,
@@ -56,6 +67,16 @@ WS_SHAPES = [(1, 1, 128, 128, 4, 1, False), (1, 1, 128, 128, 8, 1, False), (1, 8
              (1, 1, 128, 256, 8, 1, False),
              (1, 2, 128, 128, 8, 1, True), (1, 8, 32, 128, 8, 1, True), (1, 1, 256, 128, 8, 1, True),
              (1, 1, 256, 128, 8, 1, False)]
+
+# (BLOCK_H, BLOCK_W, BLOCK_N, consumer warps, PIXELS_AS_N) of the patch variant ("igemm_ws_halo"): per K step
+# one patch of BLOCK_H + (KH-1)*dil_h input rows feeds all KH row taps, so an input pixel crosses from L2 once
+# per kernel column, not once per tap. Each was best or within 5% of the best on one of #55, #56, #62, #63,
+# #80 and #80 in bf16 on an H100 (bench/results/probes/*-probe51-*, *-probe52-*): #56 1.52 ms against 1.66
+# with a tap per K step, #80 1.10 against 1.31 with the halo kernel. Two consumers taking turns lost everywhere.
+# A 16x16 tile with pixels as N, best on #63 by 0.3% over 4x64, was dropped: on #55 it ran 5% behind the best
+# tile, too little for the tuner's short timings to see, and was picked there (bench/NOTES.md entry 60).
+WS_HALO_SHAPES = [(8, 32, 128, 8, True), (4, 64, 128, 8, True), (8, 32, 128, 8, False), (16, 16, 128, 8, False),
+                  (16, 16, 64, 8, False), (16, 8, 64, 4, False), (8, 16, 64, 4, False)]
 
 
 def ws_reason(x, weight, stride, dilation, groups, input_precision) -> str | None:
@@ -83,13 +104,56 @@ def ws_candidates(channels, out_channels, batch, out_h, out_w, dtype, sms: int) 
             continue
         if pixels_as_n and bn < 16 * warps:  # each warpgroup's MMA takes 64 channels as its M
             continue
-        stages = SMEM_BUDGET // ((pixels + bn) * bk * elem)
+        stages = (SMEM_BUDGET - epilogue_scratch(dtype, pixels_as_n)) // ((pixels + bn) * bk * elem)
         tiles = triton.cdiv(batch, bb) * triton.cdiv(out_h, bh) * triton.cdiv(out_w, bw) * triton.cdiv(out_channels, bn)
         if stages >= 3 and tiles * 2 >= sms:
             picked.add(Candidate.make("igemm_ws", num_warps=warps, num_stages=min(stages, 8), BLOCK_B=bb, BLOCK_H=bh,
                                       BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, CONSUMERS=consumers,
                                       PIXELS_AS_N=pixels_as_n))
     return sorted(picked, key=lambda c: c.describe())
+
+
+def ws_halo_candidates(channels, out_channels, batch, out_h, out_w, kernel_h, dil_h, dtype, sms: int) -> list:
+    """Configs of the patch variant worth timing: WS_HALO_SHAPES that fit the map, with the channel chunk of a
+    full 128-byte row where three stages fit, else of half a row (each stage holds a patch and KH weight
+    tiles, as the halo kernel's do), and only where there are tiles for at least half the SMs."""
+    if kernel_h < 2 or not unaligned_views_supported():
+        return []
+    elem = dtype.itemsize
+    max_n = max(16, triton.next_power_of_2(out_channels))
+    picked = set()
+    for bh, bw, bn, warps, pixels_as_n in WS_HALO_SHAPES:
+        bn = min(bn, max_n)
+        if bw > max(8, triton.next_power_of_2(out_w)) or bh > max(1, triton.next_power_of_2(out_h)):
+            continue
+        if patch_split(bh, kernel_h, dil_h) is None or (pixels_as_n and bn < 16 * warps):
+            continue  # no two power-of-two boxes make the patch; or less than 64 channels a warpgroup
+        bk, budget = box_row_channels(channels, dtype), SMEM_BUDGET - epilogue_scratch(dtype, pixels_as_n)
+        stages = budget // smem_bytes(bh, bw, bn, bk, kernel_h, dil_h, elem, 1)
+        if stages < 3 and bk * elem >= 64:  # half a row still feeds whole MMA K steps (32 bytes)
+            bk //= 2
+            stages = budget // smem_bytes(bh, bw, bn, bk, kernel_h, dil_h, elem, 1)
+        tiles = batch * triton.cdiv(out_h, bh) * triton.cdiv(out_w, bw) * triton.cdiv(out_channels, bn)
+        if stages >= 3 and tiles * 2 >= sms:
+            picked.add(Candidate.make("igemm_ws_halo", num_warps=warps, num_stages=min(stages, 8), BLOCK_B=1,
+                                      BLOCK_H=bh, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, CONSUMERS=1,
+                                      PIXELS_AS_N=pixels_as_n))
+    return sorted(picked, key=lambda c: c.describe())
+
+
+def blocked_store(dtype: torch.dtype, pixels_as_n: bool, channels_contiguous: bool = True) -> bool:
+    """Whether the epilogue stores through shared memory, in 8-byte vectors: for 16-bit outputs in channels_last,
+    whose stores from the MMA layout are 4-byte pairs of channels (ResNet's 3x3 64 at 56 in bf16: 0.0201 ms
+    against 0.0242, bench/NOTES.md entry 59). Not for fp32, where it lost a little, and not where the
+    conversion would take the whole tile's worth of shared memory: with pixels as N, or into NCHW, whose
+    contiguous axis is the pixels."""
+    return dtype.itemsize == 2 and not pixels_as_n and channels_contiguous
+
+
+def epilogue_scratch(dtype: torch.dtype, pixels_as_n: bool) -> int:
+    """Shared memory the stages leave free for the epilogue's conversion where it may run (the output's layout
+    is known only at launch)."""
+    return EPILOGUE_SCRATCH if blocked_store(dtype, pixels_as_n) else 0
 
 
 @functools.cache
@@ -108,23 +172,33 @@ def warp_specialize_compiles() -> bool:
     return True
 
 
-def compile_for_sm90(dtype: torch.dtype, params: dict, num_warps: int, num_stages: int, kernel_hw=(3, 3)):
-    """igemm_ws_kernel compiled for sm_90 with these tile parameters (a Candidate's), on any machine."""
+def compile_for_sm90(dtype: torch.dtype, params: dict, num_warps: int, num_stages: int, kernel_hw=(3, 3),
+                     kernel: str = "igemm_ws", dil_h: int = 1):
+    """igemm_ws_kernel compiled for sm_90 with these tile parameters (a Candidate's of `kernel`), on any
+    machine."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     names = igemm_ws_kernel.arg_names
     type_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     gl_dtype = gluon_dtype(dtype)
-    x_box = [params["BLOCK_B"], params["BLOCK_H"], params["BLOCK_W"], params["BLOCK_K"]]
-    w_box = [params["BLOCK_N"], params["BLOCK_K"]]
+    bh, bw, bk = params["BLOCK_H"], params["BLOCK_W"], params["BLOCK_K"]
+    if kernel == "igemm_ws_halo":
+        head, tail = patch_split(bh, kernel_hw[0], dil_h)
+        x_box, tail_box, row_step = [1, head, bw, bk], [1, max(tail, 1), bw, bk], bw * dil_h
+    else:
+        x_box, tail, row_step = [params["BLOCK_B"], bh, bw, bk], 0, 0
+        tail_box = x_box
+    w_box = [params["BLOCK_N"], bk]
     signature = {name: "i32" for name in names}
-    for name, box in (("x_desc", x_box), ("w_desc", w_box)):
-        layout = gl.NVMMASharedLayout.get_default_for(box, gl_dtype)
+    x_layout = gl.NVMMASharedLayout.get_default_for(x_box, gl_dtype)
+    for name, box, layout in (("x_desc", x_box, x_layout), ("x_tail_desc", tail_box, x_layout),
+                              ("w_desc", w_box, gl.NVMMASharedLayout.get_default_for(w_box, gl_dtype))):
         signature[name] = f"tensordesc<{type_name}[{', '.join(map(str, box))}],{layout!r}>"
     signature["b_ptr"] = signature["y_ptr"] = f"*{type_name}"
     constexprs = dict(KH=kernel_hw[0], KW=kernel_hw[1], HAS_BIAS=True, USE_INT64=False, STAGES=num_stages,
-                      PIXELS_AS_N=False, num_warps=num_warps)
+                      PIXELS_AS_N=False, HALO_ROW_STEP=row_step, TAIL_H=tail, num_warps=num_warps)
     constexprs.update(params)
+    constexprs["BLOCKED_STORE"] = blocked_store(dtype, constexprs["PIXELS_AS_N"])
     for name in constexprs:
         signature[name] = "constexpr"
     source = GluonASTSource(igemm_ws_kernel, signature, {(names.index(k),): v for k, v in constexprs.items()})
@@ -138,6 +212,7 @@ if gluon is not None:
         """Everything every partition reads. warp_specialize hands each partition the same arguments, and
         an aggregate keeps the constexprs constant where a tuple would turn them into tensors."""
         x_desc: tma.tensor_descriptor
+        x_tail_desc: tma.tensor_descriptor
         w_desc: tma.tensor_descriptor
         b_ptr: gl.tensor
         y_ptr: gl.tensor
@@ -175,6 +250,10 @@ if gluon is not None:
         STAGES: gl.constexpr
         CONSUMERS: gl.constexpr
         PIXELS_AS_N: gl.constexpr
+        HALO_ROW_STEP: gl.constexpr
+        TAIL_H: gl.constexpr
+        W_PER_STEP: gl.constexpr
+        BLOCKED_STORE: gl.constexpr
 
         def __init__(self, *values):
             for name, value in zip(_Args.__annotations__, values):
@@ -190,8 +269,7 @@ if gluon is not None:
         """Fill the ring: K step k of this program's i-th tile goes to position i * k_steps + k."""
         pid = gl.program_id(0)
         programs = gl.num_programs(0)
-        k_steps = p.KH * p.KW * p.C_CHUNKS
-        nbytes: gl.constexpr = p.x_desc.block_type.nbytes + p.w_desc.block_type.nbytes
+        k_steps = (p.KH // p.W_PER_STEP) * p.KW * p.C_CHUNKS
         pos = 0
         for t in range(pid, p.tiles, programs):
             img0, oh0, ow0, n0 = gluon_tile_origin(t, p.num_pid_n, p.OH, p.OW, p.BLOCK_B, p.BLOCK_H, p.BLOCK_W, p.BLOCK_N)
@@ -200,17 +278,65 @@ if gluon is not None:
                 # The stage's previous contents (position pos - STAGES) must have been consumed; a fresh
                 # barrier passes the wait on parity 1 at once.
                 mbarrier.wait(p.empty.index(s), ((pos // p.STAGES) & 1) ^ 1)
-                tap = k // p.C_CHUNKS
-                c0 = (k - tap * p.C_CHUNKS) * p.BLOCK_K
-                kh = tap // p.KW
-                bar = p.ready.index(s)
-                mbarrier.expect(bar, nbytes)
-                # Rows and columns before or past the image are zero-filled by the copy engine: the padding.
-                tma.async_copy_global_to_shared(
-                    p.x_desc, [img0, oh0 + kh * p.dil_h - p.pad_h, ow0 + (tap - kh * p.KW) * p.dil_w - p.pad_w, c0],
-                    bar, p.a_smem.index(s))
-                tma.async_copy_global_to_shared(p.w_desc, [n0, tap * p.CPAD + c0], bar, p.w_smem.index(s))
+                if p.HALO_ROW_STEP > 0:
+                    _load_patch_step(p, s, k, img0, oh0, ow0, n0)
+                else:
+                    _load_tap_step(p, s, k, img0, oh0, ow0, n0)
                 pos += 1
+
+    @gluon.jit
+    def _load_tap_step(p, s, k, img0, oh0, ow0, n0):
+        """K step k = one tap (kh, kw) and one channel chunk: an input box and a weight tile."""
+        tap = k // p.C_CHUNKS
+        c0 = (k - tap * p.C_CHUNKS) * p.BLOCK_K
+        kh = tap // p.KW
+        bar = p.ready.index(s)
+        mbarrier.expect(bar, p.x_desc.block_type.nbytes + p.w_desc.block_type.nbytes)
+        # Rows and columns before or past the image are zero-filled by the copy engine: the padding.
+        tma.async_copy_global_to_shared(
+            p.x_desc, [img0, oh0 + kh * p.dil_h - p.pad_h, ow0 + (tap - kh * p.KW) * p.dil_w - p.pad_w, c0],
+            bar, p.a_smem.index(s))
+        tma.async_copy_global_to_shared(p.w_desc, [n0, tap * p.CPAD + c0], bar, p.w_smem.index(s))
+
+    @gluon.jit
+    def _load_patch_step(p, s, k, img0, oh0, ow0, n0):
+        """K step k = one kernel column kw and one channel chunk: the input patch all KH row taps read (as
+        one box, or a power-of-two head box and a tail box) and KH weight tiles."""
+        HEAD_H: gl.constexpr = p.x_desc.block_type.shape[1]
+        kw = k // p.C_CHUNKS
+        c0 = (k - kw * p.C_CHUNKS) * p.BLOCK_K
+        bar = p.ready.index(s)
+        patch = p.a_smem.index(s)
+        w = ow0 + kw * p.dil_w - p.pad_w
+        if p.TAIL_H > 0:
+            mbarrier.expect(bar, p.x_desc.block_type.nbytes + p.x_tail_desc.block_type.nbytes
+                            + p.KH * p.w_desc.block_type.nbytes)
+        else:
+            mbarrier.expect(bar, p.x_desc.block_type.nbytes + p.KH * p.w_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(p.x_desc, [img0, oh0 - p.pad_h, w, c0], bar, patch.slice(0, HEAD_H, dim=1))
+        if p.TAIL_H > 0:
+            tma.async_copy_global_to_shared(p.x_tail_desc, [img0, oh0 - p.pad_h + HEAD_H, w, c0], bar,
+                                            patch.slice(HEAD_H, p.TAIL_H, dim=1))
+        for kh in gl.static_range(p.KH):
+            tma.async_copy_global_to_shared(p.w_desc, [n0, (kh * p.KW + kw) * p.CPAD + c0], bar,
+                                            p.w_smem.index(s * p.KH + kh))
+
+    @gluon.jit
+    def _a_operand(p, s, j, BLOCK_M: gl.constexpr):
+        """The [BLOCK_M, BLOCK_K] input tile of MMA j in stage s. With a patch, row tap j's tile starts
+        j * HALO_ROW_STEP pixels down it; a subslice must start at a multiple of its own size, so the tile
+        grows from an 8-pixel slice there (8 rows: the swizzle's period, so the MMA reads it like any tile)."""
+        if p.HALO_ROW_STEP > 0:
+            patch = p.a_smem.index(s)
+            rows: gl.constexpr = patch.shape[1] * patch.shape[2]
+            flat = patch.reshape([rows, p.BLOCK_K])
+            tile_layout: gl.constexpr = gl.NVMMASharedLayout(
+                swizzle_byte_width=p.x_desc.layout.swizzle_byte_width,
+                element_bitwidth=p.x_desc.dtype.primitive_bitwidth, rank=2)
+            a = flat.slice(j * p.HALO_ROW_STEP, 8)._reinterpret(p.x_desc.dtype, [BLOCK_M, p.BLOCK_K], tile_layout)
+        else:
+            a = p.a_smem.index(s).reshape([BLOCK_M, p.BLOCK_K])
+        return a
 
     @gluon.jit
     def _ws_consume(p, WHO: gl.constexpr):
@@ -224,7 +350,7 @@ if gluon is not None:
             instr_shape=[16, ACC_COLS, 256 // p.x_desc.dtype.primitive_bitwidth])
         pid = gl.program_id(0)
         programs = gl.num_programs(0)
-        k_steps = p.KH * p.KW * p.C_CHUNKS
+        k_steps = (p.KH // p.W_PER_STEP) * p.KW * p.C_CHUNKS
         mine = 0
         for t in range(pid + WHO * programs, p.tiles, p.CONSUMERS * programs):
             base = ((t - pid) // programs) * k_steps
@@ -237,15 +363,15 @@ if gluon is not None:
                 pos = base + k
                 s = pos % p.STAGES
                 mbarrier.wait(p.ready.index(s), (pos // p.STAGES) & 1)
-                a = p.a_smem.index(s).reshape([BLOCK_M, p.BLOCK_K])
-                if p.PIXELS_AS_N:
-                    acc = warpgroup_mma(p.w_smem.index(s), a.permute((1, 0)), acc, precision=TF32.value,
-                                        is_async=True)
-                else:
-                    acc = warpgroup_mma(a, p.w_smem.index(s).permute((1, 0)), acc, precision=TF32.value,
-                                        is_async=True)
-                # With at most this step's MMA in flight, the previous step's stage goes back to the loader.
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                for j in gl.static_range(p.W_PER_STEP):
+                    a = _a_operand(p, s, j, BLOCK_M)
+                    w = p.w_smem.index(s * p.W_PER_STEP + j)
+                    if p.PIXELS_AS_N:
+                        acc = warpgroup_mma(w, a.permute((1, 0)), acc, precision=TF32.value, is_async=True)
+                    else:
+                        acc = warpgroup_mma(a, w.permute((1, 0)), acc, precision=TF32.value, is_async=True)
+                # With at most this step's MMAs in flight, the previous step's stage goes back to the loader.
+                acc = warpgroup_mma_wait(num_outstanding=p.W_PER_STEP, deps=(acc, ))
                 mbarrier.arrive(p.empty.index((pos + p.STAGES - 1) % p.STAGES), count=1, pred=k > 0)
             if p.CONSUMERS > 1:
                 mbarrier.arrive(p.turn.index(1 - WHO), count=1)
@@ -253,18 +379,27 @@ if gluon is not None:
             mbarrier.arrive(p.empty.index((base + k_steps - 1) % p.STAGES), count=1)
 
             img0, oh0, ow0, n0 = gluon_tile_origin(t, p.num_pid_n, p.OH, p.OW, p.BLOCK_B, p.BLOCK_H, p.BLOCK_W, p.BLOCK_N)
-            # Pixel offsets along the accumulator's pixel axis, channel offsets along its channel axis.
-            PIX_AXIS: gl.constexpr = 1 if p.PIXELS_AS_N else 0
-            offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1 - PIX_AXIS, mma_layout))
-            offs_n = n0 + gl.arange(0, p.BLOCK_N, layout=gl.SliceLayout(PIX_AXIS, mma_layout))
+            PIX_AXIS: gl.constexpr = 1 if p.PIXELS_AS_N else 0  # the accumulator's pixel axis
+            if p.HAS_BIAS:
+                offs_b = n0 + gl.arange(0, p.BLOCK_N, layout=gl.SliceLayout(PIX_AXIS, mma_layout))
+                bias = gl.load(p.b_ptr + offs_b * p.sb, mask=offs_b < p.OC, other=0.0).to(gl.float32)
+                acc += gl.expand_dims(bias, PIX_AXIS)
+            out = acc.to(p.y_ptr.dtype.element_ty)
+            if p.BLOCKED_STORE:
+                # [pixels, channels] into channels_last, through shared memory into a layout where each thread
+                # holds 4 neighbouring channels: 8-byte stores of 16-bit values, not the MMA layout's 4-byte pairs.
+                store_layout: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [gl.num_warps(), 1], [1, 0])
+                out = gl.convert_layout(out, store_layout)
+            else:
+                store_layout: gl.constexpr = mma_layout
+            # Pixel offsets along the tile's pixel axis, channel offsets along its channel axis.
+            offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1 - PIX_AXIS, store_layout))
+            offs_n = n0 + gl.arange(0, p.BLOCK_N, layout=gl.SliceLayout(PIX_AXIS, store_layout))
             in_map = offs_m % (p.BLOCK_H * p.BLOCK_W)
             oh = oh0 + in_map // p.BLOCK_W
             ow = ow0 + in_map % p.BLOCK_W
             img = img0 + offs_m // (p.BLOCK_H * p.BLOCK_W)
             n_ok = offs_n < p.OC
-            if p.HAS_BIAS:
-                bias = gl.load(p.b_ptr + offs_n * p.sb, mask=n_ok, other=0.0).to(gl.float32)
-                acc += gl.expand_dims(bias, PIX_AXIS)
             m_ok = (img < p.N) & (oh < p.OH) & (ow < p.OW)
             if p.USE_INT64:
                 img = img.to(gl.int64)
@@ -272,7 +407,7 @@ if gluon is not None:
                 ow = ow.to(gl.int64)
             pix = img * p.syn + oh * p.syh + ow * p.syw
             y_offsets = gl.expand_dims(pix, 1 - PIX_AXIS) + gl.expand_dims(offs_n * p.syc, PIX_AXIS)
-            gl.store(p.y_ptr + y_offsets, acc.to(p.y_ptr.dtype.element_ty),
+            gl.store(p.y_ptr + y_offsets, out,
                      mask=gl.expand_dims(m_ok, 1 - PIX_AXIS) & gl.expand_dims(n_ok, PIX_AXIS))
             mine += 1
 
@@ -286,15 +421,23 @@ if gluon is not None:
 
     @gluon.jit
     def igemm_ws_kernel(
-        x_desc, w_desc, b_ptr, y_ptr,
+        x_desc, x_tail_desc, w_desc, b_ptr, y_ptr,
         N, OH, OW, OC, C_CHUNKS, CPAD, syn, syc, syh, syw, sb, pad_h, pad_w, dil_h, dil_w, tiles, num_pid_n,
         KH: gl.constexpr, KW: gl.constexpr, HAS_BIAS: gl.constexpr, USE_INT64: gl.constexpr,
         BLOCK_B: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_W: gl.constexpr, BLOCK_N: gl.constexpr,
         BLOCK_K: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr, PIXELS_AS_N: gl.constexpr,
+        HALO_ROW_STEP: gl.constexpr, TAIL_H: gl.constexpr, BLOCKED_STORE: gl.constexpr,
         num_warps: gl.constexpr,
     ):
-        a_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
-        w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        # A stage holds an input box and a weight tile, or, with HALO_ROW_STEP (the pixels between the
+        # tiles of consecutive kernel rows in a patch), a patch of head + tail rows, rounded up to a power
+        # of two (buffer shapes must be), and KH weight tiles.
+        BOX: gl.constexpr = x_desc.block_type.shape
+        PATCH_ROWS: gl.constexpr = BOX[1] * 2 if TAIL_H > 0 else BOX[1]
+        W_PER_STEP: gl.constexpr = KH if HALO_ROW_STEP > 0 else 1
+        a_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BOX[0], PATCH_ROWS, BOX[2], BOX[3]], x_desc.layout)
+        w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES * W_PER_STEP] + w_desc.block_type.shape,
+                                           w_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -305,13 +448,13 @@ if gluon is not None:
             mbarrier.init(turn.index(i), count=1)
 
         # Scalars equal to 1 arrive as constexprs (Triton specializes them); the aggregate wants tensors.
-        p = WsArgs(x_desc, w_desc, b_ptr, y_ptr, a_smem, w_smem, ready, empty, turn,
+        p = WsArgs(x_desc, x_tail_desc, w_desc, b_ptr, y_ptr, a_smem, w_smem, ready, empty, turn,
                    gl.to_tensor(N), gl.to_tensor(OH), gl.to_tensor(OW), gl.to_tensor(OC), gl.to_tensor(C_CHUNKS),
                    gl.to_tensor(CPAD), gl.to_tensor(syn), gl.to_tensor(syc), gl.to_tensor(syh), gl.to_tensor(syw),
                    gl.to_tensor(sb), gl.to_tensor(pad_h), gl.to_tensor(pad_w), gl.to_tensor(dil_h),
                    gl.to_tensor(dil_w), gl.to_tensor(tiles), gl.to_tensor(num_pid_n),
                    KH, KW, HAS_BIAS, USE_INT64, BLOCK_B, BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K, STAGES, CONSUMERS,
-                   PIXELS_AS_N)
+                   PIXELS_AS_N, HALO_ROW_STEP, TAIL_H, W_PER_STEP, BLOCKED_STORE)
         # Registers a thread: the loader warp needs few; the consumers share what is left of the SM's 64K
         # (the launch caps the average at 168 over the 12 warps).
         if CONSUMERS == 2:
@@ -327,16 +470,22 @@ def persistent_programs(tiles: int, device) -> int:
 
 
 def ws_launcher(cand: Candidate, maps, weight, y, padding, dilation, flags):
-    """launch(x, weight, bias, y) for `cand` on tensors shaped like these. `maps` = (images, input height,
-    input width, output height, output width) as the kernel sees them: a flat 1x1 problem is one row of all
-    the pixels. `flags` are implicit_gemm's constexprs (HAS_BIAS, USE_INT64) plus the bias stride."""
+    """launch(x, weight, bias, y) for `cand` (of igemm_ws or igemm_ws_halo) on tensors shaped like these.
+    `maps` = (images, input height, input width, output height, output width) as the kernel sees them: a flat
+    1x1 problem is one row of all the pixels. `flags` are implicit_gemm's constexprs (HAS_BIAS, USE_INT64)
+    plus the bias stride."""
     n, in_h, in_w, out_h, out_w = maps
     oc, c, kernel_h, kernel_w = weight.shape
     p = cand.params
     bb, bh, bw, bn, bk = p["BLOCK_B"], p["BLOCK_H"], p["BLOCK_W"], p["BLOCK_N"], p["BLOCK_K"]
     cpad = triton.cdiv(c, bk) * bk
-    x_shape, x_strides, x_box = [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1], [bb, bh, bw, bk]
-    x_layout = gl.NVMMASharedLayout.get_default_for(x_box, gluon_dtype(y.dtype))
+    x_shape, x_strides = [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1]
+    if cand.kernel == "igemm_ws_halo":  # the patch arrives as a power-of-two head box and a tail box
+        head, tail = patch_split(bh, kernel_h, dilation[0])
+        x_box, tail_box, row_step = [1, head, bw, bk], [1, max(tail, 1), bw, bk], bw * dilation[0]
+    else:
+        x_box, tail, row_step = [bb, bh, bw, bk], 0, 0
+    x_layout = gl.NVMMASharedLayout.get_default_for(x_box, gluon_dtype(y.dtype))  # the tail box shares it
     num_pid_n = triton.cdiv(oc, bn)
     tiles = triton.cdiv(n, bb) * triton.cdiv(out_h, bh) * triton.cdiv(out_w, bw) * num_pid_n
     programs = persistent_programs(tiles, y.device)
@@ -346,11 +495,14 @@ def ws_launcher(cand: Candidate, maps, weight, y, padding, dilation, flags):
     kernel = KernelLauncher(igemm_ws_kernel, (programs,), scalars, KH=kernel_h, KW=kernel_w,
                             HAS_BIAS=flags["HAS_BIAS"], USE_INT64=flags["USE_INT64"], BLOCK_B=bb, BLOCK_H=bh,
                             BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, STAGES=cand.num_stages, CONSUMERS=p["CONSUMERS"],
-                            PIXELS_AS_N=p["PIXELS_AS_N"], num_warps=cand.num_warps, maxnreg=168)
+                            PIXELS_AS_N=p["PIXELS_AS_N"], HALO_ROW_STEP=row_step, TAIL_H=tail,
+                            BLOCKED_STORE=blocked_store(y.dtype, p["PIXELS_AS_N"], y.stride(1) == 1),
+                            num_warps=cand.num_warps, maxnreg=168)
     weight_descriptor = gluon_weight_descriptors(weight.shape, y.dtype, bn, bk)
 
     def launch(x, weight, bias, y):
         x = x.contiguous(memory_format=torch.channels_last)
         x_desc = GluonTensorDescriptor(x, x_shape, x_strides, x_box, x_layout)
-        kernel(x_desc, weight_descriptor(weight), y if bias is None else bias, y)
+        x_tail_desc = GluonTensorDescriptor(x, x_shape, x_strides, tail_box, x_layout) if tail else x_desc
+        kernel(x_desc, x_tail_desc, weight_descriptor(weight), y if bias is None else bias, y)
     return launch
