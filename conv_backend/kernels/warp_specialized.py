@@ -73,7 +73,7 @@ WS_SHAPES = [(1, 1, 128, 128, 4, 1, False), (1, 1, 128, 128, 8, 1, False), (1, 8
 # per kernel column, not once per tap. Each was best or within 5% of the best on one of #55, #56, #62, #63,
 # #80 and #80 in bf16 on an H100 (bench/results/probes/*-probe51-*, *-probe52-*): #56 1.52 ms against 1.66
 # with a tap per K step, #80 1.10 against 1.31 with the halo kernel. Two consumers taking turns lost everywhere.
-# A 16x16 tile with pixels as N, best on #63 by 0.3% over 4x64, was dropped: on #55 it ran 5% behind the best
+# A 16x16 tile with pixels as N, best on #63 by 0.4% over 4x64, was dropped: on #55 it ran 5% behind the best
 # tile, too little for the tuner's short timings to see, and was picked there (bench/NOTES.md entry 60).
 WS_HALO_SHAPES = [(8, 32, 128, 8, True), (4, 64, 128, 8, True), (8, 32, 128, 8, False), (16, 16, 128, 8, False),
                   (16, 16, 64, 8, False), (16, 8, 64, 4, False), (8, 16, 64, 4, False)]
