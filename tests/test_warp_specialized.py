@@ -42,8 +42,8 @@ def test_candidates_fit_the_map_and_shared_memory(dtype, channels, out_channels,
         assert p["BLOCK_N"] <= max(16, triton.next_power_of_2(out_channels))
         assert 3 <= cand.num_stages <= 8
         stage_bytes = (block_m + p["BLOCK_N"]) * p["BLOCK_K"] * dtype.itemsize
-        # What the epilogue's trip through shared memory takes is left free (16-bit outputs, pixels as M).
-        scratch = ws.EPILOGUE_SCRATCH if dtype.itemsize == 2 and not p["PIXELS_AS_N"] else 0
+        # What the epilogue's trip through shared memory takes is left free (its rule is tested below).
+        scratch = ws.epilogue_scratch(dtype, p["PIXELS_AS_N"])
         assert cand.num_stages * stage_bytes <= ws.SMEM_BUDGET - scratch, cand.describe()
         assert p["CONSUMERS"] in (1, 2) and (p["CONSUMERS"] == 1 or cand.num_warps == 4)
         # With pixels as the MMA's N, the channels are its M: 64 for each warpgroup.
@@ -104,7 +104,7 @@ def test_halo_candidates_fit_the_map_and_shared_memory(views_supported, dtype, c
         assert ws.patch_split(bh, kernel_h, dil_h) is not None, cand.describe()
         assert 3 <= cand.num_stages <= 8
         stage_bytes = halo.smem_bytes(bh, bw, bn, bk, kernel_h, dil_h, elem, 1)
-        budget = ws.SMEM_BUDGET - (ws.EPILOGUE_SCRATCH if elem == 2 and not p["PIXELS_AS_N"] else 0)
+        budget = ws.SMEM_BUDGET - ws.epilogue_scratch(dtype, p["PIXELS_AS_N"])
         assert cand.num_stages * stage_bytes <= budget, cand.describe()
         # A full 128-byte row of channels, or half of one only where a full row would not leave three stages.
         full_row_stages = budget // halo.smem_bytes(bh, bw, bn, row, kernel_h, dil_h, elem, 1)

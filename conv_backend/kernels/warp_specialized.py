@@ -172,6 +172,17 @@ def warp_specialize_compiles() -> bool:
     return True
 
 
+def input_boxes(kernel: str, params: dict, kernel_h: int, dil_h: int) -> tuple:
+    """(input box, tail box, tail rows, HALO_ROW_STEP) of a config of `kernel`: a tap-per-step tile reads one
+    BLOCK_B x BLOCK_H x BLOCK_W box (no tail); the patch variant's patch arrives as a power-of-two head box and
+    a tail box (the head box stands in for it where there is no tail), its row taps HALO_ROW_STEP pixels apart."""
+    bh, bw, bk = params["BLOCK_H"], params["BLOCK_W"], params["BLOCK_K"]
+    if kernel == "igemm_ws_halo":
+        head, tail = patch_split(bh, kernel_h, dil_h)
+        return [1, head, bw, bk], [1, max(tail, 1), bw, bk], tail, bw * dil_h
+    box = [params["BLOCK_B"], bh, bw, bk]
+    return box, box, 0, 0
+
 def compile_for_sm90(dtype: torch.dtype, params: dict, num_warps: int, num_stages: int, kernel_hw=(3, 3),
                      kernel: str = "igemm_ws", dil_h: int = 1):
     """igemm_ws_kernel compiled for sm_90 with these tile parameters (a Candidate's of `kernel`), on any
@@ -181,14 +192,8 @@ def compile_for_sm90(dtype: torch.dtype, params: dict, num_warps: int, num_stage
     names = igemm_ws_kernel.arg_names
     type_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     gl_dtype = gluon_dtype(dtype)
-    bh, bw, bk = params["BLOCK_H"], params["BLOCK_W"], params["BLOCK_K"]
-    if kernel == "igemm_ws_halo":
-        head, tail = patch_split(bh, kernel_hw[0], dil_h)
-        x_box, tail_box, row_step = [1, head, bw, bk], [1, max(tail, 1), bw, bk], bw * dil_h
-    else:
-        x_box, tail, row_step = [params["BLOCK_B"], bh, bw, bk], 0, 0
-        tail_box = x_box
-    w_box = [params["BLOCK_N"], bk]
+    x_box, tail_box, tail, row_step = input_boxes(kernel, params, kernel_hw[0], dil_h)
+    w_box = [params["BLOCK_N"], params["BLOCK_K"]]
     signature = {name: "i32" for name in names}
     x_layout = gl.NVMMASharedLayout.get_default_for(x_box, gl_dtype)
     for name, box, layout in (("x_desc", x_box, x_layout), ("x_tail_desc", tail_box, x_layout),
@@ -480,11 +485,7 @@ def ws_launcher(cand: Candidate, maps, weight, y, padding, dilation, flags):
     bb, bh, bw, bn, bk = p["BLOCK_B"], p["BLOCK_H"], p["BLOCK_W"], p["BLOCK_N"], p["BLOCK_K"]
     cpad = triton.cdiv(c, bk) * bk
     x_shape, x_strides = [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1]
-    if cand.kernel == "igemm_ws_halo":  # the patch arrives as a power-of-two head box and a tail box
-        head, tail = patch_split(bh, kernel_h, dilation[0])
-        x_box, tail_box, row_step = [1, head, bw, bk], [1, max(tail, 1), bw, bk], bw * dilation[0]
-    else:
-        x_box, tail, row_step = [bb, bh, bw, bk], 0, 0
+    x_box, tail_box, tail, row_step = input_boxes(cand.kernel, p, kernel_h, dilation[0])
     x_layout = gl.NVMMASharedLayout.get_default_for(x_box, gluon_dtype(y.dtype))  # the tail box shares it
     num_pid_n = triton.cdiv(oc, bn)
     tiles = triton.cdiv(n, bb) * triton.cdiv(out_h, bh) * triton.cdiv(out_w, bw) * num_pid_n
