@@ -68,6 +68,12 @@ def patch_split(block_h: int, kernel_h: int, dil_h: int):
     return head, tail
 
 
+def patch_boxes(block_h: int, block_w: int, block_k: int, kernel_h: int, dil_h: int) -> tuple:
+    """(head box, tail box, tail rows) the patch of a BLOCK_H x BLOCK_W tile is copied in; where there is no
+    tail, the tail box is a 1-row stand-in that is never copied."""
+    head, tail = patch_split(block_h, kernel_h, dil_h)
+    return [1, head, block_w, block_k], [1, max(tail, 1), block_w, block_k], tail
+
 def smem_bytes(block_h, block_w, block_n, block_k, kernel_h, dil_h, elem, stages) -> int:
     """Shared memory of the pipeline: per stage a patch (its rows rounded up to a power of two, as buffer
     shapes must be) and KH weight tiles."""
@@ -243,9 +249,8 @@ def halo_launcher(cand: Candidate, x, weight, y, padding, dilation, flags):
     bh, bw, bn, bk = p["BLOCK_H"], p["BLOCK_W"], p["BLOCK_N"], p["BLOCK_K"]
     dil_h, dil_w = dilation
     cpad = triton.cdiv(c, bk) * bk
-    head, tail = patch_split(bh, kernel_h, dil_h)
     x_shape, x_strides = [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1]
-    x_box, x_tail_box = [1, head, bw, bk], [1, max(tail, 1), bw, bk]
+    x_box, x_tail_box, tail = patch_boxes(bh, bw, bk, kernel_h, dil_h)
     x_layout = gl.NVMMASharedLayout.get_default_for(x_box, gluon_dtype(x.dtype))  # the tail box shares it
     grid = (n * triton.cdiv(out_h, bh) * triton.cdiv(out_w, bw) * triton.cdiv(oc, bn),)
     scalars = (out_h, out_w, oc, triton.cdiv(c, bk), cpad, *y.stride(), flags["bias_stride"], *padding, dil_w)

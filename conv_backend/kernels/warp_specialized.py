@@ -43,7 +43,7 @@ from ..tuning import Candidate
 from .common import (GluonTensorDescriptor, KernelLauncher, box_row_channels, fit_box, gl, gluon, gluon_dtype,
                      gluon_sm90_reason, gluon_tile_origin, gluon_weight_descriptors, mbarrier, tma, warpgroup_mma,
                      warpgroup_mma_wait)
-from .halo import patch_split, smem_bytes, unaligned_views_supported
+from .halo import patch_boxes, patch_split, smem_bytes, unaligned_views_supported
 
 try:  # the class decorator the kernel's argument bundle (_Args) needs, by its private name
     from triton.language.core import _aggregate as aggregate
@@ -174,12 +174,11 @@ def warp_specialize_compiles() -> bool:
 
 def input_boxes(kernel: str, params: dict, kernel_h: int, dil_h: int) -> tuple:
     """(input box, tail box, tail rows, HALO_ROW_STEP) of a config of `kernel`: a tap-per-step tile reads one
-    BLOCK_B x BLOCK_H x BLOCK_W box (no tail); the patch variant's patch arrives as a power-of-two head box and
-    a tail box (the head box stands in for it where there is no tail), its row taps HALO_ROW_STEP pixels apart."""
+    BLOCK_B x BLOCK_H x BLOCK_W box (no tail); the patch variant's patch arrives as the halo kernel's head and
+    tail boxes, its row taps HALO_ROW_STEP pixels apart."""
     bh, bw, bk = params["BLOCK_H"], params["BLOCK_W"], params["BLOCK_K"]
     if kernel == "igemm_ws_halo":
-        head, tail = patch_split(bh, kernel_h, dil_h)
-        return [1, head, bw, bk], [1, max(tail, 1), bw, bk], tail, bw * dil_h
+        return (*patch_boxes(bh, bw, bk, kernel_h, dil_h), bw * dil_h)
     box = [params["BLOCK_B"], bh, bw, bk]
     return box, box, 0, 0
 
