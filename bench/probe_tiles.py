@@ -8,8 +8,9 @@ Usage on a GPU: python bench/probe_tiles.py [problem ...] [--variants] [--only=K
               which go through L1, instead of cp.async.cg), NCHW tiles with 1, 2 or 4 stages and 256-row
               or 256-column tiles or capped at 80 or 96 registers a thread, depthwise tiles capped at 64,
               80 or 96 registers a thread, and warp-specialized tiles with two consumers taking turns or 256
-              pixels for two consumer warpgroups (pixels as the MMA's M or N), and patch-variant tiles with one
-              stage more than the tuner allows or with a full 128-byte channel chunk.
+              pixels for two consumer warpgroups (pixels as the MMA's M or N), tiles the tuner splits between
+              two consumers (SPLIT_TILE) run by one, and patch-variant tiles with one stage more than the tuner
+              allows or with a full 128-byte channel chunk.
   --only      time only the candidates of these kernels (e.g. --only=igemm_halo).
   --match     time only the candidates (and variants) whose description contains one of these
               '|'-separated strings (e.g. --match="BLOCK_N=128,BLOCK_W=8|BLOCK_W=256").
@@ -162,6 +163,10 @@ def variants(cands, elem):
                     for pixels_as_n in (False, True):
                         extra.append(tuning.Candidate.make(cand.kernel, 8, stages, **{
                             **p, "BLOCK_B": box[0], "BLOCK_H": box[1], "BLOCK_W": box[2], "PIXELS_AS_N": pixels_as_n}))
+        if cand.kernel in ("igemm_ws", "igemm_ws_halo") and cand.params.get("SPLIT_TILE"):
+            # The same tile with one consumer of two warpgroups, which meet at a barrier every K step.
+            extra.append(tuning.Candidate.make(cand.kernel, cand.num_warps, cand.num_stages,
+                                               **{**cand.params, "SPLIT_TILE": False}))
         if cand.kernel == "igemm_ws_halo":
             # One stage more than the tuner's 220 KiB budget allows (up to the 227 KiB an H100 block may take),
             # and the full 128-byte channel chunk where the tuner halved it for stages.

@@ -332,7 +332,8 @@ def run_each_gluon_candidate(case, precision, cands, module, name, kernel, monke
         assert set(kernel_launches.names) == {kernel}, (cand.describe(), kernel_launches.names)
         for _, meta in kernel_launches:
             launched = {key: meta.get(key) for key in cand.params}
-            assert launched == cand.params and meta["num_warps"] == cand.num_warps, (cand.describe(), meta)
+            warps = ws_mod.launch_warps(cand.num_warps, cand.params.get("SPLIT_TILE", False))
+            assert launched == cand.params and meta["num_warps"] == warps, (cand.describe(), meta)
 
 
 WS_CASES = [
@@ -348,15 +349,23 @@ WS_CASES = [
     Case(2, 8, 24, 20, 33, (3, 3), padding=(1, 1)),
     # 264 output channels: 256-channel tiles (two consumer warpgroups), the second one mostly past the end.
     Case(1, 64, 264, 9, 20, (1, 1), x_layout="channels_last", w_layout="channels_last"),
+    # Stride 2 (ResNet's 3x3/2), padding: boxes of the strided view, the padding's phase below zero.
+    Case(2, 64, 72, 24, 38, (3, 3), stride=(2, 2), padding=(1, 1), x_layout="channels_last"),
+    # Stride 2 down, 1 across, 48 channels: box rows of 16 channels (fp32) or 16 (16-bit) within each phase.
+    Case(2, 48, 64, 22, 30, (3, 3), stride=(2, 1), padding=(1, 1)),
+    # A 1x1 with stride 2 (ResNet's downsampling shortcut), no bias.
+    Case(3, 32, 64, 16, 20, (1, 1), stride=(2, 2), bias=False, x_layout="channels_last"),
+    # Stride 2 with 16 channels: the shortest box rows a strided view allows (32 bytes in 16-bit).
+    Case(2, 16, 24, 20, 34, (3, 3), stride=(2, 2), padding=(1, 1)),
 ]
 
 
 def ws_candidates_for(case, dtype):
     out_h, out_w = case.out_hw()
     n, h, w = case.n, out_h, out_w
-    if case.kernel == (1, 1):
+    if case.kernel == (1, 1) and case.stride == (1, 1):  # a flat problem: one row of all the pixels
         n, h, w = 1, 1, case.n * out_h * out_w
-    return ws_mod.ws_candidates(case.c, case.oc, n, h, w, dtype, sms=1)
+    return ws_mod.ws_candidates(case.c, case.oc, n, h, w, dtype, sms=1, strided=case.stride != (1, 1))
 
 
 @pytest.mark.skipif(not gluon_hopper(), reason="the warp-specialized kernel is Gluon code for sm_90")
@@ -419,7 +428,8 @@ def test_auto_offers_the_gluon_kernels_only_where_they_can_run(module, name, mon
     for case, precision, expected in [
             (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), x_layout="channels_last"), "tf32", True),
             (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), x_layout="channels_last"), "ieee", False),  # exact fp32
-            (Case(2, 32, 64, 38, 46, (3, 3), stride=(2, 2), padding=(1, 1)), "tf32", False),
+            # Strided boxes: the warp-specialized kernel's tap per K step reads them; patches need stride 1.
+            (Case(2, 32, 64, 38, 46, (3, 3), stride=(2, 2), padding=(1, 1)), "tf32", name == "ws_candidates"),
             (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), groups=2), "tf32", False)]:
         forget()
         del offered[:]

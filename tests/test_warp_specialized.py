@@ -48,6 +48,48 @@ def test_candidates_fit_the_map_and_shared_memory(dtype, channels, out_channels,
         assert p["CONSUMERS"] in (1, 2) and (p["CONSUMERS"] == 1 or cand.num_warps == 4)
         # With pixels as the MMA's N, the channels are its M: 64 for each warpgroup.
         assert not p["PIXELS_AS_N"] or p["BLOCK_N"] >= 16 * cand.num_warps, cand.describe()
+        # Such tiles of two warpgroups run them as two consumers, each taking half the channels.
+        assert p["SPLIT_TILE"] == (p["PIXELS_AS_N"] and cand.num_warps == 8), cand.describe()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels,block_k", [(128, None), (48, 16), (96, 32), (8, None), (24, None)])
+def test_strided_candidates_read_box_rows_within_the_channels(dtype, channels, block_k):
+    """With a stride, the input's column phase shares the channel axis ([N, H/sh, sh, W/sw, sw*C]), so a box row
+    of BLOCK_K channels must end within them: BLOCK_K divides the channels (halved from a 128-byte row) and is
+    16 or more, as at stride 1; where it can't be (8 or 24 channels), no candidate."""
+    stride_1 = ws.ws_candidates(channels, 128, 32, 28, 28, dtype, sms=1)
+    strided = ws.ws_candidates(channels, 128, 32, 28, 28, dtype, sms=1, strided=True)
+    if channels % 16:
+        assert strided == [] and stride_1
+        return
+    expected = block_k if block_k else box_row_channels(channels, dtype)
+    assert strided and {c.params["BLOCK_K"] for c in strided} == {expected}
+    assert all(channels % c.params["BLOCK_K"] == 0 for c in strided)
+    # Every tile of stride 1 is there too (shorter rows leave room for as many stages, or more).
+    def tiles(cands):
+        return {(c.num_warps, *(v for k, v in sorted(c.params.items()) if k != "BLOCK_K")) for c in cands}
+    assert tiles(stride_1) <= tiles(strided)
+
+
+def test_tap_boxes_are_boxes_of_the_strided_view():
+    """A tap-per-step tile reads [BLOCK_B, BLOCK_H, 1, BLOCK_W, BLOCK_K] boxes of [N, H/sh, sh, W/sw, sw*C] (at
+    stride 1, [N, H, 1, W, C]); the patch variant keeps 4-D NHWC boxes."""
+    params = dict(BLOCK_B=2, BLOCK_H=8, BLOCK_W=16, BLOCK_K=32)
+    assert ws.input_boxes("igemm_ws", params, 3, 1) == ([2, 8, 1, 16, 32], [2, 8, 1, 16, 32], 0, 0)
+    box, _, tail, row_step = ws.input_boxes("igemm_ws_halo", {**params, "BLOCK_B": 1}, 3, 1)
+    assert len(box) == 4 and tail == 2 and row_step == 16
+
+
+@needs_gluon
+def test_patch_variant_refuses_strides():
+    """Its row taps are consecutive input rows: a strided problem (never offered it) gets a clear error."""
+    from conv_backend.tuning import Candidate
+    cand = Candidate.make("igemm_ws_halo", 8, 3, BLOCK_B=1, BLOCK_H=16, BLOCK_W=16, BLOCK_N=64, BLOCK_K=16,
+                          CONSUMERS=1, PIXELS_AS_N=False, SPLIT_TILE=False)
+    with pytest.raises(ValueError, match="needs stride 1"):
+        ws.ws_launcher(cand, (2, 34, 34, 16, 16), torch.empty(64, 32, 3, 3), torch.empty(2, 64, 16, 16), (2, 2),
+                       (0, 0), (1, 1), {})
 
 
 def test_256_pixel_tiles_in_both_orientations_for_large_maps():
@@ -111,6 +153,7 @@ def test_halo_candidates_fit_the_map_and_shared_memory(views_supported, dtype, c
         assert bk == row or (bk == row // 2 and full_row_stages < 3), cand.describe()
         # With pixels as the MMA's N, the channels are its M: 64 for each warpgroup.
         assert not p["PIXELS_AS_N"] or bn >= 16 * cand.num_warps, cand.describe()
+        assert p["SPLIT_TILE"] == (p["PIXELS_AS_N"] and cand.num_warps == 8), cand.describe()
 
 
 def test_halo_candidates_for_problem_55(views_supported):
@@ -122,7 +165,8 @@ def test_halo_candidates_for_problem_55(views_supported):
       (512 + 384) * 128 B = 114688 B, one stage; a half row (16 channels) makes it 57344 B, three stages.
     - 16x16 with BLOCK_N 64: (512 + 192) * 128 B = 90112 B, two stages; a half row: 45056 B, five stages.
     - 16x8 and 8x16 with BLOCK_N 64 (256 patch pixels): (256 + 192) * 128 B = 57344 B, three stages, a full row.
-    Pixels as N only with 128 channels (64 per warpgroup of 8 warps); tiles are in the thousands."""
+    Pixels as N only with 128 channels (64 per warpgroup of 8 warps), as two consumers of 64 channels each
+    (SPLIT_TILE); tiles are in the thousands."""
     cands = ws.ws_halo_candidates(64, 128, 8, 510, 1022, 3, 1, torch.float32, sms=132)
     got = {(c.params["BLOCK_H"], c.params["BLOCK_W"], c.params["BLOCK_N"], c.params["PIXELS_AS_N"],
             c.params["BLOCK_K"]): c.num_stages for c in cands}
@@ -130,6 +174,16 @@ def test_halo_candidates_for_problem_55(views_supported):
                    (16, 16, 128, False, 16): 3, (16, 16, 64, False, 16): 5,
                    (16, 8, 64, False, 32): 3, (8, 16, 64, False, 32): 3}
     assert len(cands) == len(got)
+    assert {c.params["SPLIT_TILE"] for c in cands if c.params["PIXELS_AS_N"]} == {True}
+    assert not any(c.params["SPLIT_TILE"] for c in cands if not c.params["PIXELS_AS_N"])
+
+
+def test_split_tile_only_for_two_warpgroups_with_pixels_as_n():
+    """Two consumers of 4 warps, each taking half the channels, only for 8-warp pixels-as-N tiles (with pixels
+    as M the halves ran slower); the kernel is then launched with 4 warps, its first consumer's."""
+    assert ws.split_tile(8, 1, True)
+    assert not ws.split_tile(8, 1, False) and not ws.split_tile(4, 1, True) and not ws.split_tile(4, 2, False)
+    assert ws.launch_warps(8, True) == 4 and ws.launch_warps(8, False) == 8 and ws.launch_warps(4, False) == 4
 
 
 def test_halo_variant_not_offered_where_it_cannot_help(monkeypatch):
@@ -175,8 +229,19 @@ def test_plan_on_cpu_offers_no_ws_halo_candidate(monkeypatch):
 # Compiles every config the tuner may pick for these problems, in a process of its own: the interpreter, which
 # runs the rest of the CPU suite, rewires parts of triton.language that Gluon's compiler then trips over.
 COMPILE_EVERY_CANDIDATE = """
+import re
 import torch, triton
 import conv_backend.kernels.warp_specialized as ws
+
+
+def check_split(ptx, cand):
+    # Two consumers sharing each tile: each stage's 'empty' barrier waits for both, and no CTA barrier spans
+    # more than one consumer's 4 warps (an 8-warp consumer meets at 256-thread barriers every K step).
+    split = re.search(r"mbarrier\.init\.shared(::cta)?\.b64 \[[^]]+\], 2;", ptx) is not None
+    wide = re.search(r"bar\.sync\s+\d+, 256;", ptx) is not None
+    assert split == cand.params["SPLIT_TILE"] and (not split or not wide), cand.describe()
+
+
 if not ws.warp_specialize_compiles():
     print("NOT OFFERED"); raise SystemExit(0)
 for dtype, shape in [(torch.float32, (512, 512, 32, 7, 7)),
@@ -192,6 +257,7 @@ for dtype, shape in [(torch.float32, (512, 512, 32, 7, 7)),
         p = cand.params
         if p["PIXELS_AS_N"]:  # all the tile's pixels are each MMA's N
             assert f"m64n{p['BLOCK_B'] * p['BLOCK_H'] * p['BLOCK_W']}k" in ptx, cand.describe()
+        check_split(ptx, cand)
         print("compiled", dtype, cand.describe())
 # The patch variant, where this Triton compiles its views: #55 in fp32 (8 configs) and the seed problem in bf16
 # (4 configs; 32 channels are half a bf16 row, and its patches are split 8 + 4, 16 and 16 + 8).
@@ -208,6 +274,7 @@ if ws.unaligned_views_supported():
             p = cand.params
             if p["PIXELS_AS_N"]:
                 assert f"m64n{p['BLOCK_H'] * p['BLOCK_W']}k" in ptx, cand.describe()
+            check_split(ptx, cand)
             print("compiled-halo", dtype, kernel_hw, cand.describe())
 """
 
@@ -229,12 +296,14 @@ def test_compile_probe_agrees_with_every_candidate():
     plain = [line for line in lines if line.startswith("compiled ")]
     assert len(plain) >= 3, done.stdout
     assert any("PIXELS_AS_N=True" in line for line in plain), done.stdout  # the swapped orientation is among them
+    assert any("SPLIT_TILE=True" in line for line in plain), done.stdout
     views = "views supported: True" in lines
     if triton.__version__.startswith("3.6."):  # the release the patch variant was written for must keep it
         assert views, done.stdout
     if views:
         patched = [line for line in lines if line.startswith("compiled-halo ")]
         assert patched and any("PIXELS_AS_N=True" in line for line in patched), done.stdout
+        assert any("SPLIT_TILE=True" in line for line in patched), done.stdout
 
 
 def test_gluon_rules_on_a_pretend_hopper(monkeypatch):
@@ -251,6 +320,7 @@ def test_gluon_rules_on_a_pretend_hopper(monkeypatch):
     assert common.gluon_sm90_reason(True, x, (1, 1), 1, "tf32") is None
     assert "no Gluon" in common.gluon_sm90_reason(False, x, (1, 1), 1, "tf32")
     assert "stride 1" in common.gluon_sm90_reason(True, x, (2, 2), 1, "tf32")
+    assert common.gluon_sm90_reason(True, x, (2, 2), 1, "tf32", any_stride=True) is None
     assert "groups 1" in common.gluon_sm90_reason(True, x, (1, 1), 2, "tf32")
     assert "exact fp32" in common.gluon_sm90_reason(True, x, (1, 1), 1, "ieee")
     x16 = types.SimpleNamespace(device=x.device, dtype=torch.bfloat16)

@@ -76,17 +76,19 @@ def box_row_channels(channels: int, dtype: torch.dtype) -> int:
     return min(128 // elem, max(16, triton.next_power_of_2(channels)))
 
 
-def gluon_sm90_reason(has_gluon: bool, x, stride, groups, input_precision) -> str | None:
-    """Why the Gluon kernels for Hopper (stride 1, groups 1, TF32 or 16-bit operands) can't take this
-    convolution, or None; each kernel adds its own conditions."""
+def gluon_sm90_reason(has_gluon: bool, x, stride, groups, input_precision, any_stride: bool = False) -> str | None:
+    """Why the Gluon kernels for Hopper (groups 1, stride 1 unless `any_stride`, TF32 or 16-bit operands) can't
+    take this convolution, or None; each kernel adds its own conditions."""
     if not has_gluon:
         return "this Triton has no Gluon"
     if interpreter_enabled() or x.device.type != "cuda":
         return "Gluon kernels run on CUDA devices only (not in the interpreter)"
     if torch.cuda.get_device_capability(x.device)[0] != 9:
         return "warpgroup MMA needs compute capability 9.x (Hopper)"
-    if groups != 1 or tuple(stride) != (1, 1):
-        return "stride 1 and groups 1 only"
+    if groups != 1:
+        return "groups 1 only"
+    if tuple(stride) != (1, 1) and not any_stride:
+        return "stride 1 only"
     if x.dtype == torch.float32 and input_precision != "tf32":
         return "exact fp32 (wgmma multiplies fp32 as TF32 only)"
     return None

@@ -582,7 +582,7 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
 
     if cand.kernel in ("igemm_ws", "igemm_ws_halo"):
         return warp_specialized.ws_launcher(cand, _tma_maps(x, y, _flat_pixels(weight, y, stride, padding)), weight,
-                                            y, padding, dilation, {**flags, "bias_stride": bias_stride})
+                                            y, stride, padding, dilation, {**flags, "bias_stride": bias_stride})
 
     if cand.kernel == "igemm_nchw":
         flat = _flat_nchw(x, weight, y, stride, padding)
@@ -711,9 +711,11 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
             candidates += halo.halo_candidates(cg, oc, y.shape[2], y.shape[3], weight.shape[2], dilation[0], x.dtype)
         if not warp_specialized.ws_reason(x, weight, stride, dilation, groups, input_precision):
             sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            candidates += warp_specialized.ws_candidates(cg, oc, tma_n, tma_h, tma_w, x.dtype, sms)
-            candidates += warp_specialized.ws_halo_candidates(cg, oc, tma_n, tma_h, tma_w, weight.shape[2], dilation[0],
-                                                              x.dtype, sms)
+            strided = tuple(stride) != (1, 1)
+            candidates += warp_specialized.ws_candidates(cg, oc, tma_n, tma_h, tma_w, x.dtype, sms, strided=strided)
+            if not strided:  # a patch's row taps are consecutive input rows
+                candidates += warp_specialized.ws_halo_candidates(cg, oc, tma_n, tma_h, tma_w, weight.shape[2],
+                                                                  dilation[0], x.dtype, sms)
     if load_path in ("auto", "pointer"):
         pointer = pointer_candidates(cg, oc // groups, x.dtype)
         candidates += pointer + split_k_candidates(pointer, *batch_hw, *split_k_args)

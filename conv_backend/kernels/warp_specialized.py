@@ -8,7 +8,9 @@ cores idle while a tile starts and ends. Here the work is split by warps:
 - a loader warp issues every TMA copy, running up to STAGES K steps ahead, across tile boundaries;
 - one or two consumer warpgroups run the MMAs and the epilogue. With two, they take a program's
   tiles in turn: one stores its tile while the other multiplies the next (the "ping-pong" schedule),
-  and a turn barrier keeps their main loops in the order the loader fills the ring.
+  and a turn barrier keeps their main loops in the order the loader fills the ring. Or, with
+  SPLIT_TILE, they share every tile, each taking half its channels, and hand each stage back to the
+  loader on their own: they never wait for each other, so one's epilogue can run under the other's MMAs.
 
 Programs are persistent: one per SM, each looping over tiles pid, pid + programs, ...
 A tile is the TMA kernel's: a BLOCK_B x BLOCK_H x BLOCK_W box of output pixels by BLOCK_N channels,
@@ -30,8 +32,9 @@ It wins where tiles are few and K is deep (ResNet's 3x3 layers at 7x7 and 14x14:
 0.0197 ms with the TMA kernel, 0.0183 here), and with 256-pixel tiles on large fp32 problems with 128
 output channels (#56 on an H100: 2.09 -> 1.66 ms; bench/NOTES.md, entries 44, 49 and 50).
 
-Scope: stride 1, groups 1, TF32 or 16-bit operands, compute capability 9.x; `ws_reason` says why
-not otherwise.
+Scope: groups 1, TF32 or 16-bit operands, compute capability 9.x; any stride that divides the input's
+height and width with a tap per K step (the input is then read as the TMA kernel reads it, [N, H/sh, sh,
+W/sw, sw*C]), stride 1 with a patch; `ws_reason` says why not otherwise.
 """
 import functools
 import logging
@@ -81,7 +84,7 @@ WS_HALO_SHAPES = [(8, 32, 128, 8, True), (4, 64, 128, 8, True), (8, 32, 128, 8, 
 
 def ws_reason(x, weight, stride, dilation, groups, input_precision) -> str | None:
     """None when the warp-specialized kernel can take this convolution, else why not."""
-    why = gluon_sm90_reason(gluon is not None, x, stride, groups, input_precision)
+    why = gluon_sm90_reason(gluon is not None, x, stride, groups, input_precision, any_stride=True)
     if why:
         return why
     if not warp_specialize_compiles():
@@ -89,11 +92,18 @@ def ws_reason(x, weight, stride, dilation, groups, input_precision) -> str | Non
     return None
 
 
-def ws_candidates(channels, out_channels, batch, out_h, out_w, dtype, sms: int) -> list:
+def ws_candidates(channels, out_channels, batch, out_h, out_w, dtype, sms: int, strided: bool = False) -> list:
     """Tile configs worth timing: WS_SHAPES fitted to the map as the TMA kernel's boxes are (fit_box), as many
-    stages as fit, and only where there are tiles for at least half the SMs."""
+    stages as fit, and only where there are tiles for at least half the SMs. `strided`: a stride above 1 folds
+    the input's column phase into its channel axis (as the TMA kernel reads it), so a box row must not run past
+    the channels: its channel count divides them, and is at least 16 as at stride 1 (32 bytes or more, whole
+    MMA K steps)."""
     elem = dtype.itemsize
     bk = box_row_channels(channels, dtype)
+    while strided and channels % bk:
+        bk //= 2
+    if bk < 16:
+        return []
     max_n = max(16, triton.next_power_of_2(out_channels))
     picked = set()
     for bb, bh, bw, bn, warps, consumers, pixels_as_n in WS_SHAPES:
@@ -109,7 +119,7 @@ def ws_candidates(channels, out_channels, batch, out_h, out_w, dtype, sms: int) 
         if stages >= 3 and tiles * 2 >= sms:
             picked.add(Candidate.make("igemm_ws", num_warps=warps, num_stages=min(stages, 8), BLOCK_B=bb, BLOCK_H=bh,
                                       BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, CONSUMERS=consumers,
-                                      PIXELS_AS_N=pixels_as_n))
+                                      PIXELS_AS_N=pixels_as_n, SPLIT_TILE=split_tile(warps, consumers, pixels_as_n)))
     return sorted(picked, key=lambda c: c.describe())
 
 
@@ -137,8 +147,16 @@ def ws_halo_candidates(channels, out_channels, batch, out_h, out_w, kernel_h, di
         if stages >= 3 and tiles * 2 >= sms:
             picked.add(Candidate.make("igemm_ws_halo", num_warps=warps, num_stages=min(stages, 8), BLOCK_B=1,
                                       BLOCK_H=bh, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, CONSUMERS=1,
-                                      PIXELS_AS_N=pixels_as_n))
+                                      PIXELS_AS_N=pixels_as_n, SPLIT_TILE=split_tile(warps, 1, pixels_as_n)))
     return sorted(picked, key=lambda c: c.describe())
+
+
+def split_tile(warps: int, consumers: int, pixels_as_n: bool) -> bool:
+    """Whether a tile's 8 consumer warps run as two consumers of 4, each taking half its channels (SPLIT_TILE),
+    not as one consumer of two warpgroups that meet at a barrier every K step. With pixels as N that is
+    faster on an H100 (GPU time: #63 3.66 ms against 4.08, twice; #55 level, within its noise; bench/NOTES.md
+    entry 61); with pixels as M the halves ran slower (#55 2.39 against 2.06), so they stay one consumer there."""
+    return warps == 8 and consumers == 1 and pixels_as_n
 
 
 def blocked_store(dtype: torch.dtype, pixels_as_n: bool, channels_contiguous: bool = True) -> bool:
@@ -174,12 +192,12 @@ def warp_specialize_compiles() -> bool:
 
 def input_boxes(kernel: str, params: dict, kernel_h: int, dil_h: int) -> tuple:
     """(input box, tail box, tail rows, HALO_ROW_STEP) of a config of `kernel`: a tap-per-step tile reads one
-    BLOCK_B x BLOCK_H x BLOCK_W box (no tail); the patch variant's patch arrives as the halo kernel's head and
-    tail boxes, its row taps HALO_ROW_STEP pixels apart."""
+    BLOCK_B x BLOCK_H x BLOCK_W box of the 5-D strided view (no tail); the patch variant's patch arrives as the
+    halo kernel's head and tail boxes of the 4-D NHWC input, its row taps HALO_ROW_STEP pixels apart."""
     bh, bw, bk = params["BLOCK_H"], params["BLOCK_W"], params["BLOCK_K"]
     if kernel == "igemm_ws_halo":
         return (*patch_boxes(bh, bw, bk, kernel_h, dil_h), bw * dil_h)
-    box = [params["BLOCK_B"], bh, bw, bk]
+    box = [params["BLOCK_B"], bh, 1, bw, bk]  # of the input as [N, H/sh, sh, W/sw, sw*C] (ws_launcher)
     return box, box, 0, 0
 
 def compile_for_sm90(dtype: torch.dtype, params: dict, num_warps: int, num_stages: int, kernel_hw=(3, 3),
@@ -200,8 +218,10 @@ def compile_for_sm90(dtype: torch.dtype, params: dict, num_warps: int, num_stage
         signature[name] = f"tensordesc<{type_name}[{', '.join(map(str, box))}],{layout!r}>"
     signature["b_ptr"] = signature["y_ptr"] = f"*{type_name}"
     constexprs = dict(KH=kernel_hw[0], KW=kernel_hw[1], HAS_BIAS=True, USE_INT64=False, STAGES=num_stages,
-                      PIXELS_AS_N=False, HALO_ROW_STEP=row_step, TAIL_H=tail, num_warps=num_warps)
+                      PIXELS_AS_N=False, SPLIT_TILE=False, HALO_ROW_STEP=row_step, TAIL_H=tail)
     constexprs.update(params)
+    num_warps = launch_warps(num_warps, constexprs["SPLIT_TILE"])
+    constexprs["num_warps"] = num_warps
     constexprs["BLOCKED_STORE"] = blocked_store(dtype, constexprs["PIXELS_AS_N"])
     for name in constexprs:
         signature[name] = "constexpr"
@@ -240,6 +260,9 @@ if gluon is not None:
         pad_w: gl.tensor
         dil_h: gl.tensor
         dil_w: gl.tensor
+        stride_h: gl.tensor
+        stride_w: gl.tensor
+        C: gl.tensor
         tiles: gl.tensor
         num_pid_n: gl.tensor
         KH: gl.constexpr
@@ -254,6 +277,7 @@ if gluon is not None:
         STAGES: gl.constexpr
         CONSUMERS: gl.constexpr
         PIXELS_AS_N: gl.constexpr
+        SPLIT_TILE: gl.constexpr
         HALO_ROW_STEP: gl.constexpr
         TAIL_H: gl.constexpr
         W_PER_STEP: gl.constexpr
@@ -290,16 +314,22 @@ if gluon is not None:
 
     @gluon.jit
     def _load_tap_step(p, s, k, img0, oh0, ow0, n0):
-        """K step k = one tap (kh, kw) and one channel chunk: an input box and a weight tile."""
+        """K step k = one tap (kh, kw) and one channel chunk: an input box and a weight tile. The input is
+        [N, H/sh, sh, W/sw, sw*C]: input row ih = sh*q + r is (q, r), so one box of consecutive q holds the rows
+        that consecutive output rows read at this tap; along W the phase r selects a run of C channels."""
         tap = k // p.C_CHUNKS
         c0 = (k - tap * p.C_CHUNKS) * p.BLOCK_K
         kh = tap // p.KW
+        # Input row kh*dil - pad + stride*oh = stride*(oh + q) + r; adding pad*(stride - 1) keeps the operands
+        # of // and % non-negative.
+        t_h = kh * p.dil_h + (p.stride_h - 1) * p.pad_h
+        t_w = (tap - kh * p.KW) * p.dil_w + (p.stride_w - 1) * p.pad_w
         bar = p.ready.index(s)
         mbarrier.expect(bar, p.x_desc.block_type.nbytes + p.w_desc.block_type.nbytes)
         # Rows and columns before or past the image are zero-filled by the copy engine: the padding.
         tma.async_copy_global_to_shared(
-            p.x_desc, [img0, oh0 + kh * p.dil_h - p.pad_h, ow0 + (tap - kh * p.KW) * p.dil_w - p.pad_w, c0],
-            bar, p.a_smem.index(s))
+            p.x_desc, [img0, oh0 + t_h // p.stride_h - p.pad_h, t_h % p.stride_h, ow0 + t_w // p.stride_w - p.pad_w,
+                       (t_w % p.stride_w) * p.C + c0], bar, p.a_smem.index(s))
         tma.async_copy_global_to_shared(p.w_desc, [n0, tap * p.CPAD + c0], bar, p.w_smem.index(s))
 
     @gluon.jit
@@ -344,11 +374,16 @@ if gluon is not None:
 
     @gluon.jit
     def _ws_consume(p, WHO: gl.constexpr):
-        """Consumer WHO of CONSUMERS: multiply and store tiles WHO, WHO + CONSUMERS, ... of this program."""
+        """Consumer WHO of CONSUMERS: multiply and store tiles WHO, WHO + CONSUMERS, ... of this program; or,
+        where SPLIT_TILE (with PIXELS_AS_N), channels WHO * half .. (WHO + 1) * half of every tile."""
+        gl.static_assert(p.PIXELS_AS_N or not p.SPLIT_TILE, "SPLIT_TILE halves the channels: needs PIXELS_AS_N")
         BLOCK_M: gl.constexpr = p.BLOCK_B * p.BLOCK_H * p.BLOCK_W
+        N_PART: gl.constexpr = p.BLOCK_N // 2 if p.SPLIT_TILE else p.BLOCK_N  # this consumer's channels
+        N0: gl.constexpr = WHO * N_PART if p.SPLIT_TILE else 0
+        TAKERS: gl.constexpr = 1 if p.SPLIT_TILE else p.CONSUMERS  # consumers taking the program's tiles in turn
         # The accumulator is [pixels, channels], or [channels, pixels] where PIXELS_AS_N.
-        ACC_ROWS: gl.constexpr = p.BLOCK_N if p.PIXELS_AS_N else BLOCK_M
-        ACC_COLS: gl.constexpr = BLOCK_M if p.PIXELS_AS_N else p.BLOCK_N
+        ACC_ROWS: gl.constexpr = N_PART if p.PIXELS_AS_N else BLOCK_M
+        ACC_COLS: gl.constexpr = BLOCK_M if p.PIXELS_AS_N else N_PART
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
             instr_shape=[16, ACC_COLS, 256 // p.x_desc.dtype.primitive_bitwidth])
@@ -356,9 +391,9 @@ if gluon is not None:
         programs = gl.num_programs(0)
         k_steps = (p.KH // p.W_PER_STEP) * p.KW * p.C_CHUNKS
         mine = 0
-        for t in range(pid + WHO * programs, p.tiles, p.CONSUMERS * programs):
+        for t in range(pid + WHO * programs * (TAKERS - 1), p.tiles, TAKERS * programs):
             base = ((t - pid) // programs) * k_steps
-            if p.CONSUMERS > 1:
+            if TAKERS > 1:
                 # Main loops take turns in ring order: a consumer waiting on a position two fills ahead of
                 # a barrier would mistake that barrier's older phase of the same parity for its own.
                 mbarrier.wait(p.turn.index(WHO), (mine & 1) ^ (1 - WHO))
@@ -370,6 +405,8 @@ if gluon is not None:
                 for j in gl.static_range(p.W_PER_STEP):
                     a = _a_operand(p, s, j, BLOCK_M)
                     w = p.w_smem.index(s * p.W_PER_STEP + j)
+                    if p.SPLIT_TILE:
+                        w = w.slice(N0, N_PART)  # this consumer's weight rows
                     if p.PIXELS_AS_N:
                         acc = warpgroup_mma(w, a.permute((1, 0)), acc, precision=TF32.value, is_async=True)
                     else:
@@ -377,15 +414,16 @@ if gluon is not None:
                 # With at most this step's MMAs in flight, the previous step's stage goes back to the loader.
                 acc = warpgroup_mma_wait(num_outstanding=p.W_PER_STEP, deps=(acc, ))
                 mbarrier.arrive(p.empty.index((pos + p.STAGES - 1) % p.STAGES), count=1, pred=k > 0)
-            if p.CONSUMERS > 1:
+            if TAKERS > 1:
                 mbarrier.arrive(p.turn.index(1 - WHO), count=1)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(p.empty.index((base + k_steps - 1) % p.STAGES), count=1)
 
             img0, oh0, ow0, n0 = gluon_tile_origin(t, p.num_pid_n, p.OH, p.OW, p.BLOCK_B, p.BLOCK_H, p.BLOCK_W, p.BLOCK_N)
             PIX_AXIS: gl.constexpr = 1 if p.PIXELS_AS_N else 0  # the accumulator's pixel axis
+            n0 += N0
             if p.HAS_BIAS:
-                offs_b = n0 + gl.arange(0, p.BLOCK_N, layout=gl.SliceLayout(PIX_AXIS, mma_layout))
+                offs_b = n0 + gl.arange(0, N_PART, layout=gl.SliceLayout(PIX_AXIS, mma_layout))
                 bias = gl.load(p.b_ptr + offs_b * p.sb, mask=offs_b < p.OC, other=0.0).to(gl.float32)
                 acc += gl.expand_dims(bias, PIX_AXIS)
             out = acc.to(p.y_ptr.dtype.element_ty)
@@ -398,7 +436,7 @@ if gluon is not None:
                 store_layout: gl.constexpr = mma_layout
             # Pixel offsets along the tile's pixel axis, channel offsets along its channel axis.
             offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1 - PIX_AXIS, store_layout))
-            offs_n = n0 + gl.arange(0, p.BLOCK_N, layout=gl.SliceLayout(PIX_AXIS, store_layout))
+            offs_n = n0 + gl.arange(0, N_PART, layout=gl.SliceLayout(PIX_AXIS, store_layout))
             in_map = offs_m % (p.BLOCK_H * p.BLOCK_W)
             oh = oh0 + in_map // p.BLOCK_W
             ow = ow0 + in_map % p.BLOCK_W
@@ -426,20 +464,25 @@ if gluon is not None:
     @gluon.jit
     def igemm_ws_kernel(
         x_desc, x_tail_desc, w_desc, b_ptr, y_ptr,
-        N, OH, OW, OC, C_CHUNKS, CPAD, syn, syc, syh, syw, sb, pad_h, pad_w, dil_h, dil_w, tiles, num_pid_n,
+        N, OH, OW, OC, C_CHUNKS, CPAD, syn, syc, syh, syw, sb, pad_h, pad_w, dil_h, dil_w, stride_h, stride_w, C,
+        tiles, num_pid_n,
         KH: gl.constexpr, KW: gl.constexpr, HAS_BIAS: gl.constexpr, USE_INT64: gl.constexpr,
         BLOCK_B: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_W: gl.constexpr, BLOCK_N: gl.constexpr,
         BLOCK_K: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr, PIXELS_AS_N: gl.constexpr,
-        HALO_ROW_STEP: gl.constexpr, TAIL_H: gl.constexpr, BLOCKED_STORE: gl.constexpr,
+        SPLIT_TILE: gl.constexpr, HALO_ROW_STEP: gl.constexpr, TAIL_H: gl.constexpr, BLOCKED_STORE: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         # A stage holds an input box and a weight tile, or, with HALO_ROW_STEP (the pixels between the
         # tiles of consecutive kernel rows in a patch), a patch of head + tail rows, rounded up to a power
         # of two (buffer shapes must be), and KH weight tiles.
         BOX: gl.constexpr = x_desc.block_type.shape
-        PATCH_ROWS: gl.constexpr = BOX[1] * 2 if TAIL_H > 0 else BOX[1]
         W_PER_STEP: gl.constexpr = KH if HALO_ROW_STEP > 0 else 1
-        a_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BOX[0], PATCH_ROWS, BOX[2], BOX[3]], x_desc.layout)
+        if HALO_ROW_STEP > 0:
+            PATCH_ROWS: gl.constexpr = BOX[1] * 2 if TAIL_H > 0 else BOX[1]
+            a_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BOX[0], PATCH_ROWS, BOX[2], BOX[3]],
+                                               x_desc.layout)
+        else:
+            a_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + BOX, x_desc.layout)
         w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES * W_PER_STEP] + w_desc.block_type.shape,
                                            w_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -447,7 +490,8 @@ if gluon is not None:
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
+            # Where two consumers share each tile, a stage goes back to the loader once both are done with it.
+            mbarrier.init(empty.index(i), count=2 if SPLIT_TILE else 1)
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
 
@@ -456,16 +500,22 @@ if gluon is not None:
                    gl.to_tensor(N), gl.to_tensor(OH), gl.to_tensor(OW), gl.to_tensor(OC), gl.to_tensor(C_CHUNKS),
                    gl.to_tensor(CPAD), gl.to_tensor(syn), gl.to_tensor(syc), gl.to_tensor(syh), gl.to_tensor(syw),
                    gl.to_tensor(sb), gl.to_tensor(pad_h), gl.to_tensor(pad_w), gl.to_tensor(dil_h),
-                   gl.to_tensor(dil_w), gl.to_tensor(tiles), gl.to_tensor(num_pid_n),
+                   gl.to_tensor(dil_w), gl.to_tensor(stride_h), gl.to_tensor(stride_w), gl.to_tensor(C),
+                   gl.to_tensor(tiles), gl.to_tensor(num_pid_n),
                    KH, KW, HAS_BIAS, USE_INT64, BLOCK_B, BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K, STAGES, CONSUMERS,
-                   PIXELS_AS_N, HALO_ROW_STEP, TAIL_H, W_PER_STEP, BLOCKED_STORE)
+                   PIXELS_AS_N, SPLIT_TILE, HALO_ROW_STEP, TAIL_H, W_PER_STEP, BLOCKED_STORE)
         # Registers a thread: the loader warp needs few; the consumers share what is left of the SM's 64K
         # (the launch caps the average at 168 over the 12 warps).
-        if CONSUMERS == 2:
+        if CONSUMERS == 2 or SPLIT_TILE:
             gl.warp_specialize([(_ws_first_consumer, (p, )), (_ws_loader, (p, )), (_ws_second_consumer, (p, ))],
                                [1, num_warps], [40, 232])
         else:
             gl.warp_specialize([(_ws_first_consumer, (p, )), (_ws_loader, (p, ))], [1], [40])
+
+
+def launch_warps(consumer_warps: int, split: bool) -> int:
+    """The kernel's num_warps, its first consumer's: where SPLIT_TILE, half the tile's consumer warps."""
+    return consumer_warps // 2 if split else consumer_warps
 
 
 def persistent_programs(tiles: int, device) -> int:
@@ -473,31 +523,39 @@ def persistent_programs(tiles: int, device) -> int:
     return min(tiles, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def ws_launcher(cand: Candidate, maps, weight, y, padding, dilation, flags):
+def ws_launcher(cand: Candidate, maps, weight, y, stride, padding, dilation, flags):
     """launch(x, weight, bias, y) for `cand` (of igemm_ws or igemm_ws_halo) on tensors shaped like these.
     `maps` = (images, input height, input width, output height, output width) as the kernel sees them: a flat
     1x1 problem is one row of all the pixels. `flags` are implicit_gemm's constexprs (HAS_BIAS, USE_INT64)
-    plus the bias stride."""
+    plus the bias stride. The strides must divide the input's height and width (tma_reason)."""
     n, in_h, in_w, out_h, out_w = maps
     oc, c, kernel_h, kernel_w = weight.shape
     p = cand.params
     bb, bh, bw, bn, bk = p["BLOCK_B"], p["BLOCK_H"], p["BLOCK_W"], p["BLOCK_N"], p["BLOCK_K"]
     cpad = triton.cdiv(c, bk) * bk
-    x_shape, x_strides = [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1]
     x_box, tail_box, tail, row_step = input_boxes(cand.kernel, p, kernel_h, dilation[0])
+    if len(x_box) == 5:  # [N, H/sh, sh, W/sw, sw*C]: see _load_tap_step
+        sh, sw = stride
+        x_shape = [n, in_h // sh, sh, in_w // sw, sw * c]
+        x_strides = [in_h * in_w * c, sh * in_w * c, in_w * c, sw * c, 1]
+    else:
+        if tuple(stride) != (1, 1):
+            raise ValueError(f"{cand.describe()}: a patch per K step needs stride 1")
+        x_shape, x_strides = [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1]
     x_layout = gl.NVMMASharedLayout.get_default_for(x_box, gluon_dtype(y.dtype))  # the tail box shares it
     num_pid_n = triton.cdiv(oc, bn)
     tiles = triton.cdiv(n, bb) * triton.cdiv(out_h, bh) * triton.cdiv(out_w, bw) * num_pid_n
     programs = persistent_programs(tiles, y.device)
     scalars = (n, out_h, out_w, oc, triton.cdiv(c, bk), cpad, *y.stride(), flags["bias_stride"], *padding, *dilation,
-               tiles, num_pid_n)
+               *stride, c, tiles, num_pid_n)
     # At most 12 warps (two consumer warpgroups and the loader's): 168 registers a thread on average fit 64K.
+    split = p.get("SPLIT_TILE", False)
     kernel = KernelLauncher(igemm_ws_kernel, (programs,), scalars, KH=kernel_h, KW=kernel_w,
                             HAS_BIAS=flags["HAS_BIAS"], USE_INT64=flags["USE_INT64"], BLOCK_B=bb, BLOCK_H=bh,
                             BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, STAGES=cand.num_stages, CONSUMERS=p["CONSUMERS"],
-                            PIXELS_AS_N=p["PIXELS_AS_N"], HALO_ROW_STEP=row_step, TAIL_H=tail,
+                            PIXELS_AS_N=p["PIXELS_AS_N"], SPLIT_TILE=split, HALO_ROW_STEP=row_step, TAIL_H=tail,
                             BLOCKED_STORE=blocked_store(y.dtype, p["PIXELS_AS_N"], y.stride(1) == 1),
-                            num_warps=cand.num_warps, maxnreg=168)
+                            num_warps=launch_warps(cand.num_warps, split), maxnreg=168)
     weight_descriptor = gluon_weight_descriptors(weight.shape, y.dtype, bn, bk)
 
     def launch(x, weight, bias, y):
