@@ -351,7 +351,7 @@ WS_CASES = [
     Case(1, 64, 264, 9, 20, (1, 1), x_layout="channels_last", w_layout="channels_last"),
     # Stride 2 (ResNet's 3x3/2), padding: boxes of the strided view, the padding's phase below zero.
     Case(2, 64, 72, 24, 38, (3, 3), stride=(2, 2), padding=(1, 1), x_layout="channels_last"),
-    # Stride 2 down, 1 across, 48 channels: box rows of 16 channels (fp32) or 16 (16-bit) within each phase.
+    # Stride 2 down, 1 across, 48 channels: box rows drop to 16 channels in every dtype (48 is no multiple of 32).
     Case(2, 48, 64, 22, 30, (3, 3), stride=(2, 1), padding=(1, 1)),
     # A 1x1 with stride 2 (ResNet's downsampling shortcut), no bias.
     Case(3, 32, 64, 16, 20, (1, 1), stride=(2, 2), bias=False, x_layout="channels_last"),
