@@ -76,6 +76,15 @@ def box_row_channels(channels: int, dtype: torch.dtype) -> int:
     return min(128 // elem, max(16, triton.next_power_of_2(channels)))
 
 
+def strided_input_view(n: int, in_h: int, in_w: int, c: int, stride) -> tuple:
+    """(shape, strides) of a dense NHWC input read as [N, H/sh, sh, W/sw, sw*C], as the TMA and warp-specialized
+    kernels' boxes read it: input row ih = sh*q + r is (q, r), so the rows that consecutive output rows read at
+    one tap are consecutive q; along W the phase r selects a run of C channels. At stride 1 it is NHWC with a
+    unit axis. The strides must divide H and W (tma_reason)."""
+    sh, sw = stride
+    return [n, in_h // sh, sh, in_w // sw, sw * c], [in_h * in_w * c, sh * in_w * c, in_w * c, sw * c, 1]
+
+
 def gluon_sm90_reason(has_gluon: bool, x, stride, groups, input_precision, any_stride: bool = False) -> str | None:
     """Why the Gluon kernels for Hopper (groups 1, stride 1 unless `any_stride`, TF32 or 16-bit operands) can't
     take this convolution, or None; each kernel adds its own conditions."""

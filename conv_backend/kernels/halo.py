@@ -74,6 +74,7 @@ def patch_boxes(block_h: int, block_w: int, block_k: int, kernel_h: int, dil_h: 
     head, tail = patch_split(block_h, kernel_h, dil_h)
     return [1, head, block_w, block_k], [1, max(tail, 1), block_w, block_k], tail
 
+
 def smem_bytes(block_h, block_w, block_n, block_k, kernel_h, dil_h, elem, stages) -> int:
     """Shared memory of the pipeline: per stage a patch (its rows rounded up to a power of two, as buffer
     shapes must be) and KH weight tiles."""

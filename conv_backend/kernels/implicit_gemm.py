@@ -33,7 +33,7 @@ from ..support import tma_reason
 from ..tuning import Candidate
 from . import halo, warp_specialized
 from .common import (KernelLauncher, WeightDescriptors, box_row_channels, fit_box, mma, needs_dot_upcast,
-                     needs_int64, tile_origin, tuned_plan)
+                     needs_int64, strided_input_view, tile_origin, tuned_plan)
 from .seed import seed_conv2d_kernel, seed_launch_args
 
 log = logging.getLogger("conv_backend")
@@ -612,10 +612,8 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     scalars = (n, out_h, out_w, c, cg, ocg, triton.cdiv(cg, bk), cpad, *y.stride(), bias_stride, *stride, *padding,
                *dilation)
     # [N, H/sh, sh, W/sw, sw*C] (see the kernel); tma_reason checks that the strides divide H and W.
-    sh, sw = stride
     x_box = [p["BLOCK_B"], p["BLOCK_H"], 1, p["BLOCK_W"], bk]
-    x_shape = [n, in_h // sh, sh, in_w // sw, sw * c]
-    x_strides = [in_h * in_w * c, sh * in_w * c, in_w * c, sw * c, 1]
+    x_shape, x_strides = strided_input_view(n, in_h, in_w, c, stride)
 
     split = p.get("SPLIT_K", 1)
     kernel = KernelLauncher(igemm_tma_kernel, grid + (split,), scalars, **{**flags, "SPLIT_K": split})

@@ -44,8 +44,8 @@ import triton
 
 from ..tuning import Candidate
 from .common import (GluonTensorDescriptor, KernelLauncher, box_row_channels, fit_box, gl, gluon, gluon_dtype,
-                     gluon_sm90_reason, gluon_tile_origin, gluon_weight_descriptors, mbarrier, tma, warpgroup_mma,
-                     warpgroup_mma_wait)
+                     gluon_sm90_reason, gluon_tile_origin, gluon_weight_descriptors, mbarrier, strided_input_view, tma,
+                     warpgroup_mma, warpgroup_mma_wait)
 from .halo import patch_boxes, patch_split, smem_bytes, unaligned_views_supported
 
 try:  # the class decorator the kernel's argument bundle (_Args) needs, by its private name
@@ -199,6 +199,7 @@ def input_boxes(kernel: str, params: dict, kernel_h: int, dil_h: int) -> tuple:
         return (*patch_boxes(bh, bw, bk, kernel_h, dil_h), bw * dil_h)
     box = [params["BLOCK_B"], bh, 1, bw, bk]  # of the input as [N, H/sh, sh, W/sw, sw*C] (ws_launcher)
     return box, box, 0, 0
+
 
 def compile_for_sm90(dtype: torch.dtype, params: dict, num_warps: int, num_stages: int, kernel_hw=(3, 3),
                      kernel: str = "igemm_ws", dil_h: int = 1):
@@ -535,9 +536,7 @@ def ws_launcher(cand: Candidate, maps, weight, y, stride, padding, dilation, fla
     cpad = triton.cdiv(c, bk) * bk
     x_box, tail_box, tail, row_step = input_boxes(cand.kernel, p, kernel_h, dilation[0])
     if len(x_box) == 5:  # [N, H/sh, sh, W/sw, sw*C]: see _load_tap_step
-        sh, sw = stride
-        x_shape = [n, in_h // sh, sh, in_w // sw, sw * c]
-        x_strides = [in_h * in_w * c, sh * in_w * c, in_w * c, sw * c, 1]
+        x_shape, x_strides = strided_input_view(n, in_h, in_w, c, stride)
     else:
         if tuple(stride) != (1, 1):
             raise ValueError(f"{cand.describe()}: a patch per K step needs stride 1")
