@@ -1,4 +1,18 @@
-"""The `tritonconv` torch.compile backend (registered through the torch_dynamo_backends entry point)."""
+"""The `tritonconv` torch.compile backend (registered through the torch_dynamo_backends entry point).
+
+With inner="inductor" (the default) the backend is torch.compile's default
+backend with one step added: Inductor's compile_fx runs AOTAutograd, freezing,
+CUDA graphs and everything else as it would, and hands each ATen graph to our
+`inner_compile`, which moves the convolutions to `tritonconv::conv2d`, folds
+the ops after them into their epilogues, and passes the graph on to Inductor's
+own compile_fx_inner. Inductor then fuses and schedules what is left and calls
+our op as an extern kernel. AOTAutograd is asked to keep batch norm and the
+activations we fuse whole (conv_backend.fusion.UNDECOMPOSED), so that the pass
+sees them as single ops; whichever are not folded are decomposed after it.
+
+With inner="aten" AOTAutograd runs alone and every other op runs as an eager
+ATen call (the graph calls our launch wrapper directly).
+"""
 from __future__ import annotations
 
 import itertools
@@ -9,8 +23,9 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 from .dispatch import launch_conv2d
+from .fusion import UNDECOMPOSED, decompose_leftovers
 from .graph_pass import TRITON_CONV, replace_convolutions
-from .options import BackendOptions
+from .options import BackendOptions, split_options
 from .report import Report, set_last_report
 
 _graph_ids = itertools.count()
@@ -18,19 +33,28 @@ _graph_ids = itertools.count()
 
 def tritonconv_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[Mapping[str, Any]] = None,
                        mode: Optional[str] = None, report_sink: Optional[Callable[[Report], None]] = None):
-    """Lower a Dynamo graph to ATen through AOTAutograd and move its convolutions to Triton.
+    """Compile a Dynamo graph: our convolutions, and the rest by `options["inner"]` (see module docstring).
 
-    `options` arrive from `torch.compile(..., options={...})`; see BackendOptions.
+    `options` arrive from `torch.compile(..., options={...})`: ours (BackendOptions) and, with
+    inner="inductor", any torch._inductor.config setting; `mode` is torch.compile's mode.
     """
-    if mode not in (None, "default"):
-        raise ValueError(f"tritonconv: mode {mode!r} is not supported; pass settings through options={{...}}")
-    opts = BackendOptions.from_mapping(options)
+    opts, inductor_options = split_options(options)
     report = Report()
     set_last_report(report)
     if report_sink is not None:
         report_sink(report)
     graph_id = next(_graph_ids)
+    if opts.inner == "aten":
+        if mode not in (None, "default") or inductor_options:
+            raise ValueError(f"tritonconv: mode={mode!r} and Inductor options {sorted(inductor_options)} need "
+                             "inner='inductor'")
+        compiled = _compile_with_aten(gm, example_inputs, opts, report, graph_id)
+    else:
+        compiled = _compile_with_inductor(gm, example_inputs, opts, report, graph_id, mode, inductor_options)
+    return _reporting(compiled, report)
 
+
+def _compile_with_aten(gm, example_inputs, opts: BackendOptions, report: Report, graph_id: int):
     def make_compiler(kind: str):
         def compile_graph(aten_gm: torch.fx.GraphModule, aten_inputs):
             replace_convolutions(aten_gm, opts, report, f"{kind}{graph_id}", allow_layout_copies=kind == "inference")
@@ -46,12 +70,61 @@ def tritonconv_backend(gm: torch.fx.GraphModule, example_inputs, options: Option
     return compiler(gm, example_inputs)
 
 
+def inductor_settings(mode: Optional[str], options: Mapping[str, Any]) -> dict:
+    """Inductor's config patches for a torch.compile mode and options, exactly as its own backend reads them."""
+    try:
+        return dict(torch._TorchCompileInductorWrapper(mode, dict(options) or None, None).config)
+    except RuntimeError as exc:  # an unknown setting or a bad type: the user's error, said as ours are
+        raise ValueError(f"tritonconv: {exc}") from exc
+
+
+def _compile_with_inductor(gm, example_inputs, opts: BackendOptions, report: Report, graph_id: int, mode,
+                           inductor_options):
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    from torch._inductor.decomposition import select_decomp_table
+
+    settings = inductor_settings(mode, inductor_options)
+    with inductor_config.patch(settings):
+        decompositions = select_decomp_table()
+    held_back = {op: fn for op, fn in decompositions.items() if op not in UNDECOMPOSED}
+
+    def inner_compile(aten_gm: torch.fx.GraphModule, aten_inputs, **kwargs):
+        kind = "inference" if kwargs.get("is_inference") else "backward" if kwargs.get("is_backward") else "forward"
+        replace_convolutions(aten_gm, opts, report, f"{kind}{graph_id}", allow_layout_copies=kind == "inference")
+        if decompose_leftovers(aten_gm, decompositions):
+            aten_gm.graph.lint()
+            aten_gm.recompile()
+        return compile_fx_inner(aten_gm, aten_inputs, **kwargs)
+
+    # AOTAutograd's cache would hand back a compiled graph without running inner_compile, and so without
+    # a report of its convolutions; Inductor's own graph cache (inside compile_fx_inner) still applies.
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=settings,
+                          decompositions=held_back)
+
+
+# Lists that explain() opens while it runs a model: every compiled graph that runs adds its report to each.
+_collectors: list = []
+
+
+def _reporting(compiled, report: Report):
+    """`compiled`, telling explain() which report belongs to it whenever it runs (also on Dynamo cache hits)."""
+    def run(*args):
+        for collected in _collectors:
+            if not any(r is report for r in collected):
+                collected.append(report)
+        return compiled(*args)
+    run._boxed_call = getattr(compiled, "_boxed_call", False)
+    return run
+
+
 def direct_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of `gm` whose `tritonconv::conv2d` calls go straight to the launch wrapper.
 
-    The custom op keeps graphs traceable; once a graph is compiled nothing traces
-    it again, and AOTAutograd runs it with autograd off, so the dispatcher's trip
-    through the op (tens of microseconds per call on the host) buys nothing.
+    The op keeps graphs traceable; once a graph is compiled nothing traces it
+    again, and AOTAutograd runs it with autograd off, so the dispatcher's trip
+    through the op buys nothing.
     """
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))  # node metadata is shared, not copied
@@ -61,21 +134,43 @@ def direct_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(gm, graph)
 
 
+_explain_backends: dict = {}
+
+
+def _explain_backend(options: Optional[Mapping[str, Any]]):
+    """One backend callable per set of options, so that repeated explain() calls hit Dynamo's cache instead of
+    recompiling (each new callable would count against Dynamo's recompile limit)."""
+    key = repr(sorted((options or {}).items()))
+    if key not in _explain_backends:
+        def backend(gm, example_inputs):
+            return tritonconv_backend(gm, example_inputs, options=options)
+        _explain_backends[key] = backend
+    return _explain_backends[key]
+
+
 def explain(model: Callable, *inputs, options: Optional[Mapping[str, Any]] = None, **kwargs) -> Report:
     """Compile `model` with the backend, run it once on `inputs` (under no_grad), return the report.
 
-    The report lists every convolution of every captured graph: replaced by
-    Triton or kept on ATen, with the reason.
+    The report lists every convolution of every graph that ran: replaced by
+    Triton or kept on ATen, with the reason. The run leaves no trace on the
+    model: buffers (batch norm's running statistics) and the RNG state are
+    restored, and repeated calls reuse what Dynamo compiled the first time.
     """
+    split_options(options)  # a bad option is an error now, not at the first graph
+    buffers = [(b, b.detach().clone()) for b in model.buffers()] if isinstance(model, torch.nn.Module) else []
+    collected: list = []
+    compiled = torch.compile(model, backend=_explain_backend(options))
+    devices = sorted({t.device.index or 0 for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda})
+    _collectors.append(collected)
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            compiled(*inputs, **kwargs)
+    finally:
+        del _collectors[next(i for i, c in enumerate(_collectors) if c is collected)]
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
     combined = Report()
-    reports: list[Report] = []
-
-    def backend(gm, example_inputs):
-        return tritonconv_backend(gm, example_inputs, options=options, report_sink=reports.append)
-
-    compiled = torch.compile(model, backend=backend)
-    with torch.no_grad():
-        compiled(*inputs, **kwargs)
-    for report in reports:
+    for report in collected:
         combined.extend(report)
     return combined

@@ -11,9 +11,12 @@ import logging
 
 import torch
 
-from .layout import memory_format_for
+from .epilogue import Epilogue, EpilogueTensors, apply_reference
+from .layout import OUTPUT_FORMATS, memory_format_for
+from .options import ALGORITHMS, PRECISIONS
+from .ops import EPILOGUE_DEFAULTS, epilogue_of
 from .runtime import resolve_input_precision
-from .support import depthwise_like, unsupported_reason
+from .support import depthwise_like, epilogue_reason, unsupported_reason
 from .tuning import NoKernelError
 
 log = logging.getLogger("conv_backend")
@@ -30,32 +33,53 @@ def _tensor_key(t):
     return None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device, t.layout, t.data_ptr() % 16 == 0)
 
 
+def check_arguments(input_precision: str, algorithm: str, output_format: str) -> None:
+    """The string arguments a direct call of the op can get wrong, with the valid values in the error."""
+    if input_precision not in PRECISIONS:
+        raise ValueError(f"tritonconv: input_precision must be one of {PRECISIONS}, got {input_precision!r}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"tritonconv: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"tritonconv: output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
+
+
 def launch_conv2d(x, weight, bias, stride, padding, dilation, groups, input_precision="auto", algorithm="auto",
-                  output_format="eager"):
+                  output_format="eager", *epilogue_args):
+    """The op's implementation; `epilogue_args` as in the op's schema (conv_backend.ops), defaults dropped."""
     if x.is_cuda and x.device.index != torch.cuda.current_device():
         # Triton launches on the current device: make it the tensors' one (as eager ops do).
         with torch.cuda.device(x.device):
             return _launch(x, weight, bias, stride, padding, dilation, groups, input_precision, algorithm,
-                           output_format)
-    return _launch(x, weight, bias, stride, padding, dilation, groups, input_precision, algorithm, output_format)
+                           output_format, epilogue_args)
+    return _launch(x, weight, bias, stride, padding, dilation, groups, input_precision, algorithm, output_format,
+                   epilogue_args)
 
 
-def _launch(x, weight, bias, stride, padding, dilation, groups, input_precision, algorithm, output_format):
+def _launch(x, weight, bias, stride, padding, dilation, groups, input_precision, algorithm, output_format,
+            epilogue_args):
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     precision = resolve_input_precision(input_precision, x.dtype, x.device)
+    if epilogue_args:
+        epilogue, tensors = epilogue_of(*epilogue_args, *EPILOGUE_DEFAULTS[len(epilogue_args):])
+        residual_key = _tensor_key(tensors.residual)
+    else:
+        epilogue, tensors, residual_key = None, None, None
     key = (_tensor_key(x), _tensor_key(weight), _tensor_key(bias), stride, padding, dilation, groups, precision,
-           algorithm, output_format)
+           algorithm, output_format, epilogue, residual_key)
     plan = _plans.get(key)
     if plan is None:
+        check_arguments(input_precision, algorithm, output_format)
         plan = _plans[key] = _make_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm,
-                                        output_format)
-    return plan(x, weight, bias)
+                                        output_format, epilogue or Epilogue(), tensors or EpilogueTensors())
+    return plan(x, weight, bias, tensors)
 
 
-def _make_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm, output_format):
+def _make_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm, output_format, epilogue,
+               tensors):
     aten = functools.partial(_aten_plan, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                             output_format=output_format)
-    reason = unsupported_reason(x, weight, bias, stride, padding, dilation, groups=groups, algorithm=algorithm)
+                             output_format=output_format, epilogue=epilogue)
+    reason = unsupported_reason(x, weight, bias, stride, padding, dilation, groups=groups, algorithm=algorithm) \
+        or epilogue_reason(x, weight, stride, padding, dilation, epilogue, tensors)
     if reason is not None:
         # Reached only by direct calls of the op: the graph pass never emits these.
         log.info("tritonconv::conv2d falls back to ATen: %s", reason)
@@ -63,25 +87,36 @@ def _make_plan(x, weight, bias, stride, padding, dilation, groups, precision, al
     if x.numel() == 0 or weight.numel() == 0:
         return aten  # nothing to compute, and ATen defines the exact result (zeros or bias)
     try:
-        return _triton_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm, output_format)
+        run = _triton_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm, output_format,
+                           epilogue, tensors)
     except NoKernelError as exc:
         log.warning("tritonconv::conv2d falls back to ATen: %s", exc)
         return aten
+    if epilogue.is_identity:
+        return lambda x, weight, bias, tensors: run(x, weight, bias)
+    return run
 
 
-def _aten_plan(x, weight, bias, *, stride, padding, dilation, groups, output_format):
+def _aten_plan(x, weight, bias, tensors, *, stride, padding, dilation, groups, output_format, epilogue):
     y = aten_conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if not epilogue.is_identity:
+        y = apply_reference(y.float() if y.dtype != torch.float64 else y, epilogue, tensors).to(x.dtype)
     return y.contiguous(memory_format=memory_format_for(output_format, x, weight))
 
 
-def _triton_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm, output_format):
+def _triton_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm, output_format, epilogue,
+                 tensors):
+    fused = {} if epilogue.is_identity else dict(epilogue=epilogue, epi=tensors)
     if algorithm == "seed":
         from .kernels.seed import seed_conv2d
-        return lambda x, weight, bias: seed_conv2d(x, weight, bias, stride, padding, dilation, precision,
-                                                   output_format=output_format)
+        if not epilogue.is_identity:
+            raise NoKernelError("algorithm='seed' runs no fused epilogue")
+        return lambda x, weight, bias, tensors: seed_conv2d(x, weight, bias, stride, padding, dilation, precision,
+                                                            output_format=output_format)
     if algorithm == "depthwise" or (algorithm == "auto" and depthwise_like(x.shape[1], weight.shape[0], groups)):
         from .kernels.depthwise import depthwise_plan
-        return depthwise_plan(x, weight, bias, stride, padding, dilation, output_format)
+        return depthwise_plan(x, weight, bias, stride, padding, dilation, output_format, **fused)
     from .kernels.implicit_gemm import implicit_gemm_plan
     load_path = {"gemm_tma": "tma", "gemm_pointer": "pointer", "gemm_nchw": "nchw"}.get(algorithm, "auto")
-    return implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, precision, load_path, output_format)
+    return implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, precision, load_path, output_format,
+                              **fused)

@@ -5,24 +5,35 @@ can be tested alone and its output handed to another compiler.
 """
 from __future__ import annotations
 
-from typing import Optional
-
+import logging
 import operator
+from typing import Optional
 
 import torch
 import torch.fx as fx
 from torch._prims_common import suggest_memory_format
 
-from . import ops  # noqa: F401  (registers torch.ops.tritonconv.conv2d)
+from .fusion import fuse_epilogues
+from .ops import TRITON_CONV
 from .options import BackendOptions
 from .report import ConvDecision, Report
 from .support import unsupported_reason
 
+log = logging.getLogger("conv_backend")
 aten = torch.ops.aten
-CONV_TARGETS = (aten.convolution.default,)
+# aten.convolution is what AOTAutograd produces; aten.conv2d what torch.export leaves in its default graphs.
+CONV_TARGETS = (aten.convolution.default, aten.conv2d.default)
 BACKWARD_TARGETS = (aten.convolution_backward.default,)
-TRITON_CONV = torch.ops.tritonconv.conv2d.default
+# Convolutions the pass does not take; the report names them so that none goes unseen.
+OTHER_CONV_TARGETS = {
+    aten.conv2d.padding: "aten.conv2d with string padding (run_decompositions() turns it into aten.convolution)",
+    aten._convolution.default: "aten._convolution (run_decompositions() turns it into aten.convolution)",
+    aten.conv1d.default: "1D convolution (only 2D is supported)",
+    aten.conv3d.default: "3D convolution (only 2D is supported)",
+    aten.conv_transpose2d.input: "transposed convolution",
+}
 OUTPUT_FORMAT_ARG = 9  # index of output_format in tritonconv::conv2d's arguments
+RESIDUAL_ARG = 15  # index of residual in tritonconv::conv2d's arguments
 # Unary pointwise ops: their output keeps their input's memory format.
 LAYOUT_PRESERVING = {
     aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default, aten.silu.default,
@@ -65,17 +76,32 @@ def _decision(graph_name: str, node: fx.Node, x_arg, weight_arg, stride, padding
     )
 
 
+def _convolution_args(node: fx.Node) -> tuple:
+    """aten.convolution's nine arguments for a node of CONV_TARGETS (aten.conv2d's defaults filled in)."""
+    if node.target == aten.convolution.default:
+        return node.args
+    named = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), node.args), **node.kwargs)
+
+    def pair(value):
+        value = list(value) if isinstance(value, (list, tuple)) else [value]
+        return value * 2 if len(value) == 1 else value
+    return (named["input"], named["weight"], named.get("bias"), pair(named.get("stride", 1)),
+            pair(named.get("padding", 0)), pair(named.get("dilation", 1)), False, [0, 0], named.get("groups", 1))
+
+
 def replace_convolutions(gm: fx.GraphModule, options: Optional[BackendOptions] = None,
                          report: Optional[Report] = None, graph_name: str = "graph",
                          allow_layout_copies: bool = False) -> fx.GraphModule:
     """Rewrite `gm` in place and return it; record every convolution node in `report`.
 
+    Supported convolutions become `tritonconv::conv2d` nodes, and with
+    options.fusion the ops after them fold into their epilogues (conv_backend.fusion).
     `allow_layout_copies`: see keep_channels_last_between_convs (the backend sets
     it for inference graphs, which save no activations for backward).
     """
     options = options or BackendOptions()
     report = report if report is not None else Report()
-    changed = False
+    decisions: dict = {}  # our conv node -> its decision, to record what fusion folds into it
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -84,16 +110,23 @@ def replace_convolutions(gm: fx.GraphModule, options: Optional[BackendOptions] =
             report.add(_decision(graph_name, node, x, weight, stride, padding, dilation, groups, False,
                                  "convolution_backward stays on ATen"), options.verbose)
             continue
+        if node.target in OTHER_CONV_TARGETS:
+            x, weight = node.args[:2]
+            decision = _decision(graph_name, node, x, weight, (), (), (), 1, False, OTHER_CONV_TARGETS[node.target])
+            report.add(decision, options.verbose)
+            log.warning("tritonconv: %s", decision.describe())
+            continue
         if node.target not in CONV_TARGETS:
             continue
-        x, weight, bias, stride, padding, dilation, transposed, output_padding, groups = node.args
+        x, weight, bias, stride, padding, dilation, transposed, output_padding, groups = _convolution_args(node)
         if not options.enabled:
             reason = "replacement disabled (options={'enabled': False})"
         else:
             reason = unsupported_reason(_val(x), _val(weight), _val(bias), stride, padding, dilation,
                                         transposed, output_padding, groups, options.algorithm)
-        report.add(_decision(graph_name, node, x, weight, stride, padding, dilation, groups, reason is None,
-                             reason or "", options.algorithm), options.verbose)
+        decision = _decision(graph_name, node, x, weight, stride, padding, dilation, groups, reason is None,
+                             reason or "", options.algorithm)
+        report.add(decision, options.verbose)
         if reason is not None:
             continue
         with gm.graph.inserting_after(node):
@@ -105,10 +138,17 @@ def replace_convolutions(gm: fx.GraphModule, options: Optional[BackendOptions] =
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        changed = True
-    if changed and options.channels_last:
+        decisions[new] = decision
+    if decisions and options.fusion:
+        def record(old, new, epilogue):
+            decisions[new] = decisions.pop(old)
+            decisions[new].epilogue = epilogue.describe()
+            log.log(logging.INFO if options.verbose else logging.DEBUG, "%s: fused %s", graph_name,
+                    epilogue.describe())
+        fuse_epilogues(gm, record)
+    if decisions and options.channels_last:
         keep_channels_last_between_convs(gm, allow_layout_copies)
-    if changed:
+    if decisions:
         gm.graph.lint()
         gm.recompile()
     return gm
@@ -135,6 +175,13 @@ def _channels_last_meta(node: fx.Node) -> None:
             node.meta["val"] = torch.empty_like(val, memory_format=torch.channels_last)
 
 
+def _reads_as_residual(user: fx.Node, node: fx.Node) -> bool:
+    """`user` is one of our convolutions reading `node` only as the residual of its epilogue (any strides)."""
+    args = user.args
+    return user.op == "call_function" and user.target == TRITON_CONV and len(args) > RESIDUAL_ARG \
+        and args[RESIDUAL_ARG] is node and node not in args[:RESIDUAL_ARG]
+
+
 def _feeds_conv(user: fx.Node, node: fx.Node) -> bool:
     """`user` is one of our convolutions reading `node` as its input (not as weight or bias)."""
     return user.op == "call_function" and user.target == TRITON_CONV and user.args[0] is node \
@@ -153,7 +200,7 @@ def _channels_last_region(conv: fx.Node, tolerant: set, restored: set):
     while pending:
         node = pending.pop()
         for user in node.users:
-            if user in restored or user.target in LAYOUT_BLIND:
+            if user in restored or user.target in LAYOUT_BLIND or _reads_as_residual(user, node):
                 continue
             if _feeds_conv(user, node):
                 convs.append(user)

@@ -1,8 +1,17 @@
-"""The `tritonconv::conv2d` custom op: what the graph pass puts in place of aten.convolution.
+"""The `tritonconv::conv2d` operator: what the graph pass puts in place of aten.convolution.
 
-Registered through torch.library with a fake implementation, so graphs that hold
-it stay traceable (FakeTensor, dynamic shapes), and with an autograd formula
-(ATen's convolution_backward), so the op is also usable directly in training.
+Defined through torch.library with a fake implementation, so graphs that hold
+it stay traceable (FakeTensor, dynamic shapes, Inductor), and with an autograd
+formula (ATen's convolution_backward), so the op is also usable directly in
+training. Beyond aten.convolution's arguments it takes a fused epilogue
+(conv_backend.epilogue): eval batch norm, a residual add and an activation.
+
+Compiled graphs call the op on every step, so its dispatch is kept short: the
+Autograd kernel launches directly when nothing needs it (no gradient wanted,
+plain tensors, no dispatch mode active, as in a compiled graph's forward),
+where `torch.library.custom_op`'s wrappers cost several microseconds a call.
+Otherwise it records autograd (_Conv2dFunction) or hands the call below
+autograd, to the fake implementation or the backend kernels.
 """
 from __future__ import annotations
 
@@ -11,52 +20,111 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .epilogue import Epilogue, EpilogueTensors
 from .layout import empty_output
 
+_lib = torch.library.Library("tritonconv", "DEF")
+_lib.define(
+    "conv2d(Tensor input, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, SymInt[] dilation, "
+    "SymInt groups, str input_precision='auto', str algorithm='auto', str output_format='eager', "
+    "Tensor? bn_mean=None, Tensor? bn_var=None, Tensor? bn_weight=None, Tensor? bn_bias=None, float bn_eps=0.0, "
+    "Tensor? residual=None, str activation='none', float[] activation_params=[]) -> Tensor"
+)
+TRITON_CONV = torch.ops.tritonconv.conv2d.default
+# The epilogue's arguments follow output_format (index 10 on); the dispatcher drops trailing defaults.
+EPILOGUE_START = 10
+EPILOGUE_DEFAULTS = (None, None, None, None, 0.0, None, "none", ())
 
-@torch.library.custom_op("tritonconv::conv2d", mutates_args=())
-def conv2d(
-    input: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    input_precision: str = "auto",
-    algorithm: str = "auto",
-    output_format: str = "eager",
-) -> Tensor:
-    """2D convolution on our Triton kernels; same contract as aten.convolution (not transposed).
 
-    output_format: "eager" picks the memory format from the inputs as ATen does;
-    "contiguous" or "channels_last" pin it (see conv_backend.layout.OUTPUT_FORMATS).
+def epilogue_args(args) -> tuple:
+    """The eight epilogue arguments of a positional call, defaults filled in."""
+    tail = tuple(args[EPILOGUE_START:])
+    return tail + EPILOGUE_DEFAULTS[len(tail):]
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+           dilation: Sequence[int], groups: int, input_precision: str = "auto", algorithm: str = "auto",
+           output_format: str = "eager", bn_mean: Optional[Tensor] = None, bn_var: Optional[Tensor] = None,
+           bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None, bn_eps: float = 0.0,
+           residual: Optional[Tensor] = None, activation: str = "none",
+           activation_params: Sequence[float] = ()) -> Tensor:
+    """2D convolution on our Triton kernels; same contract as aten.convolution (not transposed), then the
+    fused epilogue `activation((conv - bn_mean) * rsqrt(bn_var + bn_eps) * bn_weight + bn_bias + residual)`.
+
+    x: (N, C, H, W) in any strides; weight: (OC, C / groups, KH, KW). output_format: "eager" picks the
+    memory format from the inputs as ATen does; "contiguous" or "channels_last" pin it.
     """
+    return TRITON_CONV(input, weight, bias, list(stride), list(padding), list(dilation), groups, input_precision,
+                       algorithm, output_format, bn_mean, bn_var, bn_weight, bn_bias, float(bn_eps), residual,
+                       activation, [float(p) for p in activation_params])
+
+
+def epilogue_of(bn_mean, bn_var, bn_weight, bn_bias, bn_eps, residual, activation, activation_params):
+    """The static Epilogue and the EpilogueTensors of a call's epilogue arguments."""
+    batch_norm = bn_mean is not None
+    if batch_norm and (bn_var is None or bn_weight is None or bn_bias is None):
+        raise ValueError("tritonconv: a fused batch norm needs bn_mean, bn_var, bn_weight and bn_bias")
+    epilogue = Epilogue(batch_norm=batch_norm, bn_eps=bn_eps if batch_norm else 0.0, residual=residual is not None,
+                        activation=activation, activation_params=tuple(activation_params))
+    return epilogue, EpilogueTensors(bn_mean, bn_var, bn_weight, bn_bias, residual)
+
+
+def _launch(*args):
     from .dispatch import launch_conv2d
-    return launch_conv2d(input, weight, bias, stride, padding, dilation, groups, input_precision, algorithm,
-                         output_format)
+    return launch_conv2d(*args)
 
 
-@conv2d.register_fake
-def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups, input_precision="auto", algorithm="auto",
-                 output_format="eager"):
+def _fake(input, weight, bias, stride, padding, dilation, groups, input_precision="auto", algorithm="auto",
+          output_format="eager", *tail):
+    epilogue_of(*tail, *EPILOGUE_DEFAULTS[len(tail):])  # the same argument errors as a real call
     return empty_output(input, weight, stride, padding, dilation, output_format)
 
 
-def _setup_context(ctx, inputs, output):
-    input, weight, bias, stride, padding, dilation, groups = inputs[:7]
-    ctx.save_for_backward(input, weight)
-    ctx.bias_shape = None if bias is None else list(bias.shape)
-    ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
+class _Conv2dFunction(torch.autograd.Function):
+    """Autograd of the op: ATen's convolution_backward. A fused epilogue has no backward here: the graph
+    pass fuses only in graphs that run without autograd (AOTAutograd's partitioned graphs)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, stride, padding, dilation, groups, *rest):
+        ctx.save_for_backward(input, weight)
+        ctx.bias_shape = None if bias is None else list(bias.shape)
+        ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
+        return TRITON_CONV(input, weight, bias, stride, padding, dilation, groups, *rest)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                ctx.bias_shape is not None and ctx.needs_input_grad[2]]
+        grads = torch.ops.aten.convolution_backward(grad_output, input, weight, ctx.bias_shape, stride, padding,
+                                                    dilation, False, [0, 0], groups, mask)
+        return (*grads, *([None] * (len(ctx.needs_input_grad) - 3)))
 
 
-def _backward(ctx, grad_output):
-    input, weight = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.conv_args
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.bias_shape is not None and ctx.needs_input_grad[2]]
-    grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        grad_output, input, weight, ctx.bias_shape, stride, padding, dilation, False, [0, 0], groups, mask)
-    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+def _wants_grad(args) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
 
 
-conv2d.register_autograd(_backward, setup_context=_setup_context)
+def _plain(args) -> bool:
+    """Only plain tensors and no dispatch mode (FakeTensor, tracing, functionalization) in play."""
+    return torch._C._len_torch_dispatch_stack() == 0 and all(
+        type(a) is Tensor for a in args if isinstance(a, Tensor))
+
+
+def _autograd_kernel(*args):
+    if _wants_grad(args):
+        if not epilogue_of(*epilogue_args(args))[0].is_identity:
+            raise NotImplementedError("tritonconv::conv2d: a fused epilogue has no autograd formula; "
+                                      "call the op without one when gradients are needed")
+        return _Conv2dFunction.apply(*args)
+    if _plain(args):
+        return _launch(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return TRITON_CONV(*args)
+
+
+_lib.impl("conv2d", _launch, "CPU")
+_lib.impl("conv2d", _launch, "CUDA")
+_lib.impl("conv2d", _autograd_kernel, "Autograd")
+torch.library.register_fake("tritonconv::conv2d", _fake, lib=_lib)

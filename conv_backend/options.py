@@ -5,6 +5,8 @@ import dataclasses
 from typing import Any, Mapping
 
 PRECISIONS = ("auto", "tf32", "ieee")
+INNER_COMPILERS = ("inductor", "aten")
+AUTOTUNE_LEVELS = ("none", "fast", "exhaustive")
 ALGORITHMS = ("auto", "gemm", "gemm_tma", "gemm_pointer", "gemm_nchw", "depthwise", "seed")
 
 
@@ -24,6 +26,15 @@ class BackendOptions:
                       (through batch norm, pooling and adds too in inference graphs;
                       graph outputs keep eager's strides).
     verbose:          log every decision at INFO instead of DEBUG.
+    inner:            what compiles the rest of the graph: "inductor" (as torch.compile's
+                      default backend does: fused pointwise kernels, CUDA graphs with
+                      mode="reduce-overhead", freezing) or "aten" (every other op runs as
+                      an eager ATen call).
+    fusion:           fold batch norm (eval), a residual add and an activation that follow a
+                      convolution into its kernel (conv_backend.fusion).
+    autotune:         how a convolution's kernel is chosen the first time its shapes are seen:
+                      "none" by rule without timing, "fast" by timing a short list of the best
+                      ranked candidates, "exhaustive" by timing every candidate.
     """
 
     enabled: bool = True
@@ -31,20 +42,28 @@ class BackendOptions:
     algorithm: str = "auto"
     channels_last: bool = True
     verbose: bool = False
+    inner: str = "inductor"
+    fusion: bool = True
+    autotune: str = "fast"
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None) -> "BackendOptions":
+        """Our options from `options`; any other name is an error (see split_options for Inductor's)."""
         options = dict(options or {})
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(options) - set(valid))
+        unknown = sorted(set(options) - set(cls.names()))
         if unknown:
-            raise ValueError(f"tritonconv: unknown option(s) {unknown}; valid options are {valid}")
+            raise ValueError(f"tritonconv: unknown option(s) {unknown}; valid options are {cls.names()} "
+                             "(and, with inner='inductor', torch._inductor.config settings)")
         parsed = cls(**options)
         parsed._validate()
         return parsed
 
+    @classmethod
+    def names(cls) -> list:
+        return [f.name for f in dataclasses.fields(cls)]
+
     def _validate(self) -> None:
-        for name in ("enabled", "channels_last", "verbose"):
+        for name in ("enabled", "channels_last", "verbose", "fusion"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"tritonconv: option {name!r} must be a bool, got {getattr(self, name)!r}")
         if self.input_precision not in PRECISIONS:
@@ -52,3 +71,15 @@ class BackendOptions:
                              f"got {self.input_precision!r}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"tritonconv: option 'algorithm' must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.inner not in INNER_COMPILERS:
+            raise ValueError(f"tritonconv: option 'inner' must be one of {INNER_COMPILERS}, got {self.inner!r}")
+        if self.autotune not in AUTOTUNE_LEVELS:
+            raise ValueError(f"tritonconv: option 'autotune' must be one of {AUTOTUNE_LEVELS}, got {self.autotune!r}")
+
+
+def split_options(options: Mapping[str, Any] | None) -> tuple:
+    """(our options, the rest): the rest are Inductor settings, as torch.compile(options=...) takes them for
+    its default backend; the backend hands them to Inductor, which rejects names it does not know."""
+    options = dict(options or {})
+    ours = {k: v for k, v in options.items() if k in BackendOptions.names()}
+    return BackendOptions.from_mapping(ours), {k: v for k, v in options.items() if k not in ours}

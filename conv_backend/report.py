@@ -48,13 +48,15 @@ class ConvDecision:
     dtype: str = ""
     device: str = ""
     algorithm: str = ""
+    epilogue: str = ""  # the ops fused into the convolution's kernel, e.g. "bn+add+relu"
 
     def describe(self) -> str:
         what = (f"{self.graph}/{self.node}: in {_fmt_shape(self.input_shape)} w {_fmt_shape(self.weight_shape)} "
                 f"s{list(self.stride)} p{list(self.padding)} d{list(self.dilation)} g{self.groups} "
                 f"{self.dtype} {self.device}")
         if self.replaced:
-            return f"{what} -> tritonconv::conv2d ({self.kernel_choice()})"
+            fused = f" + {self.epilogue}" if self.epilogue else ""
+            return f"{what} -> tritonconv::conv2d{fused} ({self.kernel_choice()})"
         return f"{what} -> ATen: {self.reason}"
 
     def kernel_choice(self) -> str:

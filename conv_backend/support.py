@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .layout import conv_output_hw
 from .runtime import SUPPORTED_DTYPES, device_supported, has_tma
 
 
@@ -100,4 +101,29 @@ def tma_reason(x, weight, stride, groups) -> Optional[str]:
     channels = x.shape[1] if groups == 1 else weight.shape[1]
     if (channels * elem) % 16 or (groups > 1 and channels % 16):
         return "channels (per group) must fill 16-byte rows" + (" and multiples of 16" if groups > 1 else "")
+    return None
+
+
+def epilogue_reason(x, weight, stride, padding, dilation, epilogue, tensors) -> Optional[str]:
+    """None when our kernels can apply `epilogue` (conv_backend.epilogue) with these tensors, else the reason."""
+    if epilogue.is_identity:
+        return None
+    out_c = weight.shape[0]
+    if epilogue.batch_norm:
+        for name in ("bn_mean", "bn_var", "bn_weight", "bn_bias"):
+            t = getattr(tensors, name)
+            if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.device != x.device:
+                return f"fused batch norm: {name} is not a strided tensor on the input's device"
+            if t.dim() != 1 or (_is_static_int(out_c) and t.shape[0] != out_c):
+                return f"fused batch norm: {name} is not a vector of the output channels"
+            if t.dtype not in SUPPORTED_DTYPES:
+                return f"fused batch norm: {name} has dtype {t.dtype}"
+    if epilogue.residual:
+        r = tensors.residual
+        if not isinstance(r, torch.Tensor) or r.layout != torch.strided or r.device != x.device or r.dtype != x.dtype:
+            return "fused residual: not a strided tensor of the input's dtype and device"
+        out_h, out_w = conv_output_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding,
+                                      dilation)
+        if tuple(r.shape) != (x.shape[0], out_c, out_h, out_w):
+            return "fused residual: its shape is not the convolution's output shape"
     return None
