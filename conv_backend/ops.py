@@ -106,10 +106,13 @@ def _wants_grad(args) -> bool:
     return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
 
 
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
 def _plain(args) -> bool:
-    """Only plain tensors and no dispatch mode (FakeTensor, tracing, functionalization) in play."""
+    """Only plain tensors (parameters included) and no dispatch mode (FakeTensor, tracing, functionalization)."""
     return torch._C._len_torch_dispatch_stack() == 0 and all(
-        type(a) is Tensor for a in args if isinstance(a, Tensor))
+        type(a) in _PLAIN_TYPES for a in args if isinstance(a, Tensor))
 
 
 def _autograd_kernel(*args):
