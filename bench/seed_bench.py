@@ -57,6 +57,8 @@ def config_name(cfg) -> str:
 def raw_launcher(cfg, x, w, b, stride, padding, dilation, precision):
     """fn() -> y running seed_conv2d_kernel with one config, its arguments built as the backend builds them."""
     import torch
+    from conv_backend.epilogue import NO_TENSORS
+    from conv_backend.kernels.epilogue_tl import IDENTITY_ARGS
     from conv_backend.kernels.seed import seed_conv2d_kernel, seed_launch_args
     from conv_backend.layout import conv_output_hw
 
@@ -68,8 +70,8 @@ def raw_launcher(cfg, x, w, b, stride, padding, dilation, precision):
     grid = grid_of(cfg.kwargs)
 
     def run():
-        seed_conv2d_kernel[grid](x, w, b if b is not None else y, y, *scalars, **flags, **cfg.kwargs,
-                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        seed_conv2d_kernel[grid](x, w, b if b is not None else y, y, *IDENTITY_ARGS.pointers(NO_TENSORS, y),
+                                 *scalars, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return y
     return run
 

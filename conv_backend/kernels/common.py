@@ -8,8 +8,10 @@ import triton
 import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..epilogue import IDENTITY, NO_TENSORS
 from ..runtime import interpreter_enabled
 from ..tuning import compiling_only, problem_signature, select
+from .epilogue_tl import epilogue_key
 
 try:  # Gluon ships with Triton >= 3.4; the Hopper kernels written in it (halo.py, warp_specialized.py) import
     # it from here, and without it (gluon is None) they are simply not offered.
@@ -112,24 +114,30 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
     return False
 
 
-def tuned_plan(kind: str, x, weight, bias, y, stride, padding, dilation, groups, candidates, make, extra_key=""):
-    """Choose among `candidates` for this problem (timing them into `y`); return run(x, weight, bias) -> y.
+def tuned_plan(kind: str, x, weight, bias, y, stride, padding, dilation, groups, candidates, make, extra_key="",
+               epilogue=IDENTITY, epi=NO_TENSORS):
+    """Choose among `candidates` for this problem (timing them into `y`); return
+    run(x, weight, bias, epi=NO_TENSORS) -> y.
 
-    `make(candidate)` returns launch(x, weight, bias, out). The tuning key holds
+    `make(candidate)` returns launch(x, weight, bias, out, epi). The tuning key holds
     everything a launch depends on: shapes and strides of the operands and of the
-    output, the convolution's arguments, dtype, bias, and what the caller adds.
+    output, the convolution's arguments, dtype, bias, the fused epilogue (with the
+    residual's strides; epilogue_tl.epilogue_key) and what the caller adds. `epi`
+    holds example tensors of the epilogue, which the timing runs read.
     """
     key = (f"{kind}|x{tuple(x.shape)}{tuple(x.stride())}|w{tuple(weight.shape)}{tuple(weight.stride())}"
            f"|y{tuple(y.stride())}|s{tuple(stride)}p{tuple(padding)}d{tuple(dilation)}g{groups}|{x.dtype}"
            f"|b{bias is not None}|{extra_key}")
+    if not epilogue.is_identity:  # unfused keys stay as they were
+        key += f"|{epilogue_key(epilogue, epi)}"
     signature = problem_signature(x.shape, weight.shape, stride, padding, dilation, groups, x.dtype)
     launch = make(select(key, signature, x.device, candidates,
-                         lambda cand: functools.partial(make(cand), x, weight, bias, y)))
+                         lambda cand: functools.partial(make(cand), x, weight, bias, y, epi)))
     y_size, y_stride = tuple(y.shape), y.stride()
 
-    def run(x, weight, bias):
+    def run(x, weight, bias, epi=NO_TENSORS):
         out = torch.empty_strided(y_size, y_stride, dtype=x.dtype, device=x.device)
-        launch(x, weight, bias, out)
+        launch(x, weight, bias, out, epi)
         return out
     return run
 

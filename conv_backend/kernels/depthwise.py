@@ -18,16 +18,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..epilogue import IDENTITY, NO_TENSORS, Epilogue, EpilogueTensors
 from ..layout import empty_output
 from ..runtime import interpreter_enabled
 from ..tuning import Candidate
 from .common import KernelLauncher, needs_int64, tile_origin, tuned_plan
+from .epilogue_tl import EpilogueArgs, fused_epilogue, residual_of
 
 
 @triton.jit
 def _streamed_rows(x_img, w_col, b_ptr, y_img, oh0, ow, oc, OC, IH, IW, OH, OW, sxc, sxh, sxw, swh, sww,
-                   syc, syh, syw, sb, pad_h, pad_w, dil_w, ic, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                   syc, syh, syw, sb, pad_h, pad_w, dil_w, ic,
+                   mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_img, src, srh, srw, bn_eps, act_param0, act_param1,
+                   KW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                   BLOCK_C: tl.constexpr, HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                   ACTIVATION: tl.constexpr):
     """Three-row kernels at stride 1: the program walks its BLOCK_H + 2 input rows once, top to bottom,
     and each row, loaded once per kernel column, feeds the three output rows that read it; those three
     accumulators roll down with it. Every input element is loaded KW times instead of 3 * KW."""
@@ -53,7 +58,13 @@ def _streamed_rows(x_img, w_col, b_ptr, y_img, oh0, ow, oc, OC, IH, IW, OH, OW, 
             oh = oh0 + j - 2
             if HAS_BIAS:
                 acc_top += tl.load(b_ptr + oc * sb, mask=oc < OC, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_img + oh * syh + y_cols, acc_top.to(y_img.dtype.element_ty), mask=ow_ok & (oh < OH))
+            out_ok = ow_ok & (oh < OH)
+            res_ptrs = r_img
+            if HAS_RESIDUAL:
+                res_ptrs = r_img + oh * srh + (ow * srw)[:, None] + (oc * src)[None, :]
+            acc_top = fused_epilogue(acc_top, oc[None, :], c_ok, out_ok, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
+                                     res_ptrs, bn_eps, act_param0, act_param1, HAS_BN, HAS_RESIDUAL, ACTIVATION)
+            tl.store(y_img + oh * syh + y_cols, acc_top.to(y_img.dtype.element_ty), mask=out_ok)
         acc_top = acc_mid
         acc_mid = acc_new
 
@@ -61,11 +72,14 @@ def _streamed_rows(x_img, w_col, b_ptr, y_img, oh0, ow, oc, OC, IH, IW, OH, OW, 
 @triton.jit
 def depthwise_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
+    mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_ptr,  # the fused epilogue's (epilogue_tl)
     OC, MULT, IH, IW, OH, OW,
     sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw, sb,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    srn, src, srh, srw, bn_eps, act_param0, act_param1,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, USE_INT64: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, STREAM_ROWS: tl.constexpr,
+    HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
 ):
     """STREAM_ROWS (KH == 3, stride 1, dil_h 1): _streamed_rows; otherwise a BLOCK_H x BLOCK_W x BLOCK_C
     tile with one shifted load per tap."""
@@ -73,15 +87,22 @@ def depthwise_kernel(
     pid_c = tl.program_id(1)
     img, oh0, ow0 = tile_origin(pid, OH, OW, BLOCK_H, BLOCK_W)
     c0 = pid_c * BLOCK_C
-    if USE_INT64:
+    if USE_INT64:  # every index that meets a stride, and the row and column strides the taps step by
         img = img.to(tl.int64)
+        oh0 = oh0.to(tl.int64)
+        ow0 = ow0.to(tl.int64)
+        c0 = c0.to(tl.int64)
+        sxh = tl.cast(sxh, tl.int64)
+        sxw = tl.cast(sxw, tl.int64)
 
     ow = ow0 + tl.arange(0, BLOCK_W)
     oc = c0 + tl.arange(0, BLOCK_C)
     if STREAM_ROWS:
         _streamed_rows(x_ptr + img * sxn, w_ptr + oc * swo, b_ptr, y_ptr + img * syn, oh0, ow, oc, OC, IH, IW,
                        OH, OW, sxc, sxh, sxw, swh, sww, syc, syh, syw, sb, pad_h, pad_w, dil_w, oc // MULT,
-                       KW, HAS_BIAS, BLOCK_H, BLOCK_W, BLOCK_C)
+                       mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_ptr + img * srn, src, srh, srw, bn_eps,
+                       act_param0, act_param1, KW, HAS_BIAS, BLOCK_H, BLOCK_W, BLOCK_C, HAS_BN, HAS_RESIDUAL,
+                       ACTIVATION)
     else:
         oh = oh0 + tl.arange(0, BLOCK_H)
         ih0 = oh * stride_h - pad_h
@@ -120,6 +141,12 @@ def depthwise_kernel(
 
         if HAS_BIAS:
             acc += tl.load(b_ptr + oc * sb, mask=oc < OC, other=0.0).to(tl.float32)[None, None, :]
+        res_ptrs = r_ptr
+        if HAS_RESIDUAL:
+            res_ptrs = (r_ptr + img * srn + (oh * srh)[:, None, None] + (ow * srw)[None, :, None]
+                        + (oc * src)[None, None, :])
+        acc = fused_epilogue(acc, oc[None, None, :], (oc < OC)[None, None, :], out_ok, mean_ptr, var_ptr, gamma_ptr,
+                             beta_ptr, res_ptrs, bn_eps, act_param0, act_param1, HAS_BN, HAS_RESIDUAL, ACTIVATION)
         y_tile = (y_ptr + img * syn + (oh * syh)[:, None, None] + (ow * syw)[None, :, None]
                   + (oc * syc)[None, None, :])
         tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
@@ -150,15 +177,20 @@ def depthwise_candidates(channels_innermost: bool, streamable: bool = False) -> 
     return picked
 
 
-def depthwise_plan(x, weight, bias, stride, padding, dilation, output_format="eager"):
-    """Tune (or recall) the tile for this problem; return `run(x, weight, bias) -> y`."""
+def depthwise_plan(x, weight, bias, stride, padding, dilation, output_format="eager",
+                   epilogue: Epilogue = IDENTITY, epi: EpilogueTensors = NO_TENSORS):
+    """Tune (or recall) the tile for this problem, with `epilogue` fused (`epi`: example tensors of it, for the
+    residual's strides); return `run(x, weight, bias, epi=NO_TENSORS) -> y`."""
     y = empty_output(x, weight, stride, padding, dilation, output_format)
     n, c, in_h, in_w = x.shape
     oc, _, kernel_h, kernel_w = weight.shape
     out_h, out_w = y.shape[2], y.shape[3]
+    fused = EpilogueArgs(epilogue, epi, y)
     scalars = (oc, oc // c, in_h, in_w, out_h, out_w, *x.stride(), weight.stride(0), weight.stride(2),
-               weight.stride(3), *y.stride(), bias.stride(0) if bias is not None else 0, *stride, *padding, *dilation)
-    flags = dict(KH=kernel_h, KW=kernel_w, HAS_BIAS=bias is not None, USE_INT64=needs_int64(x, weight, y))
+               weight.stride(3), *y.stride(), bias.stride(0) if bias is not None else 0, *stride, *padding, *dilation,
+               *fused.scalars)
+    flags = dict(KH=kernel_h, KW=kernel_w, HAS_BIAS=bias is not None,
+                 USE_INT64=needs_int64(x, weight, y, *residual_of(epilogue, epi)), **fused.constexprs)
 
     def make(cand: Candidate):
         p = cand.params
@@ -167,15 +199,17 @@ def depthwise_plan(x, weight, bias, stride, padding, dilation, output_format="ea
         kernel = KernelLauncher(depthwise_kernel, grid, scalars, **flags, num_warps=cand.num_warps,
                                 num_stages=cand.num_stages, **{"STREAM_ROWS": 0, **p})
 
-        def launch(x, weight, bias, y):
-            kernel(x, weight, y if bias is None else bias, y)
+        def launch(x, weight, bias, y, epi=NO_TENSORS):
+            kernel(x, weight, y if bias is None else bias, y, *fused.pointers(epi, y))
         return launch
 
     streamable = kernel_h == 3 and tuple(stride) == (1, 1) and dilation[0] == 1
     candidates = depthwise_candidates(x.stride(1) == 1 and c > 1, streamable)
-    return tuned_plan("depthwise", x, weight, bias, y, stride, padding, dilation, c, candidates, make)
+    return tuned_plan("depthwise", x, weight, bias, y, stride, padding, dilation, c, candidates, make,
+                      epilogue=epilogue, epi=epi)
 
 
-def depthwise_conv2d(x, weight, bias, stride, padding, dilation):
+def depthwise_conv2d(x, weight, bias, stride, padding, dilation, epilogue: Epilogue = IDENTITY,
+                     epi: EpilogueTensors = NO_TENSORS):
     """One-off call: plan and run."""
-    return depthwise_plan(x, weight, bias, stride, padding, dilation)(x, weight, bias)
+    return depthwise_plan(x, weight, bias, stride, padding, dilation, epilogue=epilogue, epi=epi)(x, weight, bias, epi)

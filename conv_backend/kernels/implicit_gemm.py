@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..epilogue import IDENTITY, NO_TENSORS, Epilogue, EpilogueTensors
 from ..layout import empty_output
 from ..runtime import has_tma, interpreter_enabled
 from ..support import tma_reason
@@ -34,17 +35,28 @@ from ..tuning import Candidate
 from . import halo, warp_specialized
 from .common import (KernelLauncher, WeightDescriptors, box_row_channels, fit_box, mma, needs_dot_upcast,
                      needs_int64, strided_input_view, tile_origin, tuned_plan)
+from .epilogue_tl import EpilogueArgs, fused_epilogue, residual_of
 from .seed import seed_conv2d_kernel, seed_launch_args
 
 log = logging.getLogger("conv_backend")
 
 
 @triton.jit
-def _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw, HAS_BIAS: tl.constexpr):
+def _finish_tile(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw,
+                 mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_ptr, srn, src, srh, srw, bn_eps, act_param0, act_param1,
+                 HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr):
+    """Bias, the fused epilogue and the one store of a [pixels, channels] tile (its pixels' image, row and
+    column; its channels)."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + oc * sb, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    res_ptrs = r_ptr
+    if HAS_RESIDUAL:
+        res_ptrs = r_ptr + (img * srn + oh * srh + ow * srw)[:, None] + (oc * src)[None, :]
+    acc = fused_epilogue(acc, oc[None, :], n_ok[None, :], out_ok, mean_ptr, var_ptr, gamma_ptr, beta_ptr, res_ptrs,
+                         bn_eps, act_param0, act_param1, HAS_BN, HAS_RESIDUAL, ACTIVATION)
     y_offsets = (img * syn + oh * syh + ow * syw)[:, None] + (oc * syc)[None, :]
-    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -83,13 +95,16 @@ def _sum_k_slices(acc, partial_ptr, arrivals_ptr, SPLIT_K: tl.constexpr, BLOCK_M
 @triton.jit
 def igemm_pointer_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, partial_ptr, arrivals_ptr,
+    mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_ptr,  # the fused epilogue's (epilogue_tl)
     M, OH, OW, IH, IW, CG, OCG, C_CHUNKS, CPAD,
     sxn, sxc, sxh, sxw, swo, swc, swh, sww, syn, syc, syh, syw, sb,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    srn, src, srh, srw, bn_eps, act_param0, act_param1,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, TMA_WEIGHTS: tl.constexpr,
+    HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
 ):
     """SPLIT_K > 1 (grid axis 2) cuts K into slices for maps too small to fill the GPU with tiles
     (summed by _sum_k_slices).
@@ -109,15 +124,15 @@ def igemm_pointer_kernel(
     pid_m = first_m + (pid % per_group) % size_m
     pid_n = (pid % per_group) // size_m
 
+    n0 = group * OCG + pid_n * BLOCK_N  # the weight tile's first row (TMA_WEIGHTS); int32, as TMA wants
+    if USE_INT64:  # before the first product: past 2**31 pixels, pid_m * BLOCK_M passes int32 too
+        pid_m = pid_m.to(tl.int64)
+        group = group.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < OCG
-    n0 = group * OCG + pid_n * BLOCK_N  # the weight tile's first row (TMA_WEIGHTS); int32, as TMA wants
-    if USE_INT64:
-        offs_m = offs_m.to(tl.int64)
-        group = group.to(tl.int64)
     img = offs_m // (OH * OW)
     pix = offs_m % (OH * OW)
     oh = pix // OW
@@ -151,19 +166,23 @@ def igemm_pointer_kernel(
     store = True
     if SPLIT_K > 1:
         acc, store = _sum_k_slices(acc, partial_ptr, arrivals_ptr, SPLIT_K, BLOCK_M, BLOCK_N)
-    if store:
-        _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw, HAS_BIAS)
+    if store:  # after the slices' sum: the epilogue is not linear
+        _finish_tile(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw, mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_ptr, srn, src, srh, srw, bn_eps, act_param0, act_param1,
+                     HAS_BIAS, HAS_BN, HAS_RESIDUAL, ACTIVATION)
 
 
 @triton.jit
 def igemm_tma_kernel(
     x_desc, w_desc, b_ptr, y_ptr, partial_ptr, arrivals_ptr,
+    mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_ptr,  # the fused epilogue's (epilogue_tl)
     N, OH, OW, C, CG, OCG, C_CHUNKS, CPAD,
     syn, syc, syh, syw, sb, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    srn, src, srh, srw, bn_eps, act_param0, act_param1,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
 ):
     """A pixel tile is a BLOCK_B x BLOCK_H x BLOCK_W box of output pixels: BLOCK_B > 1 stacks
     several images' maps where one map is smaller than the tile (7x7, 14x14). SPLIT_K > 1 as in
@@ -207,29 +226,35 @@ def igemm_tma_kernel(
     oh = oh0 + in_map // BLOCK_W
     ow = ow0 + in_map % BLOCK_W
     img = img0 + offs_m // (BLOCK_H * BLOCK_W)
-    if USE_INT64:  # ow too: a flat problem (_flat_pixels) is one row of all the batch's pixels
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    oc = group * OCG + offs_n
+    if USE_INT64:  # ow too: a flat problem (_flat_pixels) is one row of all the batch's pixels; oc for NCHW
         img = img.to(tl.int64)
         oh = oh.to(tl.int64)
         ow = ow.to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        oc = oc.to(tl.int64)
     store = True
     if SPLIT_K > 1:
         acc, store = _sum_k_slices(acc, partial_ptr, arrivals_ptr, SPLIT_K, BLOCK_M, BLOCK_N)
-    if store:
-        _bias_and_store(acc, b_ptr, sb, y_ptr, img, oh, ow, (img < N) & (oh < OH) & (ow < OW),
-                        group * OCG + offs_n, offs_n < OCG, syn, syc, syh, syw, HAS_BIAS)
+    if store:  # after the slices' sum: the epilogue is not linear
+        _finish_tile(acc, b_ptr, sb, y_ptr, img, oh, ow, (img < N) & (oh < OH) & (ow < OW), oc, offs_n < OCG,
+                     syn, syc, syh, syw, mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_ptr, srn, src, srh, srw, bn_eps, act_param0, act_param1, HAS_BIAS, HAS_BN, HAS_RESIDUAL,
+                     ACTIVATION)
 
 
 @triton.jit
 def igemm_nchw_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
+    mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_ptr,  # the fused epilogue's (epilogue_tl)
     OH, OW, NPIX, IH, IW, CG, OCG, C_CHUNKS,
     sxn, sxc, sxh, sxw, swo, swc, swh, sww, syn, syc, syh, syw, sb,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    srn, src, srh, srw, bn_eps, act_param0, act_param1,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     PIXELS_FLAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
 ):
     """The transposed GEMM for NCHW tensors: M = output channels, N = one image's output pixels.
 
@@ -290,20 +315,29 @@ def igemm_nchw_kernel(
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + oc * sb, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    res_ptrs = r_ptr
+    if HAS_RESIDUAL:
+        res_ptrs = r_ptr + img * srn + (oc * src)[:, None] + (oh * srh + ow * srw)[None, :]
+    acc = fused_epilogue(acc, oc[:, None], m_ok[:, None], out_ok, mean_ptr, var_ptr, gamma_ptr, beta_ptr, res_ptrs,
+                         bn_eps, act_param0, act_param1, HAS_BN, HAS_RESIDUAL, ACTIVATION)
     if PIXELS_FLAT:
         pix_out = offs_n
     else:
         pix_out = oh * syh + ow * syw
     y_offsets = img * syn + (oc * syc)[:, None] + pix_out[None, :]
-    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
 def igemm_nchw_streamed_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
-    N, NPIX, CG, OCG, sxn, sxc, swo, swc, syn, syc, sb,
+    mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_ptr,  # the fused epilogue's (epilogue_tl)
+    N, NPIX, OW, CG, OCG, sxn, sxc, swo, swc, syn, syc, sb,
+    srn, src, srh, srw, bn_eps, act_param0, act_param1,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
+    HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
 ):
     """igemm_nchw_kernel's 1x1 case (_flat_nchw) where the input channels fit one K step: there a tile's
     work is one MMA, and a program of its own spends most of its time waiting on its loads. Here a program
@@ -340,8 +374,14 @@ def igemm_nchw_streamed_kernel(
         acc = mma(a, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, UPCAST_DOT)
         if HAS_BIAS:
             acc += bias[:, None]
+        out_ok = m_ok[:, None] & n_ok[None, :]
+        res_ptrs = r_ptr
+        if HAS_RESIDUAL:  # in any strides: its pixels need their row and column
+            res_ptrs = r_ptr + img * srn + (oc * src)[:, None] + ((offs_n // OW) * srh + (offs_n % OW) * srw)[None, :]
+        acc = fused_epilogue(acc, oc[:, None], m_ok[:, None], out_ok, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
+                             res_ptrs, bn_eps, act_param0, act_param1, HAS_BN, HAS_RESIDUAL, ACTIVATION)
         tl.store(y_ptr + img * syn + (oc * syc)[:, None] + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+                 mask=out_ok)
 
 
 # Tile shapes worth timing, from sweeps on an H100 (devices differ: the tuner times them).
@@ -541,19 +581,39 @@ def _nhwc_strides(shape) -> tuple:
     return (h * w * c, 1, w * c, c)
 
 
-def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, groups, input_precision):
-    """A closure that runs `cand` on tensors shaped like these; every scalar argument is fixed once here."""
+def gluon_takes_epilogue(epilogue: Epilogue) -> bool:
+    """Whether the Gluon kernels (halo, igemm_ws, igemm_ws_halo) may be offered for `epilogue`: for now
+    only without one, until their launchers apply it (flags["epilogue"], flags["residual_strides"])."""
+    return epilogue.is_identity
+
+
+def _gluon_launch(launch, epilogue: Epilogue):
+    """A Gluon launcher's launch(x, weight, bias, y) as the 5-argument launch the plans call; only for the
+    identity epilogue (gluon_takes_epilogue)."""
+    if not epilogue.is_identity:
+        raise ValueError(f"tritonconv: the Gluon kernels do not fuse an epilogue ({epilogue.describe()}) yet")
+    return lambda x, weight, bias, y, epi=NO_TENSORS: launch(x, weight, bias, y)
+
+
+def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, groups, input_precision,
+              epilogue: Epilogue = IDENTITY, epi: EpilogueTensors = NO_TENSORS):
+    """A closure launch(x, weight, bias, y, epi) that runs `cand` on tensors shaped like these, with `epilogue`
+    fused (`epi`: example tensors, for the residual's strides); every scalar argument is fixed once here."""
     n, c, in_h, in_w = x.shape
     oc, cg, kernel_h, kernel_w = weight.shape
     out_h, out_w = y.shape[2], y.shape[3]
     ocg = oc // groups
     p = cand.params
     if cand.kernel == "seed_direct":
-        return _seed_launcher(cand, x, weight, bias, y, stride, padding, dilation, input_precision)
+        return _seed_launcher(cand, x, weight, bias, y, stride, padding, dilation, input_precision, epilogue, epi)
     bias_stride = bias.stride(0) if bias is not None else 0
+    fused = EpilogueArgs(epilogue, epi, y)
     flags = dict(KH=kernel_h, KW=kernel_w, HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision,
-                 USE_INT64=needs_int64(x, weight, y), UPCAST_DOT=needs_dot_upcast(x.dtype),
+                 USE_INT64=needs_int64(x, weight, y, *residual_of(epilogue, epi)), UPCAST_DOT=needs_dot_upcast(x.dtype),
                  num_warps=cand.num_warps, num_stages=cand.num_stages, **p)
+    gluon_flags = {**flags, "bias_stride": bias_stride, "epilogue": epilogue,
+                   "residual_strides": fused.residual_strides}
+    flags.update(fused.constexprs)
 
     def channels_last(t):  # no-op for channels_last tensors: the GEMM's K loads are contiguous
         return t.contiguous(memory_format=torch.channels_last)
@@ -565,7 +625,7 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
         grid = (pixel_tiles * triton.cdiv(ocg, p["BLOCK_N"]), groups)
         scalars = (n * out_h * out_w, out_h, out_w, in_h, in_w, cg, ocg, triton.cdiv(cg, bk), cpad,
                    *_nhwc_strides(x.shape), *_nhwc_strides(weight.shape), *y.stride(), bias_stride,
-                   *stride, *padding, *dilation)
+                   *stride, *padding, *dilation, *fused.scalars)
 
         split, tma_weights = p.get("SPLIT_K", 1), p.get("TMA_WEIGHTS", False)
         kernel = KernelLauncher(igemm_pointer_kernel, grid + (split,), scalars,
@@ -573,16 +633,18 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
         scratch = _split_k_scratch(grid[0] * groups, split, block_m * p["BLOCK_N"])
         weight_operand = _weight_descriptors(weight.shape, bk, p["BLOCK_N"]) if tma_weights else channels_last
 
-        def launch(x, weight, bias, y):
-            kernel(channels_last(x), weight_operand(weight), y if bias is None else bias, y, *scratch(y))
+        def launch(x, weight, bias, y, epi=NO_TENSORS):
+            kernel(channels_last(x), weight_operand(weight), y if bias is None else bias, y, *scratch(y),
+                   *fused.pointers(epi, y))
         return launch
 
     if cand.kernel == "igemm_halo":
-        return halo.halo_launcher(cand, x, weight, y, padding, dilation, {**flags, "bias_stride": bias_stride})
+        return _gluon_launch(halo.halo_launcher(cand, x, weight, y, padding, dilation, gluon_flags), epilogue)
 
     if cand.kernel in ("igemm_ws", "igemm_ws_halo"):
-        return warp_specialized.ws_launcher(cand, _tma_maps(x, y, _flat_pixels(weight, y, stride, padding)), weight,
-                                            y, stride, padding, dilation, {**flags, "bias_stride": bias_stride})
+        return _gluon_launch(warp_specialized.ws_launcher(
+            cand, _tma_maps(x, y, _flat_pixels(weight, y, stride, padding)), weight, y, stride, padding, dilation,
+            gluon_flags), epilogue)
 
     if cand.kernel == "igemm_nchw":
         flat = _flat_nchw(x, weight, y, stride, padding)
@@ -592,25 +654,25 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
                                  "channels fit one K step")
             grid = (triton.cdiv(n * triton.cdiv(out_h * out_w, p["BLOCK_N"]), p["TILES"]) *
                     triton.cdiv(ocg, p["BLOCK_M"]), groups)
-            scalars = (n, out_h * out_w, cg, ocg, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-                       y.stride(0), y.stride(1), bias_stride)
+            scalars = (n, out_h * out_w, out_w, cg, ocg, x.stride(0), x.stride(1), weight.stride(0),
+                       weight.stride(1), y.stride(0), y.stride(1), bias_stride, *fused.scalars)
             kernel = KernelLauncher(igemm_nchw_streamed_kernel, grid, scalars,
                                     **{k: v for k, v in flags.items() if k not in ("KH", "KW")})
         else:
             grid = (n * triton.cdiv(out_h * out_w, p["BLOCK_N"]) * triton.cdiv(ocg, p["BLOCK_M"]), groups)
             scalars = (out_h, out_w, out_h * out_w, in_h, in_w, cg, ocg, triton.cdiv(cg, bk), *x.stride(),
-                       *weight.stride(), *y.stride(), bias_stride, *stride, *padding, *dilation)
+                       *weight.stride(), *y.stride(), bias_stride, *stride, *padding, *dilation, *fused.scalars)
             kernel = KernelLauncher(igemm_nchw_kernel, grid, scalars, PIXELS_FLAT=flat, **flags)
 
-        def launch(x, weight, bias, y):
-            kernel(x, weight, y if bias is None else bias, y)
+        def launch(x, weight, bias, y, epi=NO_TENSORS):
+            kernel(x, weight, y if bias is None else bias, y, *fused.pointers(epi, y))
         return launch
 
     n, in_h, in_w, out_h, out_w = _tma_maps(x, y, _flat_pixels(weight, y, stride, padding))
     block_m, pixel_tiles = _pixel_tiles(cand, n, out_h, out_w)
     grid = (pixel_tiles * triton.cdiv(ocg, p["BLOCK_N"]), groups)
     scalars = (n, out_h, out_w, c, cg, ocg, triton.cdiv(cg, bk), cpad, *y.stride(), bias_stride, *stride, *padding,
-               *dilation)
+               *dilation, *fused.scalars)
     # [N, H/sh, sh, W/sw, sw*C] (see the kernel); tma_reason checks that the strides divide H and W.
     x_box = [p["BLOCK_B"], p["BLOCK_H"], 1, p["BLOCK_W"], bk]
     x_shape, x_strides = strided_input_view(n, in_h, in_w, c, stride)
@@ -620,9 +682,10 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
     scratch = _split_k_scratch(grid[0] * groups, split, block_m * p["BLOCK_N"])
     weight_descriptor = _weight_descriptors(weight.shape, bk, p["BLOCK_N"])
 
-    def launch(x, weight, bias, y):
+    def launch(x, weight, bias, y, epi=NO_TENSORS):
         x_desc = TensorDescriptor(channels_last(x), x_shape, x_strides, x_box)
-        kernel(x_desc, weight_descriptor(weight), y if bias is None else bias, y, *scratch(y))
+        kernel(x_desc, weight_descriptor(weight), y if bias is None else bias, y, *scratch(y),
+               *fused.pointers(epi, y))
     return launch
 
 
@@ -653,17 +716,20 @@ def _split_k_scratch(tiles: int, split: int, tile_elems: int):
     return scratch
 
 
-def _seed_launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, input_precision):
+def _seed_launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, input_precision,
+                   epilogue: Epilogue = IDENTITY, epi: EpilogueTensors = NO_TENSORS):
     """The seed's direct kernel, K = C*KH*KW flattened: for a few input channels (a network's
     stem) it wastes no K lanes, where the implicit GEMM pads each tap's channels to BLOCK_K."""
-    scalars, flags, grid_of = seed_launch_args(x, weight, bias, y, stride, padding, dilation, input_precision)
+    fused = EpilogueArgs(epilogue, epi, y)
+    scalars, flags, grid_of = seed_launch_args(x, weight, bias, y, stride, padding, dilation, input_precision,
+                                               fused, residual_of(epilogue, epi))
     grid = grid_of(cand.params)
 
     kernel = KernelLauncher(seed_conv2d_kernel, grid, scalars, **flags, num_warps=cand.num_warps,
                             num_stages=cand.num_stages, **cand.params)
 
-    def launch(x, weight, bias, y):
-        kernel(x, weight, y if bias is None else bias, y)
+    def launch(x, weight, bias, y, epi=NO_TENSORS):
+        kernel(x, weight, y if bias is None else bias, y, *fused.pointers(epi, y))
     return launch
 
 
@@ -676,12 +742,14 @@ def seed_candidates(cg: int, groups: int, batch: int) -> list:
 
 
 def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input_precision, load_path="auto",
-                       output_format="eager"):
-    """Tune (or recall) the best kernel for this problem; return `run(x, weight, bias) -> y`.
+                       output_format="eager", epilogue: Epilogue = IDENTITY, epi: EpilogueTensors = NO_TENSORS):
+    """Tune (or recall) the best kernel for this problem; return `run(x, weight, bias, epi=NO_TENSORS) -> y`.
 
     `load_path` is "auto", "tma", "pointer" or "nchw" (the NCHW kernel alone; "auto"
-    offers it for 1x1 convolutions of NCHW inputs). The plan serves any tensors with
-    the same shapes, strides, dtype and device as the ones given here.
+    offers it for 1x1 convolutions of NCHW inputs). `epilogue` is fused into the
+    kernel; `epi` holds example tensors of it (the residual's strides are the plan's).
+    The plan serves any tensors with the same shapes, strides, dtype and device as
+    the ones given here.
     """
     tma_why = tma_reason(x, weight, stride, groups)
     if not tma_why and x.is_contiguous(memory_format=torch.channels_last) and x.data_ptr() % 16:
@@ -705,9 +773,10 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
         tma = tma_candidates(cg, oc // groups, tma_h, tma_w, tma_n, groups, x.dtype,
                              strided=tuple(stride) != (1, 1), flat=flat)
         candidates += tma + split_k_candidates(tma, tma_n, tma_h, tma_w, *split_k_args)
-        if not halo.halo_reason(x, weight, stride, dilation, groups, input_precision):
+        offer_gluon = gluon_takes_epilogue(epilogue)
+        if offer_gluon and not halo.halo_reason(x, weight, stride, dilation, groups, input_precision):
             candidates += halo.halo_candidates(cg, oc, y.shape[2], y.shape[3], weight.shape[2], dilation[0], x.dtype)
-        if not warp_specialized.ws_reason(x, weight, stride, dilation, groups, input_precision):
+        if offer_gluon and not warp_specialized.ws_reason(x, weight, stride, dilation, groups, input_precision):
             sms = torch.cuda.get_device_properties(x.device).multi_processor_count
             strided = tuple(stride) != (1, 1)
             candidates += warp_specialized.ws_candidates(cg, oc, tma_n, tma_h, tma_w, x.dtype, sms, strided=strided)
@@ -729,13 +798,14 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
         candidates += seed_candidates(cg, groups, x.shape[0])
 
     def make(cand):
-        return _launcher(cand, x, weight, bias, y, stride, padding, dilation, groups, input_precision)
+        return _launcher(cand, x, weight, bias, y, stride, padding, dilation, groups, input_precision, epilogue, epi)
 
     return tuned_plan(f"igemm-{load_path}", x, weight, bias, y, stride, padding, dilation, groups, candidates, make,
-                      extra_key=f"{input_precision}|tma:{not tma_why}")
+                      extra_key=f"{input_precision}|tma:{not tma_why}", epilogue=epilogue, epi=epi)
 
 
-def implicit_gemm_conv2d(x, weight, bias, stride, padding, dilation, groups, input_precision, load_path="auto"):
+def implicit_gemm_conv2d(x, weight, bias, stride, padding, dilation, groups, input_precision, load_path="auto",
+                         epilogue: Epilogue = IDENTITY, epi: EpilogueTensors = NO_TENSORS):
     """One-off call: plan and run."""
-    return implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input_precision,
-                              load_path)(x, weight, bias)
+    return implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input_precision, load_path,
+                              epilogue=epilogue, epi=epi)(x, weight, bias, epi)

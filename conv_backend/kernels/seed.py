@@ -13,7 +13,9 @@ import triton.language as tl
 
 from ..layout import empty_output
 from ..runtime import interpreter_enabled
+from ..epilogue import IDENTITY, NO_TENSORS, Epilogue, EpilogueTensors
 from .common import mma, needs_dot_upcast, needs_int64
+from .epilogue_tl import IDENTITY_ARGS, EpilogueArgs, fused_epilogue, residual_of
 
 # The seed's own configs, unchanged.
 ORIGINAL_CONFIGS = [
@@ -48,13 +50,16 @@ INTERPRETER_META = {"BLOCK_OC": 16, "BLOCK_HW": 32, "BLOCK_K": 16}
 @triton.jit
 def seed_conv2d_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
+    mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_ptr,  # the fused epilogue's (epilogue_tl)
     N, IC, IH, IW, OC, KH, KW, OH, OW,
     sxn, sxc, sxh, sxw,
     swo, swc, swh, sww,
     syn, syc, syh, syw, sb,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    srn, src, srh, srw, bn_eps, act_param0, act_param1,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_OC: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
 ):
     pid_hw = tl.program_id(0)
     pid_oc = tl.program_id(1)
@@ -87,6 +92,8 @@ def seed_conv2d_kernel(
         kh = rem // KW
         kw = rem % KW
         ic = tl.where(mask_k, ic, 0)
+        if USE_INT64:  # channel * plane size passes int32 in one large NCHW image
+            ic = ic.to(tl.int64)
         kh = tl.where(mask_k, kh, 0)
         kw = tl.where(mask_k, kw, 0)
 
@@ -103,24 +110,33 @@ def seed_conv2d_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + oc_offsets * sb, mask=mask_oc, other=0.0).to(tl.float32)[:, None]
 
+    out_ok = mask_oc[:, None] & mask_hw[None, :]
+    res_ptrs = r_ptr
+    if HAS_RESIDUAL:
+        res_ptrs = r_ptr + pid_b * srn + oc_offsets[:, None] * src + oh[None, :] * srh + ow[None, :] * srw
+    acc = fused_epilogue(acc, oc_offsets[:, None], mask_oc[:, None], out_ok, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
+                         res_ptrs, bn_eps, act_param0, act_param1, HAS_BN, HAS_RESIDUAL, ACTIVATION)
     y_offsets = pid_b * syn + oc_offsets[:, None] * syc + oh[None, :] * syh + ow[None, :] * syw
-    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=mask_oc[:, None] & mask_hw[None, :])
+    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
 seed_conv2d_original = triton.autotune(configs=ORIGINAL_CONFIGS, key=AUTOTUNE_KEY)(seed_conv2d_kernel)
 seed_conv2d_tuned = triton.autotune(configs=ORIGINAL_CONFIGS + NEARBY_CONFIGS, key=AUTOTUNE_KEY)(seed_conv2d_kernel)
 
 
-def seed_launch_args(x, weight, bias, y, stride, padding, dilation, input_precision: str):
-    """seed_conv2d_kernel's scalar arguments (after the four pointers), its flags, and its grid(meta)."""
+def seed_launch_args(x, weight, bias, y, stride, padding, dilation, input_precision: str,
+                     fused: EpilogueArgs = IDENTITY_ARGS, residual: tuple = ()):
+    """seed_conv2d_kernel's scalar arguments (after the nine pointers: x, w, b, y and `fused.pointers`), its
+    flags, and its grid(meta). `residual`: (the residual,) where the epilogue reads one."""
     n, in_c, in_h, in_w = x.shape
     out_c, _, kernel_h, kernel_w = weight.shape
     out_h, out_w = y.shape[2], y.shape[3]
     scalars = (n, in_c, in_h, in_w, out_c, kernel_h, kernel_w, out_h, out_w,
                *x.stride(), *weight.stride(), *y.stride(), bias.stride(0) if bias is not None else 0,
-               *stride, *padding, *dilation)
+               *stride, *padding, *dilation, *fused.scalars)
     flags = dict(HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision,
-                 USE_INT64=needs_int64(x, weight, y), UPCAST_DOT=needs_dot_upcast(x.dtype))
+                 USE_INT64=needs_int64(x, weight, y, *residual), UPCAST_DOT=needs_dot_upcast(x.dtype),
+                 **fused.constexprs)
 
     def grid(meta):
         return (triton.cdiv(out_h * out_w, meta["BLOCK_HW"]), triton.cdiv(out_c, meta["BLOCK_OC"]), n)
@@ -128,11 +144,14 @@ def seed_launch_args(x, weight, bias, y, stride, padding, dilation, input_precis
 
 
 def seed_conv2d(x, weight, bias, stride, padding, dilation, input_precision: str, configs: str = "tuned",
-                output_format: str = "eager"):
-    """Run the seed kernel (groups == 1). `configs` picks the original or the micro-tuned config set."""
+                output_format: str = "eager", epilogue: Epilogue = IDENTITY, epi: EpilogueTensors = NO_TENSORS):
+    """Run the seed kernel (groups == 1). `configs` picks the original or the micro-tuned config set;
+    `epilogue` is fused into it (`epi`: its tensors)."""
     y = empty_output(x, weight, stride, padding, dilation, output_format)
-    scalars, flags, grid = seed_launch_args(x, weight, bias, y, stride, padding, dilation, input_precision)
-    args = (x, weight, bias if bias is not None else y, y, *scalars)
+    fused = EpilogueArgs(epilogue, epi, y)
+    scalars, flags, grid = seed_launch_args(x, weight, bias, y, stride, padding, dilation, input_precision, fused,
+                                            residual_of(epilogue, epi))
+    args = (x, weight, bias if bias is not None else y, y, *fused.pointers(epi, y), *scalars)
     if interpreter_enabled():
         seed_conv2d_kernel[grid(INTERPRETER_META)](*args, **flags, **INTERPRETER_META)
     else:
