@@ -59,18 +59,22 @@ def _launch(x, weight, bias, stride, padding, dilation, groups, input_precision,
             epilogue_args):
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     precision = resolve_input_precision(input_precision, x.dtype, x.device)
+    tensors, epilogue_key = None, None
     if epilogue_args:
-        epilogue, tensors = epilogue_of(*epilogue_args, *EPILOGUE_DEFAULTS[len(epilogue_args):])
-        residual_key = _tensor_key(tensors.residual)
-    else:
-        epilogue, tensors, residual_key = None, None, None
+        mean, var, gamma, beta, eps, residual, activation, params = \
+            epilogue_args + EPILOGUE_DEFAULTS[len(epilogue_args):]
+        tensors = EpilogueTensors(mean, var, gamma, beta, residual)
+        # Everything a plan assumes of the epilogue's tensors; the Epilogue itself is built on a miss only.
+        epilogue_key = (tuple(_tensor_key(t) for t in tensors), eps, activation, tuple(params))
     key = (_tensor_key(x), _tensor_key(weight), _tensor_key(bias), stride, padding, dilation, groups, precision,
-           algorithm, output_format, epilogue, residual_key)
+           algorithm, output_format, epilogue_key)
     plan = _plans.get(key)
     if plan is None:
         check_arguments(input_precision, algorithm, output_format)
+        epilogue = epilogue_of(*epilogue_args, *EPILOGUE_DEFAULTS[len(epilogue_args):])[0] if epilogue_args \
+            else Epilogue()
         plan = _plans[key] = _make_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm,
-                                        output_format, epilogue or Epilogue(), tensors or EpilogueTensors())
+                                        output_format, epilogue, tensors or EpilogueTensors())
     return plan(x, weight, bias, tensors)
 
 

@@ -102,26 +102,23 @@ class _Conv2dFunction(torch.autograd.Function):
         return (*grads, *([None] * (len(ctx.needs_input_grad) - 3)))
 
 
-def _wants_grad(args) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
-
-
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
-def _plain(args) -> bool:
-    """Only plain tensors (parameters included) and no dispatch mode (FakeTensor, tracing, functionalization)."""
-    return torch._C._len_torch_dispatch_stack() == 0 and all(
-        type(a) in _PLAIN_TYPES for a in args if isinstance(a, Tensor))
-
-
 def _autograd_kernel(*args):
-    if _wants_grad(args):
+    wants_grad = False
+    # Plain tensors (parameters included) and no dispatch mode (FakeTensor, tracing, functionalization).
+    plain = torch._C._len_torch_dispatch_stack() == 0
+    for a in args:
+        if isinstance(a, Tensor):
+            wants_grad = wants_grad or a.requires_grad
+            plain = plain and type(a) in _PLAIN_TYPES
+    if wants_grad and torch.is_grad_enabled():
         if not epilogue_of(*epilogue_args(args))[0].is_identity:
             raise NotImplementedError("tritonconv::conv2d: a fused epilogue has no autograd formula; "
                                       "call the op without one when gradients are needed")
         return _Conv2dFunction.apply(*args)
-    if _plain(args):
+    if plain:
         return _launch(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return TRITON_CONV(*args)

@@ -80,6 +80,13 @@ class BackendOptions:
 def split_options(options: Mapping[str, Any] | None) -> tuple:
     """(our options, the rest): the rest are Inductor settings, as torch.compile(options=...) takes them for
     its default backend; the backend hands them to Inductor, which rejects names it does not know."""
+    from torch._inductor import list_options
+
     options = dict(options or {})
     ours = {k: v for k, v in options.items() if k in BackendOptions.names()}
-    return BackendOptions.from_mapping(ours), {k: v for k, v in options.items() if k not in ours}
+    rest = {k: v for k, v in options.items() if k not in ours}
+    unknown = sorted(k for k in rest if k.replace("-", "_") not in list_options())
+    if unknown:
+        raise ValueError(f"tritonconv: unknown option(s) {unknown}; valid options are {BackendOptions.names()} "
+                         "and the settings of torch._inductor.config (torch._inductor.list_options())")
+    return BackendOptions.from_mapping(ours), rest

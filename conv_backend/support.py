@@ -116,6 +116,8 @@ def epilogue_reason(x, weight, stride, padding, dilation, epilogue, tensors) -> 
                 return f"fused batch norm: {name} is not a strided tensor on the input's device"
             if t.dim() != 1 or (_is_static_int(out_c) and t.shape[0] != out_c):
                 return f"fused batch norm: {name} is not a vector of the output channels"
+            if t.shape[0] > 1 and t.stride(0) != 1:
+                return f"fused batch norm: {name} is not contiguous"
             if t.dtype not in SUPPORTED_DTYPES:
                 return f"fused batch norm: {name} has dtype {t.dtype}"
     if epilogue.residual:
