@@ -12,12 +12,14 @@ import logging
 import torch
 
 from .layout import memory_format_for
+from .lru import LRUCache, max_plans
 from .runtime import resolve_input_precision
 from .support import depthwise_like, unsupported_reason
 from .tuning import NoKernelError
 
 log = logging.getLogger("conv_backend")
-_plans: dict = {}
+# The most recently used plans (TRITONCONV_MAX_PLANS): dynamic shapes make a problem per input size.
+_plans = LRUCache(max_plans())
 
 
 def aten_conv2d(x, weight, bias, stride, padding, dilation, groups):
