@@ -123,6 +123,10 @@ def test_export_writes_the_live_entries_for_another_process(tmp_path, monkeypatc
     assert tuning.tuning_cache().get("key0") == candidate(3) and tuning.tuning_cache().get("key2") == candidate(2)
     with pytest.raises(ValueError, match="onto itself"):
         cache.export(tmp_path / "." / "cache.jsonl")
+    (tmp_path / "a_directory").mkdir()
+    with pytest.raises(OSError):  # the rename onto it fails
+        cache.export(tmp_path / "a_directory")
+    assert not temp_files(tmp_path)
 
 
 # ---------------------------------------------------------------- sharing the file between users
@@ -222,9 +226,18 @@ def test_put_stays_cheap_in_a_large_cache(tmp_path):
         start = time.perf_counter()
         cache.put(f"new{i}", B)
         times.append(time.perf_counter() - start)
-    assert max(times) < 0.05, f"puts took {[round(t * 1e3, 1) for t in times]} ms"
+    assert sorted(times)[len(times) // 2] < 0.05, f"puts took {[round(t * 1e3, 1) for t in times]} ms"
     entries = read_tuning_file(path)["entries"]
     assert len(entries) == 20_010 and entries["key19999"]["num_warps"] == 4 and entries["new9"]["num_warps"] == 8
+
+
+def test_cache_file_size_setting(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITONCONV_CACHE_MAX_ENTRIES", raising=False)
+    assert TuningCache(tmp_path / "c").max_entries == tuning.CACHE_MAX_ENTRIES == 20_000
+    monkeypatch.setenv("TRITONCONV_CACHE_MAX_ENTRIES", "300")
+    assert TuningCache(tmp_path / "c").max_entries == 300 and TuningCache(tmp_path / "c", 5).max_entries == 5
+    with pytest.raises(ValueError):
+        TuningCache(tmp_path / "c", 0)
 
 
 def test_journal_is_compacted_keeping_the_latest_entries(tmp_path):
