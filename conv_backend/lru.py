@@ -28,7 +28,7 @@ class LRUCache(collections.OrderedDict):
             raise ValueError(f"LRUCache needs maxsize >= 1, got {maxsize}")
         super().__init__()
         self.maxsize = maxsize
-        # Reentrant: OrderedDict.popitem on a subclass reads and deletes through the subclass's methods.
+        # Reentrant: setdefault() assigns through __setitem__ while holding it.
         self._lock = threading.RLock()
 
     def get(self, key, default=None):
