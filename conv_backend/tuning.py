@@ -273,6 +273,9 @@ class TuningCache:
         """Append `key`'s record to the file, or rewrite the file when it is no journal of this format or
         has grown to twice its live entries. Under the lock, after _sync(final=True)."""
         if self._corrupt or self._records + 1 > 2 * max(len(self._entries), _COMPACT_MIN_RECORDS):
+            with contextlib.suppress(FileNotFoundError):
+                # A file we may not write in place (another user's) is not taken over by renaming ours over it.
+                os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND))
             head = _header_line()
             body = b"".join(_record_line(k, e) for k, e in self._entries.items())
             _replace_file(self.path, head + body)

@@ -189,6 +189,26 @@ def test_unreadable_cache_is_never_overwritten(tmp_path, monkeypatch, caplog):
     assert len(warnings) == 1 and "Permission denied" in warnings[0] and "leaving it as it is" in warnings[0]
 
 
+def test_file_we_may_not_write_is_not_replaced(tmp_path, monkeypatch, caplog):
+    """Renaming a rewrite over a file we may only read (another user's, in a shared directory) would take
+    it over: rebuilding or compacting first checks that it could be written in place."""
+    path = tmp_path / "cache.jsonl"
+    path.write_text("{their old format")
+    real_os_open = os.open
+
+    def read_only(file, flags, *args, **kwargs):
+        if os.fspath(file) == str(path) and flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_os_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    cache = TuningCache(path)
+    with caplog.at_level("WARNING", logger="conv_backend"):
+        cache.put("key", A)
+    assert cache.get("key") == A and path.read_text() == "{their old format" and not temp_files(tmp_path)
+    assert any("could not write tuning cache" in r.getMessage() for r in caplog.records)
+
+
 def test_failed_rename_leaves_no_temp_file(tmp_path, monkeypatch, caplog):
     path = tmp_path / "cache.jsonl"
     path.write_text("{not a cache")  # rebuilt through a temp file renamed over it
