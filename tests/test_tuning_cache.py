@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import builtins
+import concurrent.futures
 import errno
 import json
 import multiprocessing
@@ -304,6 +305,23 @@ def test_reader_follows_appends_and_rewrites_of_other_processes(tmp_path):
     assert mine.get("y1") == candidate(59) and mine.get("x") == B
     mine.put("z", A)
     assert set(read_tuning_file(path)["entries"]) == {"x", "y0", "y1", "z"}
+
+
+def test_threads_sharing_one_cache_lose_nothing(tmp_path):
+    """Threads of one process share tuning_cache(): its view of the file stays consistent."""
+    path = tmp_path / "cache.jsonl"
+    cache = TuningCache(path)
+
+    def put_keys(worker: int) -> None:
+        for i in range(30):
+            cache.put(f"t{worker}-{i}", candidate(i, worker))
+            cache.put("shared", candidate(i, worker))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(put_keys, range(4)))
+    expected = {f"t{w}-{i}" for w in range(4) for i in range(30)} | {"shared"}
+    assert set(read_tuning_file(path)["entries"]) == expected
+    assert all(cache.get(key) is not None for key in expected) and TuningCache(path).get("t2-29") == candidate(29, 2)
 
 
 # ---------------------------------------------------------------- processes sharing one file
