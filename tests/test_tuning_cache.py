@@ -34,6 +34,7 @@ def temp_files(directory: Path) -> list:
 
 
 def record_lines(keys) -> str:
+    """One record of candidate A per key."""
     return "".join(json.dumps({"key": key, "kernel": "k", "meta": [["BLOCK", 16]], "num_warps": 4,
                                "num_stages": 3}) + "\n" for key in keys)
 
