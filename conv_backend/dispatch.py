@@ -13,6 +13,7 @@ import torch
 
 from .epilogue import Epilogue, EpilogueTensors, apply_reference
 from .layout import OUTPUT_FORMATS, memory_format_for
+from .lru import LRUCache, max_plans
 from .options import ALGORITHMS, PRECISIONS
 from .ops import EPILOGUE_DEFAULTS, epilogue_of
 from .runtime import resolve_input_precision
@@ -20,7 +21,8 @@ from .support import depthwise_like, epilogue_reason, unsupported_reason
 from .tuning import NoKernelError
 
 log = logging.getLogger("conv_backend")
-_plans: dict = {}
+# The most recently used plans (TRITONCONV_MAX_PLANS): dynamic shapes make a problem per input size.
+_plans = LRUCache(max_plans())
 
 
 def aten_conv2d(x, weight, bias, stride, padding, dilation, groups):

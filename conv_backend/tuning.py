@@ -3,12 +3,24 @@
 Triton's own autotuner picks configs of one kernel; we choose across kernels
 (TMA and pointer implicit GEMM, depthwise) whose launch arguments differ, so
 the choice is made here, keyed on the full problem (shapes, strides, dtype,
-precision, GPU, torch and triton versions) and stored as JSON under
-$XDG_CACHE_HOME/tritonconv (default ~/.cache/tritonconv). A corrupt or stale
-file is ignored and rewritten; writers hold a lock and replace the file
-atomically, so concurrent processes never leave a torn file. Before a cold
-choice is timed, every candidate is compiled at once in a thread pool
+precision, GPU, torch and triton versions) and on the candidate set. Before a
+cold choice is timed, every candidate is compiled at once in a thread pool
 (_compile_ahead): compiling, not timing, is most of a cold tuning run.
+
+Choices persist in a cache file (TuningCache) that processes share, ranks of a
+data-parallel job included: $XDG_CACHE_HOME/tritonconv/tuning-v2.jsonl (default
+~/.cache/tritonconv), or the file TRITONCONV_CACHE_FILE names. It guarantees:
+- a versioned format: a file of another format or a corrupt one is ignored and
+  rebuilt; one that cannot be read (another user's) or written is never
+  overwritten, and the process keeps its choices in memory;
+- no torn file and no lost entry under concurrent writers: each choice is one
+  line appended under a lock file, and rewrites replace the file atomically;
+- new files follow the umask, so a group-writable directory can be shared;
+- bounded size and cheap writes: a put appends one line at any size, and the
+  journal is compacted to its latest entries, at most CACHE_MAX_ENTRIES
+  (TRITONCONV_CACHE_MAX_ENTRIES), once it doubles its live entries.
+In memory, choices are kept for the TRITONCONV_MAX_PLANS (lru.MAX_PLANS) most
+recently used problems, like dispatch's plans.
 """
 from __future__ import annotations
 
@@ -20,7 +32,9 @@ import json
 import logging
 import math
 import os
-import tempfile
+import stat
+import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -28,10 +42,12 @@ from typing import Callable, Optional, Sequence
 import torch
 import triton
 
+from .lru import LRUCache, max_plans, size_setting
 from .runtime import interpreter_enabled
 
 log = logging.getLogger("conv_backend")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+CACHE_MAX_ENTRIES = 20_000  # entries a cache file keeps, unless TRITONCONV_CACHE_MAX_ENTRIES says otherwise
 
 
 class NoKernelError(RuntimeError):
@@ -61,8 +77,13 @@ class Candidate:
 
 
 def cache_path() -> Path:
+    """TRITONCONV_CACHE_FILE when set (a file of tuning results shipped with a model, say), else
+    $XDG_CACHE_HOME/tritonconv/tuning-v<format>.jsonl (default ~/.cache/tritonconv)."""
+    given = os.environ.get("TRITONCONV_CACHE_FILE", "").strip()
+    if given:
+        return Path(given).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "tritonconv" / f"tuning-v{CACHE_FORMAT}.json"
+    return Path(base) / "tritonconv" / f"tuning-v{CACHE_FORMAT}.jsonl"
 
 
 def environment_key(device: torch.device) -> str:
@@ -72,29 +93,38 @@ def environment_key(device: torch.device) -> str:
 
 
 class TuningCache:
-    """A JSON file of {key: candidate}, safe against corruption and concurrent writers."""
+    """{key: candidate} in a JSON-lines journal that concurrent processes share.
 
-    def __init__(self, path: Optional[Path] = None):
+    The file's first line names the format and, by a random id, this version of the file; each later line
+    is one record, {"key": ..., candidate}, appended by one write under the lock file (so a put costs the
+    same at any size), and the last record of a key wins. Readers replay only the lines added since their
+    last read; a last line without its newline is still being written, or was torn by a writer that died,
+    and is skipped. Once the journal holds twice as many records as live entries it is compacted:
+    rewritten atomically (a temp file renamed over it) with the latest record of each key, at most
+    `max_entries` of them (TRITONCONV_CACHE_MAX_ENTRIES), the oldest written dropped first.
+
+    A file that is not a journal of this format is rebuilt. One that cannot be read (another user's, say)
+    or written is left as it is, and the cache keeps its entries in memory from then on: a read-only home
+    must not break convolutions.
+    """
+
+    def __init__(self, path: Optional[Path] = None, max_entries: Optional[int] = None):
+        if max_entries is not None and max_entries < 1:
+            raise ValueError(f"TuningCache needs max_entries >= 1, got {max_entries}")
         self.path = Path(path) if path is not None else cache_path()
-        self._entries: Optional[dict] = None
-
-    def _read_disk(self) -> dict:
-        try:
-            with open(self.path) as f:
-                data = json.load(f)
-            if isinstance(data, dict) and data.get("format") == CACHE_FORMAT and isinstance(data.get("entries"), dict):
-                return data["entries"]
-            log.warning("tritonconv: ignoring tuning cache %s (unknown format); it will be rebuilt", self.path)
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as exc:
-            log.warning("tritonconv: ignoring unreadable tuning cache %s (%s); it will be rebuilt", self.path, exc)
-        return {}
+        self.max_entries = max_entries or size_setting("TRITONCONV_CACHE_MAX_ENTRIES", CACHE_MAX_ENTRIES)
+        self._entries: dict = {}  # key -> entry, the oldest written first
+        self._loaded = False
+        self._on_disk = True  # False once the file could not be read or written
+        self._warned_corrupt = False
+        self._mutex = threading.RLock()  # threads of one process share the cache (the file lock is per open)
+        self._forget_file()
 
     def get(self, key: str) -> Optional[Candidate]:
-        if self._entries is None:
-            self._entries = self._read_disk()
-        entry = self._entries.get(key)
+        with self._mutex:
+            if not self._loaded or key not in self._entries:
+                self._read()  # a miss may be what another process tuned meanwhile
+            entry = self._entries.get(key)
         try:
             return Candidate(entry["kernel"], tuple((k, v) for k, v in entry["meta"]), entry["num_warps"],
                              entry["num_stages"]) if entry else None
@@ -104,34 +134,236 @@ class TuningCache:
     def put(self, key: str, candidate: Candidate) -> None:
         entry = {"kernel": candidate.kernel, "meta": [list(kv) for kv in candidate.meta],
                  "num_warps": candidate.num_warps, "num_stages": candidate.num_stages}
+        with self._mutex:
+            self._loaded = True
+            if self._on_disk:
+                try:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    with self._file_lock(exclusive=True):
+                        if self._sync(final=True):  # merge with what other processes wrote meanwhile
+                            self._remember(key, entry)
+                            self._write(key)
+                            return
+                except OSError as exc:
+                    self._leave_disk("write", exc)
+            self._remember(key, entry)
+
+    def export(self, path) -> int:
+        """Write the live entries to `path` (another file than the cache's own) as a compact cache file,
+        which other processes use through TRITONCONV_CACHE_FILE, and return how many it holds. `path` is
+        replaced atomically; an error writing it is raised."""
+        path = Path(path)
+        if path.exists() and path.resolve() == self.path.resolve():
+            raise ValueError(f"cannot export the tuning cache {self.path} onto itself")
+        with self._mutex:
+            self._read()
+            entries = dict(self._entries)
+        _replace_file(path, _header_line() + b"".join(_record_line(k, e) for k, e in entries.items()))
+        return len(entries)
+
+    def _read(self) -> None:
+        self._loaded = True
+        if not self._on_disk:
+            return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(str(self.path) + ".lock", "w") as lock:
-                _lock(lock)
-                entries = self._read_disk()  # merge with what other processes wrote meanwhile
-                entries[key] = entry
-                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tuning-", suffix=".json")
-                with os.fdopen(fd, "w") as f:
-                    json.dump({"format": CACHE_FORMAT, "entries": entries}, f, indent=0, sort_keys=True)
-                os.replace(tmp, self.path)
-            self._entries = entries
-        except OSError as exc:  # a read-only home must not break convolutions
-            log.warning("tritonconv: could not write tuning cache %s: %s", self.path, exc)
-            if self._entries is not None:
-                self._entries[key] = entry
+            with self._file_lock(exclusive=False) as locked:
+                self._sync(final=locked)
+        except OSError as exc:  # the lock itself failed
+            self._leave_disk("read", exc)
+
+    @contextlib.contextmanager
+    def _file_lock(self, exclusive: bool):
+        """Hold the lock file: exclusively to write, shared to read. Yields whether it is held: a reader
+        that cannot take it (a read-only directory of shipped results, say) reads without it."""
+        try:
+            lock = open(f"{self.path}.lock", "a")
+        except OSError:
+            if exclusive:
+                raise
+            lock = None
+        if lock is None:
+            yield False
+            return
+        with lock:
+            try:
+                locked = _lock(lock, exclusive)
+            except OSError:  # e.g. a filesystem without locks
+                if exclusive:
+                    raise
+                locked = False
+            yield locked
+
+    def _forget_file(self) -> None:
+        """Replay the file from its start on the next read."""
+        self._entries.clear()
+        self._head = None  # the header line read, which names this version of the file
+        self._offset = 0  # bytes of the file replayed: whole lines
+        self._records = 0  # record lines among them
+        self._corrupt = False  # the file is not a journal of this format
+        self._torn = False  # it ends in a line without its newline
+
+    def _sync(self, final: bool) -> bool:
+        """Replay what the file gained since the last read, from its start if it was replaced or shrank.
+        `final`: the lock is held, so no writer is mid-line and a last line without its newline is torn.
+        Returns False if the file cannot be read: then it is left alone for good."""
+        try:
+            with open(self.path, "rb") as f:
+                head = f.readline()
+                if head != self._head or os.fstat(f.fileno()).st_size < self._offset:
+                    self._forget_file()
+                f.seek(self._offset)
+                data = f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            self._forget_file()
+            return True
+        except OSError as exc:  # e.g. another user's file without read permission: never overwrite it
+            self._leave_disk("read", exc)
+            return False
+        end = data.rfind(b"\n") + 1
+        lines = data[:end].split(b"\n")[:-1]
+        if final and end < len(data):
+            lines.append(data[end:])
+            end = len(data)
+            self._torn = True
+        elif data:
+            self._torn = False
+        for line in lines:
+            if self._head is None:
+                if not self._read_header(line):
+                    return True
+            else:
+                self._replay(line)
+        self._offset += end
+        return True
+
+    def _read_header(self, line: bytes) -> bool:
+        try:
+            header = json.loads(line)
+            known = isinstance(header, dict) and header.get(_FORMAT_FIELD) == CACHE_FORMAT
+        except ValueError:
+            known = False
+        if not known:
+            if not self._warned_corrupt:
+                self._warned_corrupt = True
+                log.warning("tritonconv: ignoring tuning cache %s (not a tuning cache of format %d); it will "
+                            "be rebuilt", self.path, CACHE_FORMAT)
+            self._forget_file()
+            self._corrupt = True
+            return False
+        self._head = line + b"\n"
+        return True
+
+    def _replay(self, line: bytes) -> None:
+        self._records += 1
+        try:
+            record = json.loads(line)
+            key = record.pop("key")
+        except (ValueError, AttributeError, KeyError, TypeError):
+            return  # a garbled line, e.g. a torn write that a later record followed
+        if isinstance(key, str):
+            self._remember(key, record)
+
+    def _remember(self, key: str, entry) -> None:
+        self._entries.pop(key, None)
+        self._entries[key] = entry
+        while len(self._entries) > self.max_entries:
+            del self._entries[next(iter(self._entries))]
+
+    def _write(self, key: str) -> None:
+        """Append `key`'s record to the file, or rewrite the file when it is no journal of this format or
+        has grown to twice its live entries. Under the lock, after _sync(final=True)."""
+        if self._corrupt or self._records + 1 > 2 * max(len(self._entries), _COMPACT_MIN_RECORDS):
+            with contextlib.suppress(FileNotFoundError):
+                # A file we may not write in place (another user's) is not taken over by renaming ours over it.
+                os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND))
+            head = _header_line()
+            body = b"".join(_record_line(k, e) for k, e in self._entries.items())
+            _replace_file(self.path, head + body)
+            self._mark_rewritten(head, len(head) + len(body))
+            return
+        line = _record_line(key, self._entries[key])
+        head = self._head
+        if head is None:  # a new (or empty) file
+            head = _header_line()
+            line = head + line
+        elif self._torn:
+            line = b"\n" + line
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # a new file follows the umask
+        try:
+            written = os.write(fd, line)
+        finally:
+            os.close(fd)
+        if written != len(line):
+            raise OSError(f"short write ({written} of {len(line)} bytes)")
+        self._head = head
+        self._offset += len(line)
+        self._records += 1
+        self._torn = False
+
+    def _mark_rewritten(self, head: bytes, size: int) -> None:
+        """What is known of the file once it has been rewritten with exactly the live entries."""
+        self._head, self._offset, self._records = head, size, len(self._entries)
+        self._corrupt = self._torn = False
+
+    def _leave_disk(self, doing: str, exc: OSError) -> None:
+        if self._on_disk:
+            log.warning("tritonconv: could not %s tuning cache %s (%s); leaving it as it is, and keeping tuning "
+                        "results in this process's memory", doing, self.path, exc)
+        self._on_disk = False
 
 
-def _lock(f) -> None:
+_FORMAT_FIELD = "tritonconv_tuning_cache"
+# A journal is compacted once it holds more than twice its live entries, and more records than this.
+_COMPACT_MIN_RECORDS = 16
+
+
+def _header_line() -> bytes:
+    """The first line of a cache file: its format, and an id that changes whenever the file is rewritten,
+    so that a reader notices a replaced file even where the new one is no shorter."""
+    return json.dumps({_FORMAT_FIELD: CACHE_FORMAT, "id": uuid.uuid4().hex}).encode() + b"\n"
+
+
+def _record_line(key: str, entry: dict) -> bytes:
+    return json.dumps({"key": key, **entry}, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file renamed over it: readers see the old file or the new
+    one, never a torn one. A new file follows the umask, as open(path, "w") makes it, and a replaced one
+    keeps its permission bits; the temp file never outlives a failure."""
+    tmp = path.with_name(f".tuning-{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            with contextlib.suppress(FileNotFoundError):
+                mode = os.stat(path).st_mode
+                if stat.S_ISREG(mode) and hasattr(os, "fchmod"):
+                    os.fchmod(f.fileno(), stat.S_IMODE(mode))
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _lock(f, exclusive: bool) -> bool:
+    """Lock the open file `f`; returns whether it is locked."""
     try:
         import fcntl
-        fcntl.flock(f, fcntl.LOCK_EX)
-    except ImportError:  # no flock (Windows): os.replace still keeps the file whole
-        pass
+    except ImportError:  # no flock (Windows): whole-line appends and atomic rewrites still keep the file readable
+        return False
+    fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    return True
 
 
 _cache: Optional[TuningCache] = None
-_memory: dict = {}
-_chosen: dict = {}
+# In-process choices, {key: candidate}, and what the report lists, {signature: [described choices]}: one
+# per problem met, so bounded like dispatch's plans (TRITONCONV_MAX_PLANS).
+_memory = LRUCache(max_plans())
+_chosen = LRUCache(max_plans())
 
 
 def tuning_cache() -> TuningCache:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +144,13 @@ def assert_plan_on_cpu_never_offers(monkeypatch, module, candidates_fn: str, ker
     w = torch.randn(16, 16, 3, 3)
     if not igemm_mod.tma_reason(x, w, (1, 1), 1):
         igemm_mod.implicit_gemm_plan(x, w, None, (1, 1), (1, 1), (1, 1), 1, "ieee", "auto")
+
+
+def read_tuning_file(path) -> dict:
+    """A tuning cache file as {"format": ..., "entries": {key: entry}}, replayed as its format says (a header
+    line, then one record per line, the last record of a key winning); every line must be whole JSON."""
+    header, *records = (json.loads(line) for line in Path(path).read_text().splitlines())
+    entries = {}
+    for record in records:
+        entries[record.pop("key")] = record
+    return {"format": header["tritonconv_tuning_cache"], "entries": entries}

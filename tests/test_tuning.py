@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +11,8 @@ import triton.testing
 
 import conv_backend.tuning as tuning
 from conv_backend.tuning import Candidate, NoKernelError, TuningCache
+
+from _util import read_tuning_file
 
 CPU = torch.device("cpu")
 A = Candidate.make("k", num_warps=4, num_stages=3, BLOCK=16)
@@ -93,7 +93,11 @@ def no_benchmark(*args, **kwargs):
 
 
 def read_cache() -> dict:
-    return json.loads(tuning.cache_path().read_text())
+    return read_tuning_file(tuning.cache_path())
+
+
+def header_line(format_: int = tuning.CACHE_FORMAT) -> str:
+    return json.dumps({"tritonconv_tuning_cache": format_}) + "\n"
 
 
 def select(key="prob", candidates=(A, B, C), bench: FakeBench | None = None):
@@ -107,7 +111,7 @@ def test_cache_path_respects_xdg_cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     path = tuning.cache_path()
     assert path.parent == tmp_path / "tritonconv"
-    assert path.suffix == ".json"
+    assert path.suffix == ".jsonl"
 
 
 def test_cache_path_defaults_to_home_cache(tmp_path, monkeypatch):
@@ -196,11 +200,11 @@ def test_in_process_choice_not_among_candidates_is_not_used(gpu_like):
     "{not json",
     "",
     "\x00\xff\xfe garbage",
-    json.dumps([1, 2, 3]),
-    json.dumps({"format": 999, "entries": {}}),
-    json.dumps({"entries": {}}),
-    json.dumps({"format": tuning.CACHE_FORMAT, "entries": ["not", "a", "dict"]}),
-], ids=["truncated", "empty", "binary", "list", "future_format", "no_format", "entries_not_dict"])
+    json.dumps([1, 2, 3]) + "\n",
+    header_line(999),
+    json.dumps({"format": 1, "entries": {}}, indent=0),
+    json.dumps({"entries": {}}) + "\n",
+], ids=["truncated", "empty", "binary", "list", "future_format", "format_1_file", "no_format"])
 def test_corrupt_or_foreign_cache_is_ignored_and_rebuilt(content, gpu_like, caplog):
     path = tuning.cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,53 +219,38 @@ def test_corrupt_or_foreign_cache_is_ignored_and_rebuilt(content, gpu_like, capl
 def test_wrong_format_entries_are_not_used(gpu_like):
     """A cache of another format is not trusted, even when it names a candidate for this very key."""
     select(bench=gpu_like({A: 3.0, B: 1.0, C: 2.0}))
-    data = read_cache()
-    (key,) = data["entries"]
-    data["format"] = tuning.CACHE_FORMAT + 1
-    data["entries"][key] = {"kernel": "k", "meta": [["BLOCK", 16]], "num_warps": 4, "num_stages": 3}  # = A
-    tuning.cache_path().write_text(json.dumps(data))
+    (key,) = read_cache()["entries"]
+    record_of_a = {"key": key, "kernel": "k", "meta": [["BLOCK", 16]], "num_warps": 4, "num_stages": 3}
+    tuning.cache_path().write_text(header_line(tuning.CACHE_FORMAT + 1) + json.dumps(record_of_a) + "\n")
     tuning.reset_memory()
     bench = gpu_like({A: 3.0, B: 1.0, C: 2.0})
     assert select(bench=bench) == B and bench.timed
     assert read_cache()["format"] == tuning.CACHE_FORMAT
 
 
+def test_format_1_file_is_left_alone(gpu_like):
+    """The previous format's file, even naming a candidate for this very key, is neither used nor touched."""
+    key = f"{tuning.environment_key(CPU)}|prob|{tuning.candidate_set_id([A, B, C])}"
+    old = tuning.cache_path().with_name("tuning-v1.json")
+    old.parent.mkdir(parents=True)
+    old.write_text(json.dumps({"format": 1, "entries": {key: {"kernel": "k", "meta": [["BLOCK", 16]],
+                                                              "num_warps": 4, "num_stages": 3}}}))  # = A
+    content = old.read_bytes()
+    bench = gpu_like({A: 3.0, B: 1.0, C: 2.0})
+    assert select(bench=bench) == B and bench.timed
+    assert old.read_bytes() == content and key in read_cache()["entries"]
+
+
 @pytest.mark.parametrize("entry", [{"kernel": "k"}, "B", None, {"kernel": "k", "meta": 5, "num_warps": 8,
                                                                 "num_stages": 2}])
 def test_malformed_entry_is_retuned(entry, gpu_like):
     select(bench=gpu_like({A: 3.0, B: 1.0, C: 2.0}))
-    data = read_cache()
-    (key,) = data["entries"]
-    data["entries"][key] = entry
-    tuning.cache_path().write_text(json.dumps(data))
+    (key,) = read_cache()["entries"]
+    record = {"key": key, **entry} if isinstance(entry, dict) else entry  # not even a record: a garbled line
+    tuning.cache_path().write_text(header_line() + json.dumps(record) + "\n")
     tuning.reset_memory()
     bench = gpu_like({A: 1.0, B: 3.0, C: 2.0})
     assert select(bench=bench) == A and bench.timed
-
-
-def _write_keys(path: str, worker: int, count: int) -> None:
-    cache = TuningCache(Path(path))
-    for i in range(count):
-        cache.put(f"worker{worker}-key{i}", Candidate.make("k", num_warps=4, num_stages=worker % 4 + 1, BLOCK=i))
-
-
-def test_concurrent_writers_keep_a_valid_file_with_every_key(tmp_path):
-    path = tmp_path / "tritonconv" / "tuning.json"
-    workers, per_worker = 6, 15
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_write_keys, args=(str(path), w, per_worker)) for w in range(workers)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        assert p.exitcode == 0
-    data = json.loads(path.read_text())
-    assert data["format"] == tuning.CACHE_FORMAT
-    assert set(data["entries"]) == {f"worker{w}-key{i}" for w in range(workers) for i in range(per_worker)}
-    fresh = TuningCache(path)
-    assert fresh.get("worker3-key7") == Candidate.make("k", num_warps=4, num_stages=4, BLOCK=7)
-    leftovers = [p.name for p in path.parent.iterdir() if p.name.startswith(".tuning-")]
-    assert not leftovers, f"temporary files left behind: {leftovers}"
 
 
 def test_writer_merges_with_entries_written_by_another_process(tmp_path):
@@ -270,7 +259,7 @@ def test_writer_merges_with_entries_written_by_another_process(tmp_path):
     assert mine.get("nothing") is None  # loads (empty) state before the other process writes
     theirs.put("theirs", A)
     mine.put("mine", B)
-    assert set(json.loads(path.read_text())["entries"]) == {"theirs", "mine"}
+    assert set(read_tuning_file(path)["entries"]) == {"theirs", "mine"}
 
 
 def test_unwritable_cache_does_not_break_selection(gpu_like, tmp_path, monkeypatch, caplog):
