@@ -36,6 +36,7 @@ FAMILY_ORDER = {
     "igemm_pointer+tma_weights": 6,  # promoted on maps whose side is not a multiple of 8 (rank_key)
     "igemm_pointer": 7,
 }
+WAVE_TILES = 128  # tiles that fill an H100's or H200's 132 SMs about once
 SPLIT_K_PENALTY = 0.5  # split-K variants follow their base family: offered only where tiles leave SMs idle
 
 
@@ -101,6 +102,8 @@ def _family_score(candidate, shape: ConvShape) -> float:
         # A box tile runs past a map whose side is not a multiple of 8, runs of pixels across the batch do not:
         # this variant beat the best box tile at 28x28 (bench/NOTES.md entry 28).
         score = FAMILY_ORDER["igemm_tma"] - 0.25
+    if fam == "igemm_tma" and (shape.kernel_h, shape.kernel_w) == (1, 1) and shape.dtype == torch.float32:
+        score = FAMILY_ORDER["igemm_ws"] - 0.25  # the flat TMA tile won the fp32 1x1 layer (#87, run 30)
     if fam == "depthwise+streamed" and candidate.params.get("BLOCK_C", 1) > 1:
         score = FAMILY_ORDER["depthwise"]  # streamed rows won on NCHW planes only (entry 25)
     if candidate.params.get("SPLIT_K", 1) > 1:
@@ -114,19 +117,25 @@ def _tile_score(candidate, shape: ConvShape) -> tuple:
     elem = shape.dtype.itemsize
     if kernel == "igemm_ws_halo":
         # Few input channels and >= 128 output channels: pixels as the MMA's N, split between two consumers (#63);
-        # elsewhere pixels as M. With the full 128-byte channel chunk a 128-pixel tile of 4 warps won (#62,
-        # ResNet's 3x3 64); where the chunk was halved to fit the stages, 256-pixel tiles of 8 warps (#55, #56,
-        # #80, ResNet's 3x3 256 at 14x14). Entries 56, 60 and 61.
+        # elsewhere pixels as M. Up to 64 output channels and no dilation, a tall 128-pixel tile of 4 warps with
+        # the full 128-byte channel chunk won (#62, ResNet's 3x3 64); elsewhere 256-pixel tiles of 8 warps, their
+        # chunk halved to fit the stages (#55, #56, dilated #80, ResNet's 3x3 256 at 14x14). Entries 56, 60, 61.
+        # Then the widest channel tile that still leaves a wave of tiles (ResNet's 3x3 256 at 14x14 took 64).
         wants_n = shape.channels <= 16 and shape.out_channels >= 128
-        full_chunk = p["BLOCK_K"] * elem >= 128
+        narrow = shape.out_channels <= 64 and shape.dilation == (1, 1)
         pixels = p["BLOCK_H"] * p["BLOCK_W"]
-        return (bool(p.get("PIXELS_AS_N")) != wants_n, pixels != (128 if full_chunk else 256),
-                p["BLOCK_H"] < p["BLOCK_W"], -p["BLOCK_N"])
+        tiles = (shape.batch * triton.cdiv(shape.out_h, p["BLOCK_H"]) * triton.cdiv(shape.out_w, p["BLOCK_W"])
+                 * triton.cdiv(shape.out_channels, p["BLOCK_N"]))
+        return (bool(p.get("PIXELS_AS_N")) != wants_n, pixels != (128 if narrow else 256),
+                narrow and p["BLOCK_K"] * elem < 128, p["BLOCK_H"] < p["BLOCK_W"], tiles < WAVE_TILES,
+                -p["BLOCK_N"])
     if kernel == "igemm_ws":
-        # One consumer warpgroup on a 128-pixel, 128-channel tile, deep ring: 7x7 maps (8x8), the 3x3/2 layer
-        # (4x32) and 1x1 into channels_last (1x128). Two consumers in turn won only #56 (entry 44).
+        # One consumer warpgroup on a 128-channel tile, deep ring, one map's 8x8 box on maps that small (7x7) and
+        # 128 pixels elsewhere: the 3x3/2 layer (4x32) and 1x1 into channels_last (1x128). Two consumers in
+        # turn won only #56 (entry 44).
         pixels = p["BLOCK_B"] * p["BLOCK_H"] * p["BLOCK_W"]
-        return (p.get("CONSUMERS", 1) != 1, pixels != 128, candidate.num_warps != 4, -p["BLOCK_N"],
+        wanted = 64 if shape.out_h * shape.out_w <= 64 else 128
+        return (p.get("CONSUMERS", 1) != 1, pixels != wanted, candidate.num_warps != 4, -p["BLOCK_N"],
                 -candidate.num_stages)
     if kernel == "igemm_tma":
         # One warpgroup per tile (4 warps, several programs an SM) beat two on #63 and #55; the flat 1x1 tile of
