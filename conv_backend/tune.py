@@ -66,6 +66,8 @@ def main(argv=None) -> int:
         entries = _count_entries(path)
     print(str(report).splitlines()[0] if str(report) else "no convolutions")
     print(f"tuning cache: {args.cache_file or path} ({entries} entries)")
+    if device == "cpu":
+        print("note: the interpreter times nothing and stores nothing; tune on the GPU the model will run on")
     return 0
 
 

@@ -6,9 +6,11 @@ the choice is made here, keyed on the full problem (shapes, strides, dtype,
 precision, GPU, torch and triton versions) and stored as JSON under
 $XDG_CACHE_HOME/tritonconv (default ~/.cache/tritonconv). A corrupt or stale
 file is ignored and rewritten; writers hold a lock and replace the file
-atomically, so concurrent processes never leave a torn file. Before a cold
-choice is timed, every candidate is compiled at once in a thread pool
-(_compile_ahead): compiling, not timing, is most of a cold tuning run.
+atomically, so concurrent processes never leave a torn file. How much a cold
+problem is tuned is its autotune level (select): no timing, the short list
+of ranking.rank_candidates, or every candidate. What is timed is first
+compiled at once in a thread pool (_compile_ahead): compiling, not timing,
+is most of a cold tuning run.
 """
 from __future__ import annotations
 
@@ -356,9 +358,11 @@ def _report_tuning(signature, timed: int, seconds: float, level: str, choice: Ca
     global _tuning_seconds, _tuning_noticed
     log.info("tritonconv: tuned %s: %d candidate(s) timed in %.1f s (autotune level %r), chose %s",
              _shown(signature), timed, seconds, level, choice.describe())
-    _tuning_seconds += seconds
-    if _tuning_seconds > TUNING_NOTICE_SECONDS and not _tuning_noticed:
-        _tuning_noticed = True
+    with _problem_locks_guard:
+        _tuning_seconds += seconds
+        notice = _tuning_seconds > TUNING_NOTICE_SECONDS and not _tuning_noticed
+        _tuning_noticed = _tuning_noticed or notice
+    if notice:
         log.warning("tritonconv: tuning kernels for new convolution shapes (%.0f s so far; level %r). Each "
                     "shape is tuned once and cached on disk. To see per-shape progress set "
                     "TORCH_LOGS=\"+conv_backend\" (or log 'conv_backend' at INFO); to tune ahead run "
