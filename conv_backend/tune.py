@@ -92,11 +92,8 @@ def _run(args, device, level, torch, tuning):
     x = x.contiguous(memory_format=memory_format)
     print(f"tritonconv tune: {args.model} input {tuple(x.shape)} {args.dtype}"
           f"{' channels_last' if args.channels_last else ''} on {device}, autotune level {level!r}")
-    token = tuning.autotune_level.set(level)
-    try:
+    with tuning.autotune_level_set(level):
         return conv_backend.explain(model, x)
-    finally:
-        tuning.autotune_level.reset(token)
 
 
 class CacheFileRedirect:

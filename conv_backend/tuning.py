@@ -204,6 +204,16 @@ def current_autotune_level() -> str:
     return validate_autotune_level(level)
 
 
+@contextlib.contextmanager
+def autotune_level_set(level: str):
+    """Tune at `level` inside the block (in this thread or task), whatever the environment says."""
+    token = autotune_level.set(validate_autotune_level(level))
+    try:
+        yield
+    finally:
+        autotune_level.reset(token)
+
+
 # One tuning per problem at a time: a thread that meets a problem another thread is tuning waits for its
 # choice ({key: [lock, holders]}, entries dropped when no thread holds or waits on them); and one timing at a
 # time per process, so that no candidate is timed while another problem's candidates run.

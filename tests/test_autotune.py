@@ -28,9 +28,9 @@ def shape_of(n, c, hw, oc, k, stride=1, padding=None, dilation=1, groups=1, dtyp
 
 
 def signature_of(shape: ConvShape) -> tuple:
-    return tuning.problem_signature((shape.batch, shape.channels, shape.in_h, shape.in_w),
-                                    (shape.out_channels, shape.channels // shape.groups, shape.kernel_h, shape.kernel_w),
-                                    shape.stride, shape.padding, shape.dilation, shape.groups, shape.dtype)
+    weight = (shape.out_channels, shape.channels // shape.groups, shape.kernel_h, shape.kernel_w)
+    return tuning.problem_signature((shape.batch, shape.channels, shape.in_h, shape.in_w), weight, shape.stride,
+                                    shape.padding, shape.dilation, shape.groups, shape.dtype)
 
 
 @pytest.fixture
@@ -283,13 +283,11 @@ def test_level_comes_from_the_context_variable_then_the_environment(clock, hoppe
     cands = hopper(shape)
     monkeypatch.setenv("TRITONCONV_AUTOTUNE", "exhaustive")
     assert tuning.current_autotune_level() == "exhaustive"
-    token = tuning.autotune_level.set("none")
-    try:
+    with tuning.autotune_level_set("none"):
         fake = clock()
         run_select(shape, cands)
         assert not fake.timed
-    finally:
-        tuning.autotune_level.reset(token)
+    assert tuning.autotune_level.get() is None
     fake = clock()
     run_select(shape, cands, key="other")
     assert len(set(fake.timed)) == len(cands)
@@ -352,17 +350,15 @@ def test_exhaustive_does_not_reuse_across_sizes(clock):
     clock({WINNER: 0.5})
     _plan(2, 8)
     fake = clock()
-    token = tuning.autotune_level.set("exhaustive")
-    try:
+    with tuning.autotune_level_set("exhaustive"):
         _plan(4, 12)
-    finally:
-        tuning.autotune_level.reset(token)
     assert len(set(fake.timed)) == len(CANDS)
 
 
 def test_layer_key_drops_batch_and_sizes_only():
-    a = "igemm-auto|x(2, 8, 6, 6)(288, 1, 48, 8)|w(16, 8, 3, 3)(72, 9, 3, 1)|y(576, 1, 96, 16)|s(1, 1)p(1, 1)d(1, 1)g1"
-    b = "igemm-auto|x(4, 8, 9, 9)(648, 1, 72, 8)|w(16, 8, 3, 3)(72, 9, 3, 1)|y(1296, 1, 144, 16)|s(1, 1)p(1, 1)d(1, 1)g1"
+    rest = "|w(16, 8, 3, 3)(72, 9, 3, 1)"
+    a = f"igemm-auto|x(2, 8, 6, 6)(288, 1, 48, 8){rest}|y(576, 1, 96, 16)|s(1, 1)p(1, 1)d(1, 1)g1"
+    b = f"igemm-auto|x(4, 8, 9, 9)(648, 1, 72, 8){rest}|y(1296, 1, 144, 16)|s(1, 1)p(1, 1)d(1, 1)g1"
     assert tuning.layer_key(a) == tuning.layer_key(b) is not None
     assert tuning.layer_key(a.replace("p(1, 1)", "p(0, 0)")) != tuning.layer_key(a)
     assert tuning.layer_key("prob") is None
