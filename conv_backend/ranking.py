@@ -120,15 +120,15 @@ def _tile_score(candidate, shape: ConvShape) -> tuple:
         # elsewhere pixels as M. Up to 64 output channels and no dilation, a tall 128-pixel tile of 4 warps with
         # the full 128-byte channel chunk won (#62, ResNet's 3x3 64); elsewhere 256-pixel tiles of 8 warps, their
         # chunk halved to fit the stages (#55, #56, dilated #80, ResNet's 3x3 256 at 14x14). Entries 56, 60, 61.
-        # Then the widest channel tile that still leaves a wave of tiles (ResNet's 3x3 256 at 14x14 took 64).
+        # Then the tallest tile (16x8 over 8x16, 8x32 over 4x64), and the widest channel tile that still leaves a
+        # wave of tiles (ResNet's 3x3 256 at 14x14 took 64).
         wants_n = shape.channels <= 16 and shape.out_channels >= 128
         narrow = shape.out_channels <= 64 and shape.dilation == (1, 1)
         pixels = p["BLOCK_H"] * p["BLOCK_W"]
         tiles = (shape.batch * triton.cdiv(shape.out_h, p["BLOCK_H"]) * triton.cdiv(shape.out_w, p["BLOCK_W"])
                  * triton.cdiv(shape.out_channels, p["BLOCK_N"]))
         return (bool(p.get("PIXELS_AS_N")) != wants_n, pixels != (128 if narrow else 256),
-                narrow and p["BLOCK_K"] * elem < 128, p["BLOCK_H"] < p["BLOCK_W"], tiles < WAVE_TILES,
-                -p["BLOCK_N"])
+                narrow and p["BLOCK_K"] * elem < 128, -p["BLOCK_H"], tiles < WAVE_TILES, -p["BLOCK_N"])
     if kernel == "igemm_ws":
         # One consumer warpgroup on a 128-channel tile, deep ring, one map's 8x8 box on maps that small (7x7) and
         # 128 pixels elsewhere: the 3x3/2 layer (4x32) and 1x1 into channels_last (1x128). Two consumers in

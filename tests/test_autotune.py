@@ -88,6 +88,26 @@ def test_halved_channel_chunk_ranks_256_pixel_tiles_first(hopper):
     assert (best.params["BLOCK_H"], best.params["BLOCK_W"], best.params["BLOCK_N"], best.num_warps) == (16, 16, 128, 8)
 
 
+KB80 = ConvShape(8, 32, 512, 512, 64, 5, 9, (1, 1), (2, 4), (2, 3), 1, torch.float32)  # the seed problem
+
+
+def _patch_tile(bh, bw, bk, bn, warps, stages):
+    return (f"igemm_ws_halo[BLOCK_B=1,BLOCK_H={bh},BLOCK_K={bk},BLOCK_N={bn},BLOCK_W={bw},CONSUMERS=1,"
+            f"PIXELS_AS_N=False,SPLIT_TILE=False,warps={warps},stages={stages}]")
+
+
+@pytest.mark.parametrize("shape,picked", [
+    (KB80._replace(dtype=torch.float32), _patch_tile(16, 16, 16, 64, 8, 4)),
+    (KB80._replace(dtype=torch.bfloat16), _patch_tile(16, 16, 32, 64, 8, 3)),
+    (ConvShape(8, 64, 512, 256, 128, 5, 7, (1, 1), (0, 0), (1, 1), 1, torch.float32), _patch_tile(16, 16, 16, 128, 8, 3)),
+    (ConvShape(8, 32, 512, 512, 64, 5, 9, (1, 1), (0, 0), (1, 1), 1, torch.float32), _patch_tile(16, 8, 32, 64, 4, 3)),
+    (shape_of(32, 256, 14, 256, 3), _patch_tile(16, 16, 32, 64, 8, 4)),
+], ids=["kb80_fp32", "kb80_bf16", "kb56", "kb62", "3x3_256_at_14"])
+def test_patch_kernel_tile_is_the_one_the_h100_tuner_picked(shape, picked, hopper):
+    """bench/results/*-run30.md, "Kernels chosen" (channels_last): the tuner's picks when it timed everything."""
+    assert rank_candidates(hopper(shape), shape)[0].describe() == picked
+
+
 @pytest.mark.parametrize("shape,tile", [
     (shape_of(32, 512, 7, 512, 3), (1, 8, 8, 128)),  # 7x7 maps: one map's box, no patch kernel fits
     (shape_of(32, 128, 56, 128, 3, stride=2), (1, 4, 32, 128)),  # ResNet's 3x3/2: strided boxes
