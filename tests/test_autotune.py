@@ -99,8 +99,9 @@ def _patch_tile(bh, bw, bk, bn, warps, stages):
 @pytest.mark.parametrize("shape,picked", [
     (KB80._replace(dtype=torch.float32), _patch_tile(16, 16, 16, 64, 8, 4)),
     (KB80._replace(dtype=torch.bfloat16), _patch_tile(16, 16, 32, 64, 8, 3)),
-    (ConvShape(8, 64, 512, 256, 128, 5, 7, (1, 1), (0, 0), (1, 1), 1, torch.float32), _patch_tile(16, 16, 16, 128, 8, 3)),
-    (ConvShape(8, 32, 512, 512, 64, 5, 9, (1, 1), (0, 0), (1, 1), 1, torch.float32), _patch_tile(16, 8, 32, 64, 4, 3)),
+    (ConvShape(8, 64, 512, 256, 128, 5, 7, (1, 1), (0, 0), (1, 1), 1, torch.float32),
+     _patch_tile(16, 16, 16, 128, 8, 3)),
+    (KB80._replace(padding=(0, 0), dilation=(1, 1)), _patch_tile(16, 8, 32, 64, 4, 3)),
     (shape_of(32, 256, 14, 256, 3), _patch_tile(16, 16, 32, 64, 8, 4)),
 ], ids=["kb80_fp32", "kb80_bf16", "kb56", "kb62", "3x3_256_at_14"])
 def test_patch_kernel_tile_is_the_one_the_h100_tuner_picked(shape, picked, hopper):
