@@ -1,8 +1,8 @@
 """Expected-speed order of kernel candidates, for choosing without timing (or timing only a few).
 
 The rules encode which kernel family, and which tile within it, won which class of
-convolution on an H100 (bench/NOTES.md, entries 56-63, and the "Kernels chosen" lists
-of bench/results/*-run30.md). They only order the candidates the kernel modules offer
+convolution on an H100 (bench/NOTES.md, and the "Kernels chosen" lists of the benchmark's
+results in bench/results/). They only order the candidates the kernel modules offer
 for a problem; which families are offered already says much about the hardware (the
 Gluon kernels only on Hopper, tensor-descriptor loads only where TMA runs).
 """
@@ -33,7 +33,7 @@ FAMILY_ORDER = {
     "igemm_ws": 3,
     "igemm_tma": 4,
     "igemm_halo": 5,  # the patch variant does what it does, inside a deeper pipeline
-    "igemm_pointer+tma_weights": 6,  # promoted on maps whose side is not a multiple of 8 (rank_key)
+    "igemm_pointer+tma_weights": 6,  # promoted on maps whose side is not a multiple of 8 (_family_score)
     "igemm_pointer": 7,
 }
 WAVE_TILES = 128  # tiles that fill an H100's or H200's 132 SMs about once
@@ -100,12 +100,12 @@ def _family_score(candidate, shape: ConvShape) -> float:
     score = float(FAMILY_ORDER.get(fam, len(FAMILY_ORDER)))
     if fam == "igemm_pointer+tma_weights" and (shape.out_h % 8 or shape.out_w % 8):
         # A box tile runs past a map whose side is not a multiple of 8, runs of pixels across the batch do not:
-        # this variant beat the best box tile at 28x28 (bench/NOTES.md entry 28).
+        # this variant beat the best box tile at 28x28.
         score = FAMILY_ORDER["igemm_tma"] - 0.25
     if fam == "igemm_tma" and (shape.kernel_h, shape.kernel_w) == (1, 1) and shape.dtype == torch.float32:
-        score = FAMILY_ORDER["igemm_ws"] - 0.25  # the flat TMA tile won the fp32 1x1 layer (#87, run 30)
+        score = FAMILY_ORDER["igemm_ws"] - 0.25  # the flat TMA tile won the fp32 1x1 layer (#87)
     if fam == "depthwise+streamed" and candidate.params.get("BLOCK_C", 1) > 1:
-        score = FAMILY_ORDER["depthwise"]  # streamed rows won on NCHW planes only (entry 25)
+        score = FAMILY_ORDER["depthwise"]  # streamed rows won on NCHW planes only
     if candidate.params.get("SPLIT_K", 1) > 1:
         score += SPLIT_K_PENALTY
     return score
@@ -119,7 +119,7 @@ def _tile_score(candidate, shape: ConvShape) -> tuple:
         # Few input channels and >= 128 output channels: pixels as the MMA's N, split between two consumers (#63);
         # elsewhere pixels as M. Up to 64 output channels and no dilation, a tall 128-pixel tile of 4 warps with
         # the full 128-byte channel chunk won (#62, ResNet's 3x3 64); elsewhere 256-pixel tiles of 8 warps, their
-        # chunk halved to fit the stages (#55, #56, dilated #80, ResNet's 3x3 256 at 14x14). Entries 56, 60, 61.
+        # chunk halved to fit the stages (#55, #56, dilated #80, ResNet's 3x3 256 at 14x14).
         # Then the tallest tile (16x8 over 8x16, 8x32 over 4x64), and the widest channel tile that still leaves a
         # wave of tiles (ResNet's 3x3 256 at 14x14 took 64).
         wants_n = shape.channels <= 16 and shape.out_channels >= 128
@@ -132,35 +132,35 @@ def _tile_score(candidate, shape: ConvShape) -> tuple:
     if kernel == "igemm_ws":
         # One consumer warpgroup on a 128-channel tile, deep ring, one map's 8x8 box on maps that small (7x7) and
         # 128 pixels elsewhere: the 3x3/2 layer (4x32) and 1x1 into channels_last (1x128). Two consumers in
-        # turn won only #56 (entry 44).
+        # turn won only #56.
         pixels = p["BLOCK_B"] * p["BLOCK_H"] * p["BLOCK_W"]
         wanted = 64 if shape.out_h * shape.out_w <= 64 else 128
         return (p.get("CONSUMERS", 1) != 1, pixels != wanted, candidate.num_warps != 4, -p["BLOCK_N"],
                 -candidate.num_stages)
     if kernel == "igemm_tma":
         # One warpgroup per tile (4 warps, several programs an SM) beat two on #63 and #55; the flat 1x1 tile of
-        # 128 pixels and 64 channels won #87 (entries 17-18, run 30).
+        # 128 pixels and 64 channels won #87.
         pixels = p["BLOCK_B"] * p["BLOCK_H"] * p["BLOCK_W"]
         return (candidate.num_warps != 4, pixels != 128, candidate.num_stages != 3, -p["BLOCK_N"])
     if kernel == "igemm_halo":
         return (p["BLOCK_H"] * p["BLOCK_W"] != 256, -p["BLOCK_N"])
     if kernel == "igemm_pointer":
         # As many output channels as the layer has (up to 128), then the larger tile: the pointer path's picks were
-        # 256x64 for 64 output channels and 128x128 for 128 (run 30's `ptr` column).
+        # 256x64 for 64 output channels and 128x128 for 128 (the benchmark's forced pointer path).
         wanted_n = min(128, triton.next_power_of_2(shape.out_channels // shape.groups))
         return (p["BLOCK_N"] != wanted_n, -p["BLOCK_M"] * p["BLOCK_N"], candidate.num_warps != 8)
     if kernel == "igemm_nchw":
-        # Four streamed tiles of 64x64 won ResNet's 1x1 (entry 42); one-tile 128x64 won #87 on NCHW.
+        # Four streamed tiles of 64x64 won ResNet's 1x1; one-tile 128x64 won #87 on NCHW.
         return (p.get("TILES", 1) != 4, (p["BLOCK_M"], p["BLOCK_N"]) != ((64, 64) if p.get("TILES") else (128, 64)),
                 "maxnreg" in p)
     if kernel == "depthwise":
         # 8x8 pixels x 64 channels, 8 warps (capped at 80 registers) on channels_last; 8x64 pixels of one plane
-        # with streamed rows, 2 warps, on NCHW (run 30).
+        # with streamed rows, 2 warps, on NCHW.
         if p.get("BLOCK_C", 1) > 1:
             return ((p["BLOCK_H"], p["BLOCK_W"], p["BLOCK_C"]) != (8, 8, 64), "maxnreg" not in p)
         return ((p["BLOCK_H"], p["BLOCK_W"]) != (8, 64), candidate.num_warps)
     if kernel == "seed_direct":
-        return ((p["BLOCK_OC"], p["BLOCK_HW"]) != (64, 128), -candidate.num_warps)  # the stem's pick (entry 6)
+        return ((p["BLOCK_OC"], p["BLOCK_HW"]) != (64, 128), -candidate.num_warps)  # the stem's pick
     return ()
 
 

@@ -65,7 +65,7 @@ def hopper(monkeypatch):
     return candidates
 
 
-# ---------------------------------------------------------------- the ranking rule (bench/NOTES.md, run 30)
+# ---------------------------------------------------------------- the ranking rule (bench/NOTES.md)
 
 def test_3x3_bf16_on_hopper_ranks_the_patch_kernel_first(hopper):
     shape = shape_of(32, 64, 56, 64, 3)  # ResNet-50's 3x3 64 at 56x56
