@@ -306,17 +306,17 @@ def _choose(key, problem_key, signature, device, candidates, prepare, level) -> 
                      _shown(signature), choice.describe())
             return choice
     timed = ranked if level == "exhaustive" else ranking.short_list(ranked, FAST_CANDIDATES, FAST_FAMILIES)
-    started = time.monotonic()
-    try:
-        choice = _benchmark(timed, prepare)
-    except NoKernelError as exc:
-        if len(timed) == len(candidates) or exc.transient:
-            raise
-        # The short list failed for good (e.g. its kernels do not compile here): the others get their turn.
-        log.debug("tritonconv: %s: every short-listed candidate failed (%s); timing the rest", _shown(signature), exc)
-        timed = [c for c in ranked if c not in timed]
-        choice = _benchmark(timed, prepare)
-    _report_tuning(signature, len(timed), time.monotonic() - started, level, choice)
+    with _tuning_under_way(signature, level, lambda: len(timed), lambda: choice):
+        try:
+            choice = _benchmark(timed, prepare)
+        except NoKernelError as exc:
+            if len(timed) == len(candidates) or exc.transient:
+                raise
+            # The short list failed for good (e.g. its kernels do not compile here): the others get their turn.
+            log.debug("tritonconv: %s: every short-listed candidate failed (%s); timing the rest", _shown(signature),
+                      exc)
+            timed = [c for c in ranked if c not in timed]
+            choice = _benchmark(timed, prepare)
     # Having timed every candidate, a fast tuning is an exhaustive one.
     stored = key if len(timed) == len(candidates) else key + "|fast"
     _memory[stored] = choice
@@ -359,25 +359,51 @@ def _shown(signature: tuple) -> str:
 
 
 TUNING_NOTICE_SECONDS = 2.0  # tuning time in a process after which the user is told once what is going on
-_tuning_seconds = 0.0
+_tuning_seconds = 0.0  # spent in finished tunings
 _tuning_noticed = False
 
 
-def _report_tuning(signature, timed: int, seconds: float, level: str, choice: Candidate) -> None:
-    """One INFO line per problem tuned; once a process has tuned for TUNING_NOTICE_SECONDS, one WARNING."""
-    global _tuning_seconds, _tuning_noticed
-    log.info("tritonconv: tuned %s: %d candidate(s) timed in %.1f s (autotune level %r), chose %s",
-             _shown(signature), timed, seconds, level, choice.describe())
+def _tuning_notice(level: str, seconds: float) -> None:
+    """The process's one WARNING that tuning is under way (from the timer of _tuning_under_way, or after a
+    tuning that crossed the threshold, whichever comes first)."""
+    global _tuning_noticed
     with _problem_locks_guard:
-        _tuning_seconds += seconds
-        notice = _tuning_seconds > TUNING_NOTICE_SECONDS and not _tuning_noticed
-        _tuning_noticed = _tuning_noticed or notice
-    if notice:
-        log.warning("tritonconv: tuning kernels for new convolution shapes (%.0f s so far; level %r). Each "
-                    "shape is tuned once and cached on disk. To see per-shape progress set "
-                    "TORCH_LOGS=\"+conv_backend\" (or log 'conv_backend' at INFO); to tune ahead run "
-                    "`python -m conv_backend.tune`; for a faster first call use options={\"autotune\": \"none\"} "
-                    "or TRITONCONV_AUTOTUNE=none.", _tuning_seconds, level)
+        if _tuning_noticed:
+            return
+        _tuning_noticed = True
+    log.warning("tritonconv: tuning kernels for new convolution shapes (%.0f s so far; autotune level %r). Each "
+                "shape is tuned once and cached on disk. To see per-shape progress set TORCH_LOGS=\"+conv_backend\" "
+                "(or log 'conv_backend' at INFO); to tune ahead run `python -m conv_backend.tune`; for a faster "
+                "first call use options={\"autotune\": \"none\"} or TRITONCONV_AUTOTUNE=none.", seconds, level)
+
+
+@contextlib.contextmanager
+def _tuning_under_way(signature, level: str, timed: Callable[[], int], choice: Callable[[], Candidate]):
+    """Time one tuning: a timer gives the WARNING while it runs once the process's tuning time crosses
+    TUNING_NOTICE_SECONDS; at the end, one INFO line (the problem, the candidates timed, the seconds, the choice)."""
+    global _tuning_seconds
+    started = time.monotonic()
+    with _problem_locks_guard:
+        spent, noticed = _tuning_seconds, _tuning_noticed
+    timer = None
+    if not noticed:
+        timer = threading.Timer(max(0.0, TUNING_NOTICE_SECONDS - spent), lambda: _tuning_notice(
+            level, spent + time.monotonic() - started))
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()
+        seconds = time.monotonic() - started
+        with _problem_locks_guard:
+            _tuning_seconds += seconds
+            total = _tuning_seconds
+        if total > TUNING_NOTICE_SECONDS:
+            _tuning_notice(level, total)
+    log.info("tritonconv: tuned %s: %d candidate(s) timed in %.1f s (autotune level %r), chose %s",
+             _shown(signature), timed(), seconds, level, choice().describe())
 
 
 def candidate_set_id(candidates: Sequence[Candidate]) -> str:

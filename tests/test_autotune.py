@@ -435,6 +435,7 @@ def test_failure_message_names_each_cause_and_marks_out_of_memory_transient(cloc
 
 def test_unexpected_failures_warn_once_and_resource_failures_stay_quiet(clock, caplog, monkeypatch):
     monkeypatch.setattr(tuning, "_warned_failures", set())
+    monkeypatch.setattr(tuning, "_tuning_noticed", True)  # only the candidates' warnings here
     a, b = Candidate.make("a"), Candidate.make("b")
     clock({a: ValueError("a bug"), b: RuntimeError("out of shared memory")})
     with caplog.at_level(logging.WARNING, logger="conv_backend"), pytest.raises(NoKernelError) as info:
@@ -512,6 +513,26 @@ def test_each_tuning_logs_one_line_and_long_tuning_warns_once(clock, caplog, mon
     assert "in [1, 8, 8, 8]" in infos[0].replace("(", "[").replace(")", "]")
     assert len(warnings) == 1
     assert "TORCH_LOGS" in warnings[0] and "conv_backend.tune" in warnings[0] and "autotune" in warnings[0]
+
+
+def test_the_warning_comes_while_a_long_tuning_runs(clock, caplog, monkeypatch):
+    monkeypatch.setattr(tuning, "TUNING_NOTICE_SECONDS", 0.05)
+    monkeypatch.setattr(tuning, "_tuning_seconds", 0.0)
+    monkeypatch.setattr(tuning, "_tuning_noticed", False)
+    seen_while_timing = []
+
+    def slow_clock(fn):
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not any(r.levelno == logging.WARNING for r in caplog.records):
+            time.sleep(0.01)
+        seen_while_timing.append(any(r.levelno == logging.WARNING for r in caplog.records))
+        return 1.0
+
+    monkeypatch.setattr(tuning, "_time_candidate", slow_clock)
+    with caplog.at_level(logging.INFO, logger="conv_backend"):
+        run_select(shape_of(1, 8, 8, 8, 3), [Candidate.make("a"), Candidate.make("b")])
+    assert seen_while_timing and seen_while_timing[0], "the warning waited for the tuning to end"
+    assert sum(r.levelno == logging.WARNING for r in caplog.records) == 1
 
 
 # ---------------------------------------------------------------- the pre-tuning CLI
