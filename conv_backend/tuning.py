@@ -316,7 +316,15 @@ def _choose(key, problem_key, signature, device, candidates, prepare, level) -> 
             log.debug("tritonconv: %s: every short-listed candidate failed (%s); timing the rest", _shown(signature),
                       exc)
             timed = [c for c in ranked if c not in timed]
-            choice = _benchmark(timed, prepare)
+            try:
+                choice = _benchmark(timed, prepare)
+            except NoKernelError as again:
+                causes = dict(exc.causes)
+                for name, (count, first) in again.causes.items():  # counts add up, the first message stays
+                    earlier = causes.get(name)
+                    causes[name] = (earlier[0] + count, earlier[1]) if earlier else (count, first)
+                raise NoKernelError(f"every kernel candidate ({len(candidates)} tried) failed for this convolution",
+                                    causes, again.transient) from None
     # Having timed every candidate, a fast tuning is an exhaustive one.
     stored = key if len(timed) == len(candidates) else key + "|fast"
     _memory[stored] = choice

@@ -456,6 +456,13 @@ def test_fast_times_the_rest_when_the_short_list_cannot_run(clock, hopper):
     assert choice not in short and choice in fake.timed
 
 
+def test_when_every_candidate_fails_the_error_counts_all_of_them(clock):
+    cands = [Candidate.make(f"k{i}") for i in range(6)]
+    clock({c: triton_compile_error() for c in cands})
+    with pytest.raises(NoKernelError, match=r"\(6 tried\).*6x RuntimeError: PassManager"):
+        run_select(shape_of(1, 8, 8, 8, 3), cands)
+
+
 def triton_compile_error():
     return RuntimeError("PassManager::run failed: compilation error")
 
