@@ -22,6 +22,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
+from . import tuning
+from .backend import explain
+from .runtime import interpreter_enabled
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -45,10 +51,6 @@ def parse_args(argv):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    import torch
-    from . import tuning
-    from .runtime import interpreter_enabled
-
     try:
         level = tuning.validate_autotune_level(args.level) if args.level else tuning.current_autotune_level()
     except ValueError as exc:
@@ -61,8 +63,8 @@ def main(argv=None) -> int:
 
     logging.basicConfig(format="%(message)s")
     logging.getLogger("conv_backend").setLevel(logging.INFO)  # one line per problem tuned
-    with CacheFileRedirect(args.cache_file, tuning) as path:
-        report = _run(args, device, level, torch, tuning)
+    with CacheFileRedirect(args.cache_file) as path:
+        report = _run(args, device, level)
         entries = _count_entries(path)
     print(str(report).splitlines()[0] if str(report) else "no convolutions")
     print(f"tuning cache: {args.cache_file or path} ({entries} entries)")
@@ -78,9 +80,8 @@ def _count_entries(path: Path) -> int:
         return 0
 
 
-def _run(args, device, level, torch, tuning):
-    import conv_backend
-
+def _run(args, device: str, level: str):
+    """Build the model and its input, compile it and run it once at `level`; the backend's report."""
     module_name, _, attr = args.model.partition(":")
     if not attr:
         raise SystemExit(f"--model must be module:callable, got {args.model!r}")
@@ -93,15 +94,15 @@ def _run(args, device, level, torch, tuning):
     print(f"tritonconv tune: {args.model} input {tuple(x.shape)} {args.dtype}"
           f"{' channels_last' if args.channels_last else ''} on {device}, autotune level {level!r}")
     with tuning.autotune_level_set(level):
-        return conv_backend.explain(model, x)
+        return explain(model, x)
 
 
 class CacheFileRedirect:
     """Point the tuning cache at `target` for the run: through TRITONCONV_CACHE_FILE where cache_path() reads
     it, else through a private XDG_CACHE_HOME whose file (seeded with `target`'s entries) is copied back."""
 
-    def __init__(self, target, tuning):
-        self.target, self.tuning, self.saved, self.scratch = target, tuning, {}, None
+    def __init__(self, target):
+        self.target, self.saved, self.scratch = target, {}, None
 
     def _set(self, name, value):
         self.saved.setdefault(name, os.environ.get(name))
@@ -109,14 +110,14 @@ class CacheFileRedirect:
 
     def __enter__(self) -> Path:
         if self.target is None:
-            return self.tuning.cache_path()
+            return tuning.cache_path()
         self.target = self.target.resolve()
         self._set("TRITONCONV_CACHE_FILE", str(self.target))
-        if self.tuning.cache_path() == self.target:
+        if tuning.cache_path() == self.target:
             return self.target
         self.scratch = tempfile.mkdtemp(prefix="tritonconv-tune-")
         self._set("XDG_CACHE_HOME", self.scratch)
-        path = self.tuning.cache_path()
+        path = tuning.cache_path()
         if self.target.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self.target, path)
@@ -124,7 +125,7 @@ class CacheFileRedirect:
 
     def __exit__(self, *exc):
         if self.scratch is not None:
-            path = self.tuning.cache_path()
+            path = tuning.cache_path()
             if path.exists():
                 self.target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, self.target)
