@@ -3,9 +3,11 @@
 Triton's own autotuner picks configs of one kernel; we choose across kernels
 (TMA and pointer implicit GEMM, depthwise) whose launch arguments differ, so
 the choice is made here, keyed on the full problem (shapes, strides, dtype,
-precision, GPU, torch and triton versions) and on the candidate set. Before a
-cold choice is timed, every candidate is compiled at once in a thread pool
-(_compile_ahead): compiling, not timing, is most of a cold tuning run.
+precision, GPU, torch and triton versions) and on the candidate set. How much
+a cold problem is tuned is its autotune level (select): no timing, the short
+list of ranking.rank_candidates, or every candidate. What is timed is first
+compiled at once in a thread pool (_compile_ahead): compiling, not timing,
+is most of a cold tuning run.
 
 Choices persist in a cache file (TuningCache) that processes share, ranks of a
 data-parallel job included: $XDG_CACHE_HOME/tritonconv/tuning-v2.jsonl (default
@@ -24,6 +26,7 @@ recently used problems, like dispatch's plans.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import contextvars
 import dataclasses
@@ -34,6 +37,7 @@ import math
 import os
 import stat
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,7 +45,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import triton
+import triton.compiler.errors
+import triton.runtime.errors
 
+from . import ranking
 from .lru import LRUCache, max_plans, size_setting
 from .runtime import interpreter_enabled
 
@@ -51,7 +58,19 @@ CACHE_MAX_ENTRIES = 20_000  # entries a cache file keeps, unless TRITONCONV_CACH
 
 
 class NoKernelError(RuntimeError):
-    """No candidate kernel could run this convolution; the caller falls back to ATen."""
+    """No candidate kernel could run this convolution; the caller falls back to ATen.
+
+    `causes` maps each exception type met to (how many candidates failed with it, the first message);
+    `transient` says whether one of them looks like it may pass later (out of memory, a busy device), so
+    that the caller may build the plan again (RetryPolicy) rather than keep ATen for good.
+    """
+
+    def __init__(self, message: str, causes: Optional[dict] = None, transient: bool = False):
+        self.causes = dict(causes or {})
+        self.transient = transient
+        if self.causes:
+            message += ": " + "; ".join(f"{count}x {name}: {first}" for name, (count, first) in self.causes.items())
+        super().__init__(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,33 +412,237 @@ def chosen_kernels(x_shape, w_shape, stride, padding, dilation, groups, dtype) -
     return _chosen.get(problem_signature(x_shape, w_shape, stride, padding, dilation, groups, dtype), [])
 
 
+AUTOTUNE_LEVELS = ("none", "fast", "exhaustive")
+# The level select() tunes at: set by the backend from options={"autotune": ...} (and by the pre-tuning CLI);
+# None means TRITONCONV_AUTOTUNE from the environment, else "fast".
+autotune_level = contextvars.ContextVar("tritonconv_autotune_level", default=None)
+FAST_CANDIDATES = 4  # what the "fast" level times at most (ranking.short_list)
+FAST_FAMILIES = 3
+
+
+def validate_autotune_level(level) -> str:
+    """`level` if it names an autotune level, else a ValueError that lists them."""
+    if level not in AUTOTUNE_LEVELS:
+        raise ValueError(f"tritonconv: unknown autotune level {level!r}; valid levels: {', '.join(AUTOTUNE_LEVELS)}")
+    return level
+
+
+def current_autotune_level() -> str:
+    """The level in effect: autotune_level if set, else TRITONCONV_AUTOTUNE, else "fast"."""
+    level = autotune_level.get()
+    if level is None:
+        level = os.environ.get("TRITONCONV_AUTOTUNE", "").strip() or "fast"
+    return validate_autotune_level(level)
+
+
+@contextlib.contextmanager
+def autotune_level_set(level: str):
+    """Tune at `level` inside the block (in this thread or task), whatever the environment says."""
+    token = autotune_level.set(validate_autotune_level(level))
+    try:
+        yield
+    finally:
+        autotune_level.reset(token)
+
+
+# One tuning per problem at a time: a thread that meets a problem another thread is tuning waits for its
+# choice ({key: [lock, holders]}, entries dropped when no thread holds or waits on them); and one timing at a
+# time per process, so that no candidate is timed while another problem's candidates run.
+_problem_locks: dict = {}
+_problem_locks_guard = threading.Lock()
+_timing_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _problem_lock(key: str):
+    with _problem_locks_guard:
+        entry = _problem_locks.setdefault(key, [threading.Lock(), 0])
+        entry[1] += 1
+    try:
+        with entry[0]:
+            yield
+    finally:
+        with _problem_locks_guard:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _problem_locks[key]
+
+
 def select(problem_key: str, signature: tuple, device: torch.device, candidates: Sequence[Candidate],
-           prepare: Callable[[Candidate], Callable[[], None]]) -> Candidate:
-    """Pick the fastest candidate for `problem_key`, timing them only on a cold cache.
+           prepare: Callable[[Candidate], Callable[[], None]], *, level: Optional[str] = None) -> Candidate:
+    """Pick the candidate for `problem_key` at the autotune level in effect (`level`, else
+    current_autotune_level()), timing only on a cold cache:
+
+    - "none": no timing; the first of ranking.rank_candidates (a timed choice already known is used).
+    - "fast": time the short list of the ranking (at most FAST_CANDIDATES), compiling only those; a choice
+      made for the same layer at another batch size or resolution is reused untimed where it is a candidate.
+    - "exhaustive": compile and time every candidate.
 
     `prepare(candidate)` builds that candidate's launch once and returns a
     callable that runs it, so the timing covers launches as a plan makes them.
+    Under the interpreter, or with one candidate, nothing is timed: the first candidate runs.
     """
     if not candidates:
         raise NoKernelError("no kernel candidate for this convolution")
+    level = validate_autotune_level(level) if level is not None else current_autotune_level()
     key = f"{environment_key(device)}|{problem_key}|{candidate_set_id(candidates)}"
-    choice = _memory.get(key)
-    if choice not in candidates:
-        choice = None
-    if choice is None and (interpreter_enabled() or len(candidates) == 1):
-        choice = candidates[0]  # nothing to time: the interpreter's speed says nothing about the GPU
+    choice = _recall(key, level, candidates, disk=False)
     if choice is None:
-        cached = tuning_cache().get(key)
-        choice = cached if cached in candidates else None
-    if choice is None:
-        choice = _benchmark(candidates, prepare)
-        tuning_cache().put(key, choice)
-    _memory[key] = choice
+        with _problem_lock(key):  # a thread that tuned it meanwhile left its choice in memory
+            choice = _recall(key, level, candidates, disk=True)
+            if choice is None:
+                choice = _choose(key, problem_key, signature, device, candidates, prepare, level)
     described = choice.describe()
     chosen = _chosen.setdefault(signature, [])
     if described not in chosen:
         chosen.append(described)
     return choice
+
+
+def _keys_for(key: str, level: str) -> list:
+    """Where a choice that serves `level` may be stored: an exhaustive tuning serves every level, a fast one
+    "fast" and "none", an untimed pick (key|none, in memory only) "none" alone."""
+    return {"exhaustive": [key], "fast": [key, key + "|fast"], "none": [key, key + "|fast", key + "|none"]}[level]
+
+
+def _recall(key: str, level: str, candidates: Sequence[Candidate], disk: bool) -> Optional[Candidate]:
+    for stored in _keys_for(key, level):
+        choice = _memory.get(stored)
+        if choice is None and disk and not stored.endswith("|none"):
+            choice = tuning_cache().get(stored)
+        if choice in candidates:
+            _memory[stored] = choice
+            return choice
+    return None
+
+
+def _choose(key, problem_key, signature, device, candidates, prepare, level) -> Candidate:
+    if interpreter_enabled() or len(candidates) == 1:
+        # Nothing to time: the interpreter's speed says nothing about the GPU.
+        _memory[key if len(candidates) == 1 else key + "|none"] = candidates[0]
+        return candidates[0]
+    shape = ranking.ConvShape.from_signature(signature)
+    ranked = ranking.rank_candidates(candidates, shape) if shape is not None else list(candidates)
+    if level == "none":
+        _memory[key + "|none"] = ranked[0]
+        log.debug("tritonconv: %s: picked %s untimed (autotune level 'none')", _shown(signature), ranked[0].describe())
+        return ranked[0]
+    layer = layer_key(problem_key)
+    layer = layer and f"{environment_key(device)}|layer|{layer}"
+    if level == "fast" and layer:
+        choice = _memory.get(layer) or tuning_cache().get(layer)
+        if choice in candidates:
+            _memory[key + "|fast"] = choice
+            log.info("tritonconv: %s: reusing %s, chosen for the same layer at another batch size or resolution",
+                     _shown(signature), choice.describe())
+            return choice
+    timed = ranked if level == "exhaustive" else ranking.short_list(ranked, FAST_CANDIDATES, FAST_FAMILIES)
+    with _tuning_under_way(signature, level, lambda: len(timed), lambda: choice):
+        try:
+            choice = _benchmark(timed, prepare)
+        except NoKernelError as exc:
+            if len(timed) == len(candidates) or exc.transient:
+                raise
+            # The short list failed for good (e.g. its kernels do not compile here): the others get their turn.
+            log.debug("tritonconv: %s: every short-listed candidate failed (%s); timing the rest", _shown(signature),
+                      exc)
+            timed = [c for c in ranked if c not in timed]
+            try:
+                choice = _benchmark(timed, prepare)
+            except NoKernelError as again:
+                causes = dict(exc.causes)
+                for name, (count, first) in again.causes.items():  # counts add up, the first message stays
+                    earlier = causes.get(name)
+                    causes[name] = (earlier[0] + count, earlier[1]) if earlier else (count, first)
+                raise NoKernelError(f"every kernel candidate ({len(candidates)} tried) failed for this convolution",
+                                    causes, again.transient) from None
+    # Having timed every candidate, a fast tuning is an exhaustive one.
+    stored = key if len(timed) == len(candidates) else key + "|fast"
+    _memory[stored] = choice
+    tuning_cache().put(stored, choice)
+    if layer:
+        _memory[layer] = choice
+        tuning_cache().put(layer, choice)
+    return choice
+
+
+def layer_key(problem_key: str) -> Optional[str]:
+    """`problem_key` (kernels.common.tuned_plan's format) without the batch size and the maps' sizes: the
+    input's and output's shape and strides become their channel count and whether channels are innermost.
+    None where the key has no such fields (then no choice is shared across sizes)."""
+    parts = problem_key.split("|")
+    fields = {part[0] for part in parts if part[:2] in ("x(", "y(")}
+    if fields != {"x", "y"}:
+        return None
+    out = []
+    for part in parts:
+        if part[:2] in ("x(", "y("):
+            try:
+                dims = ast.literal_eval(part[1:].replace(")(", "),(", 1))
+            except (ValueError, SyntaxError):
+                return None
+            if part[0] == "x":
+                shape, strides = dims
+                part = f"x[C={shape[1]},{'channels_last' if strides[1] == 1 < shape[1] else 'planes'}]"
+            else:
+                part = f"y[{'channels_last' if dims[1] == 1 else 'planes'}]"
+        out.append(part)
+    return "|".join(out)
+
+
+def _shown(signature: tuple) -> str:
+    if len(signature) != 7:
+        return f"problem {signature}"
+    x_shape, w_shape, stride, padding, dilation, groups, dtype = signature
+    return f"conv in {x_shape} w {w_shape} s{stride} p{padding} d{dilation} g{groups} {dtype}"
+
+
+TUNING_NOTICE_SECONDS = 2.0  # tuning time in a process after which the user is told once what is going on
+_tuning_seconds = 0.0  # spent in finished tunings
+_tuning_noticed = False
+
+
+def _tuning_notice(level: str, seconds: float) -> None:
+    """The process's one WARNING that tuning is under way (from the timer of _tuning_under_way, or after a
+    tuning that crossed the threshold, whichever comes first)."""
+    global _tuning_noticed
+    with _problem_locks_guard:
+        if _tuning_noticed:
+            return
+        _tuning_noticed = True
+    log.warning("tritonconv: tuning kernels for new convolution shapes (%.0f s so far; autotune level %r). Each "
+                "shape is tuned once and cached on disk. To see per-shape progress set TORCH_LOGS=\"+conv_backend\" "
+                "(or log 'conv_backend' at INFO); to tune ahead run `python -m conv_backend.tune`; for a faster "
+                "first call use options={\"autotune\": \"none\"} or TRITONCONV_AUTOTUNE=none.", seconds, level)
+
+
+@contextlib.contextmanager
+def _tuning_under_way(signature, level: str, timed: Callable[[], int], choice: Callable[[], Candidate]):
+    """Time one tuning: a timer gives the WARNING while it runs once the process's tuning time crosses
+    TUNING_NOTICE_SECONDS; at the end, one INFO line (the problem, the candidates timed, the seconds, the choice)."""
+    global _tuning_seconds
+    started = time.monotonic()
+    with _problem_locks_guard:
+        spent, noticed = _tuning_seconds, _tuning_noticed
+    timer = None
+    if not noticed:
+        timer = threading.Timer(max(0.0, TUNING_NOTICE_SECONDS - spent), lambda: _tuning_notice(
+            level, spent + time.monotonic() - started))
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()
+        seconds = time.monotonic() - started
+        with _problem_locks_guard:
+            _tuning_seconds += seconds
+            total = _tuning_seconds
+        if total > TUNING_NOTICE_SECONDS:
+            _tuning_notice(level, total)
+    log.info("tritonconv: tuned %s: %d candidate(s) timed in %.1f s (autotune level %r), chose %s",
+             _shown(signature), timed(), seconds, level, choice().describe())
 
 
 def candidate_set_id(candidates: Sequence[Candidate]) -> str:
@@ -488,28 +711,100 @@ def _compile_ahead(candidates: Sequence[Candidate], prepare: Callable[[Candidate
     return launches
 
 
+# Failures that skip a candidate quietly: it needs more resources than this GPU gives it, or does not compile
+# here. Anything else is logged at WARNING, once per exception type and kernel.
+_EXPECTED_FAILURES = (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError,
+                      torch.OutOfMemoryError)
+_EXPECTED_MESSAGES = ("out of memory", "out of resource", "shared memory", "ptxas", "too many resources",
+                      "compil")
+# Failures that may not happen again later: memory another tensor (or process) held, a busy device.
+_TRANSIENT_MESSAGES = ("out of memory", "busy or unavailable")
+_warned_failures: set = set()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` looks like a failure that may pass on a later try (out of memory, a busy device)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _TRANSIENT_MESSAGES))
+
+
+def _candidate_failed(candidate: Candidate, exc: Exception, failures: dict) -> None:
+    """Note `exc` in `failures` ({type name: [count, first message, transient]}) and log it."""
+    name = type(exc).__name__
+    first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+    entry = failures.setdefault(name, [0, first_line, False])
+    entry[0] += 1
+    entry[2] = entry[2] or is_transient(exc)
+    expected = isinstance(exc, _EXPECTED_FAILURES) or (
+        isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _EXPECTED_MESSAGES))
+    if expected or (name, candidate.kernel) in _warned_failures:
+        log.debug("tritonconv: candidate %s failed: %s: %s", candidate.describe(), name, exc)
+    else:
+        _warned_failures.add((name, candidate.kernel))
+        log.warning("tritonconv: candidate %s failed unexpectedly (skipped): %s: %s", candidate.describe(), name,
+                    exc)
+
+
 def _benchmark(candidates: Sequence[Candidate], prepare: Callable[[Candidate], Callable[[], None]]) -> Candidate:
     """The candidate with the lowest time, each timed in TIMING_PASSES passes over the whole list (its best
-    pass counts): a host stall that inflates one pass does not reach the same candidate's other pass."""
+    pass counts): a host stall that inflates one pass does not reach the same candidate's other pass.
+    Candidates are compiled ahead outside the process-wide timing lock, and timed inside it."""
     launches = _compile_ahead(candidates, prepare)
-    timings = {}
-    for candidate in candidates:
-        try:
-            if candidate not in launches:
-                launches[candidate] = prepare(candidate)
-            timings[candidate] = _time_candidate(launches[candidate])
-        except Exception as exc:  # e.g. out of shared memory for this shape: skip the config
-            log.debug("tritonconv: candidate %s failed: %s", candidate.describe(), exc)
-            timings[candidate] = math.inf
-    for _ in range(TIMING_PASSES - 1):
+    timings, failures = {}, {}
+    with _timing_lock:
         for candidate in candidates:
-            if not math.isinf(timings[candidate]):
-                try:
-                    timings[candidate] = min(timings[candidate], _time_candidate(launches[candidate]))
-                except Exception as exc:  # it ran once: keep that time
-                    log.debug("tritonconv: candidate %s failed when timed again: %s", candidate.describe(), exc)
+            try:
+                if candidate not in launches:
+                    launches[candidate] = prepare(candidate)
+                timings[candidate] = _time_candidate(launches[candidate])
+            except Exception as exc:  # classified (and logged) by _candidate_failed; the config is skipped
+                _candidate_failed(candidate, exc, failures)
+                timings[candidate] = math.inf
+        for _ in range(TIMING_PASSES - 1):
+            for candidate in candidates:
+                if not math.isinf(timings[candidate]):
+                    try:
+                        timings[candidate] = min(timings[candidate], _time_candidate(launches[candidate]))
+                    except Exception as exc:  # it ran once: keep that time
+                        log.debug("tritonconv: candidate %s failed when timed again: %s", candidate.describe(), exc)
     best = min(timings, key=timings.get)
     if math.isinf(timings[best]):
-        raise NoKernelError("every kernel candidate failed to run for this convolution")
+        raise NoKernelError(f"every kernel candidate ({len(candidates)} tried) failed for this convolution",
+                            causes={name: (count, first) for name, (count, first, _) in failures.items()},
+                            transient=any(transient for _, _, transient in failures.values()))
     log.debug("tritonconv: tuned %s", {c.describe(): round(t, 4) for c, t in timings.items()})
     return best
+
+
+class RetryPolicy:
+    """When to build again a plan whose tuning failed (NoKernelError): only for a transient cause, at most
+    `max_attempts` tries in all, each retry `growth` times as long after the last failure as the one before
+    (`first_interval` seconds at first). The dispatcher notes each failure with failed(key, error) and asks
+    should_rebuild(key) before it runs a plan that fell back to ATen; succeeded(key) forgets the key."""
+
+    def __init__(self, max_attempts: int = 3, first_interval: float = 1.0, growth: float = 4.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.max_attempts, self.first_interval, self.growth, self.clock = max_attempts, first_interval, growth, clock
+        self._failures: dict = {}  # key: (failed attempts, time of the last, transient)
+        self._lock = threading.Lock()
+
+    def failed(self, key, error: BaseException) -> None:
+        transient = error.transient if isinstance(error, NoKernelError) else is_transient(error)
+        with self._lock:
+            attempts = self._failures.get(key, (0, 0.0, True))[0] + 1
+            self._failures[key] = (attempts, self.clock(), transient)
+
+    def should_rebuild(self, key) -> bool:
+        """Whether the plan for `key` should be built again now (False for a key that never failed)."""
+        with self._lock:
+            state = self._failures.get(key)
+            if state is None:
+                return False
+            attempts, last, transient = state
+            if not transient or attempts >= self.max_attempts:
+                return False
+            return self.clock() - last >= self.first_interval * self.growth ** (attempts - 1)
+
+    def succeeded(self, key) -> None:
+        with self._lock:
+            self._failures.pop(key, None)

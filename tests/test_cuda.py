@@ -594,6 +594,7 @@ def test_cold_tuning_compiles_candidates_in_compile_threads(monkeypatch, tmp_pat
 
     import triton.compiler
     monkeypatch.setenv("TRITONCONV_COMPILE_THREADS", "4")
+    monkeypatch.setenv("TRITONCONV_AUTOTUNE", "exhaustive")  # every candidate compiled ahead, not a short list
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # Triton's disk cache: compile from scratch
     compiled_on = []
     real_compile = triton.compiler.compile
