@@ -16,18 +16,21 @@ ATen call (the graph calls our launch wrapper directly).
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import Any, Callable, Mapping, Optional
 
 import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
+from . import tuning
 from .dispatch import launch_conv2d
 from .fusion import UNDECOMPOSED, decompose_leftovers
 from .graph_pass import TRITON_CONV, replace_convolutions
 from .options import BackendOptions, split_options
 from .report import Report, set_last_report
 
+log = logging.getLogger("conv_backend")
 _graph_ids = itertools.count()
 
 
@@ -51,13 +54,14 @@ def tritonconv_backend(gm: torch.fx.GraphModule, example_inputs, options: Option
         compiled = _compile_with_aten(gm, example_inputs, opts, report, graph_id)
     else:
         compiled = _compile_with_inductor(gm, example_inputs, opts, report, graph_id, mode, inductor_options)
-    return _reporting(compiled, report)
+    return _wrap_compiled(compiled, report, opts.autotune)
 
 
 def _compile_with_aten(gm, example_inputs, opts: BackendOptions, report: Report, graph_id: int):
     def make_compiler(kind: str):
         def compile_graph(aten_gm: torch.fx.GraphModule, aten_inputs):
             replace_convolutions(aten_gm, opts, report, f"{kind}{graph_id}", allow_layout_copies=kind == "inference")
+            prepare_plans(aten_gm, opts.autotune)
             return make_boxed_func(direct_calls(aten_gm).forward)
         return compile_graph
 
@@ -95,6 +99,7 @@ def _compile_with_inductor(gm, example_inputs, opts: BackendOptions, report: Rep
         if decompose_leftovers(aten_gm, decompositions):
             aten_gm.graph.lint()
             aten_gm.recompile()
+        prepare_plans(aten_gm, opts.autotune)
         return compile_fx_inner(aten_gm, aten_inputs, **kwargs)
 
     # AOTAutograd's cache would hand back a compiled graph without running inner_compile, and so without
@@ -104,17 +109,51 @@ def _compile_with_inductor(gm, example_inputs, opts: BackendOptions, report: Rep
                           decompositions=held_back)
 
 
+def prepare_plans(gm: torch.fx.GraphModule, autotune: str) -> int:
+    """Choose each convolution's kernel now, while the graph compiles, on random tensors of its shapes and
+    strides, so that a call finds its plan made (tuned, compiled) and only launches. Only on a GPU (the
+    interpreter's kernels are slow and its choice is fixed) and for static shapes; a convolution that meets
+    other strides or sizes at run time gets its plan then. Returns how many plans were made."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    made = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target != TRITON_CONV:
+            continue
+        vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in node.args]
+        tensors = [v for v in vals if isinstance(v, torch.Tensor)]
+        if not all(v.is_cuda and all(isinstance(d, int) for d in (*v.shape, *v.stride())) for v in tensors):
+            continue
+        with unset_fake_temporarily(), torch.no_grad(), tuning.autotune_level_set(autotune):
+            try:
+                args = [torch.empty_strided(tuple(v.shape), v.stride(), dtype=v.dtype, device=v.device).uniform_()
+                        if isinstance(v, torch.Tensor) else v for v in vals]
+                launch_conv2d(*args)
+            except RuntimeError as exc:  # e.g. out of memory now: the first call makes the plan instead
+                log.debug("tritonconv: no plan made ahead for %s: %s", node.name, exc)
+                continue
+        made += 1
+    return made
+
+
 # Lists that explain() opens while it runs a model: every compiled graph that runs adds its report to each.
 _collectors: list = []
 
 
-def _reporting(compiled, report: Report):
-    """`compiled`, telling explain() which report belongs to it whenever it runs (also on Dynamo cache hits)."""
+def _wrap_compiled(compiled, report: Report, autotune: str):
+    """`compiled` run at the graph's autotune level (a plan is tuned when its call first meets a shape), telling
+    explain() which report belongs to it whenever it runs (also on Dynamo cache hits)."""
+    level = tuning.autotune_level
+
     def run(*args):
         for collected in _collectors:
             if not any(r is report for r in collected):
                 collected.append(report)
-        return compiled(*args)
+        token = level.set(autotune)
+        try:
+            return compiled(*args)
+        finally:
+            level.reset(token)
     run._boxed_call = getattr(compiled, "_boxed_call", False)
     return run
 

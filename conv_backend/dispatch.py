@@ -18,11 +18,14 @@ from .options import ALGORITHMS, PRECISIONS
 from .ops import EPILOGUE_DEFAULTS, epilogue_of
 from .runtime import resolve_input_precision
 from .support import depthwise_like, epilogue_reason, unsupported_reason
-from .tuning import NoKernelError
+from .tuning import NoKernelError, RetryPolicy
 
 log = logging.getLogger("conv_backend")
 # The most recently used plans (TRITONCONV_MAX_PLANS): dynamic shapes make a problem per input size.
 _plans = LRUCache(max_plans())
+# Plans that fell back to ATen because tuning failed; a transient cause (out of memory) is retried later.
+_fallbacks: set = set()
+_retry = RetryPolicy()
 
 
 def aten_conv2d(x, weight, bias, stride, padding, dilation, groups):
@@ -71,17 +74,17 @@ def _launch(x, weight, bias, stride, padding, dilation, groups, input_precision,
     key = (_tensor_key(x), _tensor_key(weight), _tensor_key(bias), stride, padding, dilation, groups, precision,
            algorithm, output_format, epilogue_key)
     plan = _plans.get(key)
-    if plan is None:
+    if plan is None or (_fallbacks and key in _fallbacks and _retry.should_rebuild(key)):
         check_arguments(input_precision, algorithm, output_format)
         epilogue = epilogue_of(*epilogue_args, *EPILOGUE_DEFAULTS[len(epilogue_args):])[0] if epilogue_args \
             else Epilogue()
         plan = _plans[key] = _make_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm,
-                                        output_format, epilogue, tensors or EpilogueTensors())
+                                        output_format, epilogue, tensors or EpilogueTensors(), key)
     return plan(x, weight, bias, tensors)
 
 
 def _make_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm, output_format, epilogue,
-               tensors):
+               tensors, key=None):
     aten = functools.partial(_aten_plan, stride=stride, padding=padding, dilation=dilation, groups=groups,
                              output_format=output_format, epilogue=epilogue)
     reason = unsupported_reason(x, weight, bias, stride, padding, dilation, groups=groups, algorithm=algorithm) \
@@ -96,8 +99,14 @@ def _make_plan(x, weight, bias, stride, padding, dilation, groups, precision, al
         run = _triton_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm, output_format,
                            epilogue, tensors)
     except NoKernelError as exc:
-        log.warning("tritonconv::conv2d falls back to ATen: %s", exc)
+        _retry.failed(key, exc)
+        _fallbacks.add(key)
+        retry = " (a transient cause: tuning is tried again later)" if exc.transient else ""
+        log.warning("tritonconv::conv2d falls back to ATen: %s%s", exc, retry)
         return aten
+    if key in _fallbacks:
+        _fallbacks.discard(key)
+        _retry.succeeded(key)
     if epilogue.is_identity:
         return lambda x, weight, bias, tensors: run(x, weight, bias)
     return run
@@ -117,8 +126,8 @@ def _triton_plan(x, weight, bias, stride, padding, dilation, groups, precision, 
         from .kernels.seed import seed_conv2d
         if not epilogue.is_identity:
             raise NoKernelError("algorithm='seed' runs no fused epilogue")
-        return lambda x, weight, bias, tensors: seed_conv2d(x, weight, bias, stride, padding, dilation, precision,
-                                                            output_format=output_format)
+        return lambda x, weight, bias: seed_conv2d(x, weight, bias, stride, padding, dilation, precision,
+                                                   output_format=output_format)
     if algorithm == "depthwise" or (algorithm == "auto" and depthwise_like(x.shape[1], weight.shape[0], groups)):
         from .kernels.depthwise import depthwise_plan
         return depthwise_plan(x, weight, bias, stride, padding, dilation, output_format, **fused)

@@ -28,6 +28,7 @@ from .ops import EPILOGUE_START, TRITON_CONV
 
 aten = torch.ops.aten
 BATCH_NORM = aten._native_batch_norm_legit_no_training.default
+ALGORITHM_ARG = 8  # index of algorithm in tritonconv::conv2d's arguments
 
 
 def _gelu_kind(node: fx.Node) -> Optional[str]:
@@ -120,7 +121,8 @@ def fuse_epilogues(gm: fx.GraphModule, on_fused: Optional[Callable[[fx.Node, fx.
     `on_fused(old, new, epilogue)` is told of every replacement (the report follows it)."""
     fused = 0
     for conv in list(gm.graph.nodes):
-        if conv.op != "call_function" or conv.target != TRITON_CONV or len(conv.args) > EPILOGUE_START:
+        if conv.op != "call_function" or conv.target != TRITON_CONV or len(conv.args) > EPILOGUE_START \
+                or conv.args[ALGORITHM_ARG] == "seed":  # the seed kernel stays the baseline it is: unfused
             continue
         tail, erased = conv, [conv]
         bn_args, residual, activation = None, None, ("none", ())

@@ -102,18 +102,19 @@ def replace_convolutions(gm: fx.GraphModule, options: Optional[BackendOptions] =
     options = options or BackendOptions()
     report = report if report is not None else Report()
     decisions: dict = {}  # our conv node -> its decision, to record what fusion folds into it
+    seen: list = []  # every decision, in graph order: reported once fusion has run
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
         if node.target in BACKWARD_TARGETS:
             _, x, weight, _, stride, padding, dilation, _, _, groups, _ = node.args
-            report.add(_decision(graph_name, node, x, weight, stride, padding, dilation, groups, False,
-                                 "convolution_backward stays on ATen"), options.verbose)
+            seen.append(_decision(graph_name, node, x, weight, stride, padding, dilation, groups, False,
+                                  "convolution_backward stays on ATen"))
             continue
         if node.target in OTHER_CONV_TARGETS:
             x, weight = node.args[:2]
             decision = _decision(graph_name, node, x, weight, (), (), (), 1, False, OTHER_CONV_TARGETS[node.target])
-            report.add(decision, options.verbose)
+            seen.append(decision)
             log.warning("tritonconv: %s", decision.describe())
             continue
         if node.target not in CONV_TARGETS:
@@ -126,7 +127,7 @@ def replace_convolutions(gm: fx.GraphModule, options: Optional[BackendOptions] =
                                         transposed, output_padding, groups, options.algorithm)
         decision = _decision(graph_name, node, x, weight, stride, padding, dilation, groups, reason is None,
                              reason or "", options.algorithm)
-        report.add(decision, options.verbose)
+        seen.append(decision)
         if reason is not None:
             continue
         with gm.graph.inserting_after(node):
@@ -143,9 +144,9 @@ def replace_convolutions(gm: fx.GraphModule, options: Optional[BackendOptions] =
         def record(old, new, epilogue):
             decisions[new] = decisions.pop(old)
             decisions[new].epilogue = epilogue.describe()
-            log.log(logging.INFO if options.verbose else logging.DEBUG, "%s: fused %s", graph_name,
-                    epilogue.describe())
         fuse_epilogues(gm, record)
+    for decision in seen:
+        report.add(decision, options.verbose)
     if decisions and options.channels_last:
         keep_channels_last_between_convs(gm, allow_layout_copies)
     if decisions:

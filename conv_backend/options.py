@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Mapping
+
+from .tuning import AUTOTUNE_LEVELS
 
 PRECISIONS = ("auto", "tf32", "ieee")
 INNER_COMPILERS = ("inductor", "aten")
-AUTOTUNE_LEVELS = ("none", "fast", "exhaustive")
 ALGORITHMS = ("auto", "gemm", "gemm_tma", "gemm_pointer", "gemm_nchw", "depthwise", "seed")
 
 
@@ -34,7 +36,8 @@ class BackendOptions:
                       convolution into its kernel (conv_backend.fusion).
     autotune:         how a convolution's kernel is chosen the first time its shapes are seen:
                       "none" by rule without timing, "fast" by timing a short list of the best
-                      ranked candidates, "exhaustive" by timing every candidate.
+                      ranked candidates, "exhaustive" by timing every candidate (default: the
+                      TRITONCONV_AUTOTUNE environment variable, else "fast").
     """
 
     enabled: bool = True
@@ -44,7 +47,7 @@ class BackendOptions:
     verbose: bool = False
     inner: str = "inductor"
     fusion: bool = True
-    autotune: str = "fast"
+    autotune: str = dataclasses.field(default_factory=lambda: os.environ.get("TRITONCONV_AUTOTUNE", "fast"))
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None) -> "BackendOptions":

@@ -48,7 +48,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _isolated_test(request, tmp_path_factory, monkeypatch):
-    """Private tuning cache directory, empty tuning memory, reproducible RNG."""
+    """Private tuning cache directory, empty tuning memory, fresh Dynamo caches, reproducible RNG."""
+    torch._dynamo.reset()  # a test's compiles must not count against another's recompile limit
     cache_home = tmp_path_factory.mktemp("xdg_cache")
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
     forget_in_process_state()

@@ -158,7 +158,7 @@ def test_compiled_graphs_call_the_launch_wrapper_directly(monkeypatch):
     monkeypatch.setattr(backend, "direct_calls", lambda gm: pairs.append((gm, real(gm))) or pairs[-1][1])
     model = Net().eval()
     x = torch.randn(2, 4, 9, 9)
-    compiled = torch.compile(model, backend="tritonconv", options=IEEE)
+    compiled = torch.compile(model, backend="tritonconv", options={**IEEE, "inner": "aten"})
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
     (traced, executable), = pairs
@@ -480,9 +480,11 @@ def test_bad_option_values_raise(options, fragment):
         _compile_and_run(options)
 
 
-def test_mode_is_rejected():
-    with pytest.raises(Exception, match="mode"):
-        _compile_and_run(mode="max-autotune")
+def test_mode_reaches_inductor():
+    model = nn.Conv2d(2, 2, 1)
+    x = torch.randn(1, 2, 3, 3)
+    out = torch.compile(model, backend="tritonconv", mode="max-autotune-no-cudagraphs")(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- regressions

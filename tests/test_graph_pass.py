@@ -21,6 +21,7 @@ from _util import format_flags
 
 aten = torch.ops.aten
 TRITON_CONV = torch.ops.tritonconv.conv2d.default
+OUTPUT_FORMAT_ARG = 9  # index of output_format in tritonconv::conv2d's arguments
 needs_interpreter = pytest.mark.interpreter
 
 
@@ -43,8 +44,9 @@ def interpret_env(monkeypatch):
 
 
 def run_pass(gm, **options):
+    """The pass alone; fusion off unless asked for (tests/test_fusion.py covers it), so the graph keeps its ops."""
     report = Report()
-    out = replace_convolutions(gm, BackendOptions(**options), report, "g")
+    out = replace_convolutions(gm, BackendOptions(**{"fusion": False, **options}), report, "g")
     assert out is gm, "the pass rewrites in place and returns the same GraphModule"
     return report
 
@@ -390,7 +392,7 @@ def test_channels_last_between_consecutive_convs(interpret_env):
     run_pass(gm, channels_last=True)
     first, second = conv_nodes(gm, TRITON_CONV)
     assert _output_formats(gm)[0] == "channels_last"
-    assert second.args[-1] != "channels_last", "the graph output keeps eager's format"
+    assert second.args[OUTPUT_FORMAT_ARG] != "channels_last", "the graph output keeps eager's format"
     relu = first.next
     assert relu.meta["val"].is_contiguous(memory_format=torch.channels_last)
 

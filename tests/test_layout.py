@@ -52,6 +52,10 @@ def compiled_graphs(monkeypatch):
     return graphs
 
 
+# The layout pass alone: no epilogue fusion (it removes the ops a region spans), ATen for the rest.
+LAYOUT_ONLY = {"input_precision": "ieee", "fusion": False, "inner": "aten"}
+
+
 def _formats(gm):
     return [n.args[OUTPUT_FORMAT_ARG] for n in gm.graph.nodes if n.target == TRITON_CONV]
 
@@ -68,7 +72,7 @@ def test_inference_region_spans_batch_norm_residual_and_pooling(compiled_graphs,
     model.bn1.running_mean.uniform_(-0.5, 0.5)
     x = torch.randn(2, 4, 10, 9)
     with torch.no_grad():
-        out, block = torch.compile(model, backend="tritonconv", options={"input_precision": "ieee"})(x)
+        out, block = torch.compile(model, backend="tritonconv", options=LAYOUT_ONLY)(x)
         ref_out, ref_block = model(x)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(block, ref_block, rtol=1e-4, atol=1e-5)
@@ -90,7 +94,7 @@ def test_training_graphs_make_no_layout_copies(compiled_graphs):
     model = ResidualBlock().train()
     x = torch.randn(2, 4, 10, 9, requires_grad=True)
     twin = copy.deepcopy(model)
-    compiled = torch.compile(model, backend="tritonconv", options={"input_precision": "ieee"})
+    compiled = torch.compile(model, backend="tritonconv", options=LAYOUT_ONLY)
     out, block = compiled(x)
     ref_out, ref_block = twin(x)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
@@ -105,7 +109,7 @@ def test_training_graphs_make_no_layout_copies(compiled_graphs):
 def test_channels_last_option_off_keeps_inference_graph_eager(compiled_graphs):
     model = ResidualBlock().eval()
     with torch.no_grad():
-        torch.compile(model, backend="tritonconv", options={"channels_last": False})(torch.randn(1, 4, 8, 8))
+        torch.compile(model, backend="tritonconv", options={**LAYOUT_ONLY, "channels_last": False})(torch.randn(1, 4, 8, 8))
     (_, gm), = compiled_graphs
     assert _formats(gm) == ["contiguous"] * 3 and not _copies(gm)
 
@@ -128,7 +132,7 @@ def test_inference_region_spans_concatenation(compiled_graphs, kernel_launches):
     model = Branches().eval()
     x = torch.randn(2, 4, 7, 8)
     with torch.no_grad():
-        out = torch.compile(model, backend="tritonconv", options={"input_precision": "ieee"})(x)
+        out = torch.compile(model, backend="tritonconv", options=LAYOUT_ONLY)(x)
         ref = model(x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     assert format_flags(out) == format_flags(ref)
