@@ -43,6 +43,9 @@ CONFIGS = ("fp32-b32", "fp32-b1", "bf16cl-b32")
 MODES = ("reduce-overhead", "max-autotune")
 COMPILERS = ("compile", "tritonconv")
 ROW_KEY = ("model", "dtype", "batch", "channels_last")
+# Every row has these (None where a variant failed); modes add <compiler>_<mode>_ms and _first_s.
+MEASURED = ("eager_ms", "compile_ms", "tritonconv_ms", "compile_first_s", "tritonconv_first_s", "eager_rel_err",
+            "tritonconv_rel_err", "convs_replaced", "convs_kept")
 
 
 def parse_config(name: str) -> dict:
@@ -108,7 +111,7 @@ def measure_row(name: str, config: dict, args, device: str, timer) -> dict:
     row = {"model": name, "dtype": config["dtype"], "batch": config["batch"],
            "channels_last": config["channels_last"], "size": config["size"], "options": args.options,
            "first_call": "cold: a fresh process per compiler, empty caches" if args.cold
-           else "in the timing process, caches as found"}
+           else "in the timing process, caches as found", **dict.fromkeys(MEASURED)}
     errors = {}
     torch._dynamo.reset()
     model, model64, x, x64 = build_model(name, config, device)
@@ -400,7 +403,7 @@ def main(argv=None) -> int:
                 except (bu.Interrupted, KeyboardInterrupt):
                     raise
                 except Exception as exc:  # noqa: BLE001 - e.g. out of memory building the reference
-                    row = dict(model=name, dtype=config["dtype"], batch=config["batch"],
+                    row = dict(dict.fromkeys(MEASURED), model=name, dtype=config["dtype"], batch=config["batch"],
                                channels_last=config["channels_last"], error=_short(exc))
                 if args.cold:
                     row.update(cold_first_calls(name, spec, args))

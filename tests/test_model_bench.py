@@ -112,6 +112,7 @@ def test_a_tiny_model_end_to_end(modes, tmp_path, monkeypatch):
         assert mb.main(["--device", "cpu", "--models", "resnet18", "--configs", "fp32-b1", "--size", "8",
                         "--options", '{"input_precision": "ieee"}', "--modes", modes, "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
+    assert set(mb.MEASURED) <= set(row)
     assert (row["model"], row["dtype"], row["batch"], row["channels_last"]) == ("resnet18", "fp32", 1, False)
     assert (row["convs_replaced"], row["convs_kept"]) == (2, 0)
     for key in ("eager_ms", "compile_ms", "tritonconv_ms", "compile_first_s", "tritonconv_first_s"):
