@@ -351,6 +351,11 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=float, default=250.0, help="do_bench warm-up, ms (default 250)")
     ap.add_argument("--rep", type=float, default=100.0, help="do_bench measuring time, ms (default 100)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 3; 1 on CPU)")
+    ap.add_argument("--skip-done", action="store_true",
+                    help="skip the models and configs that already have a row in the result JSON")
+    ap.add_argument("--stop-after", type=float, default=None, metavar="S",
+                    help="start no new model and config after S seconds (a run that must end within a time limit "
+                         "keeps every row it finished)")
     ap.add_argument("--first-call-only", choices=COMPILERS, help=argparse.SUPPRESS)  # the --cold child
     args = ap.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
@@ -392,10 +397,19 @@ def main(argv=None) -> int:
     timer = bu.make_timer(device, args.warmup, args.rep, cpu_reps=1)
     print(f"# {info['gpu']}: torch {info['torch']}, triton {info['triton']}; {len(args.models)} models x "
           f"{len(args.configs)} configs; results -> {out}", flush=True)
-    rows, status = [], 0
+    done = set()
+    if args.skip_done and out.exists():
+        done = {tuple(r[k] for k in ROW_KEY) for r in json.loads(out.read_text()).get("rows", [])}
+    rows, status, t0 = [], 0, time.perf_counter()
     try:
         for name in args.models:
             for spec, config in zip(args.config_specs, args.configs):
+                if (name, config["dtype"], config["batch"], config["channels_last"]) in done:
+                    print(f"{name} {spec}: in {out} already (--skip-done)", flush=True)
+                    continue
+                if args.stop_after is not None and time.perf_counter() - t0 >= args.stop_after:
+                    print(f"{name} {spec}: not started, --stop-after {args.stop_after:g} s reached", flush=True)
+                    continue
                 start = time.perf_counter()
                 print(f"{name} {spec} ...", flush=True)
                 try:

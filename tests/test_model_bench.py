@@ -126,3 +126,10 @@ def test_a_tiny_model_end_to_end(modes, tmp_path, monkeypatch):
     else:
         assert "error" not in row
     assert "| resnet18 | fp32-b1 |" in out.with_suffix(".md").read_text()
+
+    # a rerun that skips what the JSON has, and one out of time, measure nothing and keep the row
+    for flags in (["--skip-done"], ["--stop-after", "0"]):
+        with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):
+            assert mb.main(["--device", "cpu", "--models", "resnet18", "--configs", "fp32-b1", "--size", "8",
+                            "--out", str(out)] + flags) == 0
+        assert json.loads(out.read_text())["rows"] == [row]
