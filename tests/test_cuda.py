@@ -428,6 +428,7 @@ def test_auto_offers_the_gluon_kernels_only_where_they_can_run(module, name, mon
     for case, precision, expected in [
             (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), x_layout="channels_last"), "tf32", True),
             (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), x_layout="channels_last"), "ieee", False),  # exact fp32
+            (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), x_layout="channels_last"), "tf32x3", False),
             # Strided boxes: the warp-specialized kernel's tap per K step reads them; patches need stride 1.
             (Case(2, 32, 64, 38, 46, (3, 3), stride=(2, 2), padding=(1, 1)), "tf32", name == "ws_candidates"),
             (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), groups=2), "tf32", False)]:
