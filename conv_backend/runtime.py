@@ -1,6 +1,7 @@
 """Facts about the running process that decide what our kernels can do."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional
@@ -79,6 +80,7 @@ TF32X3_PASSES = 3
 TF32_MIN_FLOP_PER_BYTE = H100_TF32_FLOPS / TF32X3_PASSES / H100_DRAM_BYTES_PER_S
 
 
+@functools.lru_cache(maxsize=4096)  # called per convolution call: the arithmetic is done once per problem
 def conv_flop_per_byte(x_shape, w_shape, stride, padding, dilation, itemsize: int = 4) -> float:
     """Arithmetic intensity of a convolution: its FLOPs over the bytes it must move from DRAM at least (the
     input and weight read once, the output written once)."""
