@@ -342,8 +342,8 @@ def parse_args(argv=None):
                     help="first-call seconds from a fresh process per model, config and compiler, with empty "
                          "TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR and XDG_CACHE_HOME (our tuning cache)")
     ap.add_argument("--out", type=Path, default=None,
-                    help="result JSON to merge into (default bench/results/<date>-<gpu>-models.json; "
-                         "/tmp/tritonconv_bench_smoke/ on CPU)")
+                    help="result JSON to merge into, or a directory for <date>-<gpu>-models.json (default "
+                         "bench/results; /tmp/tritonconv_bench_smoke on CPU)")
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                     help="cpu: Triton's interpreter, for checking the script on tiny inputs")
     ap.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
@@ -389,7 +389,9 @@ def main(argv=None) -> int:
     args.rounds = args.rounds or (3 if device == "cuda" else 1)
     info = bu.versions(device)
     smoke = device == "cpu"
-    out = args.out or bu.default_out(smoke) / f"{bu.result_stem(info, smoke, '-models')}.json"
+    out = args.out or bu.default_out(smoke)
+    if out.is_dir() or not out.suffix:
+        out = out / f"{bu.result_stem(info, smoke, '-models')}.json"
     timing = (f"triton.testing.do_bench median, warm-up {args.warmup:g} ms, rep {args.rep:g} ms, best of "
               f"{args.rounds} interleaved rounds" if device == "cuda" else "CPU smoke run (interpreter): one call")
     meta = {"gpu": info["gpu"], "torch": info["torch"], "triton": info["triton"], "date": info["date"],

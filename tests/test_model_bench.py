@@ -127,9 +127,12 @@ def test_a_tiny_model_end_to_end(modes, tmp_path, monkeypatch):
         assert "error" not in row
     assert "| resnet18 | fp32-b1 |" in out.with_suffix(".md").read_text()
 
-    # a rerun that skips what the JSON has, and one out of time, measure nothing and keep the row
+    # a rerun that skips what the JSON has, and one out of time, measure nothing and keep the row; a
+    # directory as --out holds the day's file
+    out.rename(tmp_path / f"{mb.bu.result_stem(mb.bu.versions('cpu'), True, '-models')}.json")
     for flags in (["--skip-done"], ["--stop-after", "0"]):
         with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):
             assert mb.main(["--device", "cpu", "--models", "resnet18", "--configs", "fp32-b1", "--size", "8",
-                            "--out", str(out)] + flags) == 0
-        assert json.loads(out.read_text())["rows"] == [row]
+                            "--out", str(tmp_path)] + flags) == 0
+        (day_file,) = tmp_path.glob("*-models.json")
+        assert json.loads(day_file.read_text())["rows"] == [row]
