@@ -349,7 +349,8 @@ def parse_args(argv=None):
     ap.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
     # Each variant first runs alone this long, so it is timed at the clock it sustains (as conv_bench.py does).
     ap.add_argument("--warmup", type=float, default=250.0, help="do_bench warm-up, ms (default 250)")
-    ap.add_argument("--rep", type=float, default=100.0, help="do_bench measuring time, ms (default 100)")
+    ap.add_argument("--rep", type=float, default=200.0,
+                    help="do_bench measuring time, ms (default 200: a forward pass can take tens of ms)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 3; 1 on CPU)")
     ap.add_argument("--skip-done", action="store_true",
                     help="skip the models and configs that already have a row in the result JSON")
