@@ -5,6 +5,7 @@
 #   make test    the test suite: the CPU tests through Triton's interpreter, then, when a CUDA GPU
 #                is visible, the cuda-marked tests on the GPU (make test-cpu / test-cuda: one half)
 #   make bench   the GPU benchmark (bench/conv_bench.py); results go to bench/results/
+#   make bench-models  torchvision models: eager, torch.compile and tritonconv (bench/model_bench.py)
 #   make clean   remove the virtualenv, build files and caches
 #
 # Each target first creates ./.venv (if missing) and installs into it, once, what it needs:
@@ -20,7 +21,8 @@
 #                pip install --no-deps --no-build-isolation -e . -- for machines without internet
 #   PYTEST_ARGS  extra pytest arguments, e.g. PYTEST_ARGS="-x -k options"
 #   DEMO_ARGS    arguments for examples/resnet.py, e.g. DEMO_ARGS="--arch resnet50"
-#   BENCH_ARGS   arguments for bench/conv_bench.py
+#   BENCH_ARGS   arguments for bench/conv_bench.py (make bench) or bench/model_bench.py (make bench-models),
+#                e.g. BENCH_ARGS="--models resnet18,mobilenet_v2 --configs fp32-b32"
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -44,10 +46,10 @@ HAS_CUDA = $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-cpu test-cuda bench clean
+.PHONY: help install demo test test-cpu test-cuda bench bench-models clean
 
 help:
-	@sed -n '3,9s/^# \{0,1\}//p' Makefile
+	@sed -n '3,10s/^# \{0,1\}//p' Makefile
 
 install: $(STAMP)
 
@@ -104,6 +106,9 @@ test-cuda: $(STAMP)
 
 bench: $(STAMP)
 	env -u TRITON_INTERPRET $(PY) bench/conv_bench.py $(BENCH_ARGS)
+
+bench-models: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) bench/model_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install, versions, then the chosen steps, each under its own timeout.
 #
-#   bash bench/run_device.sh [STEP...] [-- ARGS FOR conv_bench.py]
+#   bash bench/run_device.sh [STEP...] [-- ARGS FOR conv_bench.py OR model_bench.py]
 #
 # STEP: tests     python -m pytest -m cuda -q --durations=15 [-n PYTEST_WORKERS, default 6, where pytest-xdist
 #                 is installed] tests/ -> $OUT/pytest_cuda.log
 #       seed      bench/seed_bench.py --out $OUT               -> $OUT/<date>-<gpu>-seed.{json,md}, log in $OUT/bench.log
 #       conv      bench/conv_bench.py --out $OUT [ARGS]        -> $OUT/<date>-<gpu>.{json,md,png}, log in $OUT/bench.log
 #       examples  every examples/*.py but _*.py                      -> $OUT/examples.log
+#       models    bench/model_bench.py --out $OUT --stop-after S [ARGS] -> $OUT/<date>-<gpu>-models.{json,md,png},
+#                 log in $OUT/models.log; no model starts after S seconds (MODELS_STOP, default: the step's
+#                 limit less 200 s, the longest a model's three configs take on cold caches)
 #       smoke     conv_bench.py --smoke (default --problems kb80,kb82,rn50-stem) and seed_bench.py --smoke:
 #                 tiny shapes on the GPU, a quick check of the harness (results in /tmp, log in $OUT/bench.log)
 # Default: tests seed conv examples. At most 8 files land in $OUT (3 logs + 5 results).
 #
 # Environment: OUT (default /tmp/tritonconv_out), PYTHON (default python), BUDGET (seconds for the whole
 # call, default 570: every step's timeout is cut to what is left), T_TESTS / T_SEED / T_CONV / T_EXAMPLES /
-# T_SMOKE (per-step limits, seconds).
+# T_SMOKE / T_MODELS (per-step limits, seconds).
 set -u -o pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -31,8 +34,8 @@ conv_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --) shift; conv_args=("$@"); break ;;
-    tests|seed|conv|examples|smoke) steps+=("$1"); shift ;;
-    *) echo "unknown step '$1' (steps: tests seed conv examples smoke; conv_bench args after --)"; exit 2 ;;
+    tests|seed|conv|examples|smoke|models) steps+=("$1"); shift ;;
+    *) echo "unknown step '$1' (steps: tests seed conv examples smoke models; bench args after --)"; exit 2 ;;
   esac
 done
 [ ${#steps[@]} -eq 0 ] && steps=(tests seed conv examples)
@@ -97,6 +100,11 @@ for step in "${steps[@]}"; do
       run_step seed "$OUT/bench.log" "${T_SEED:-150}" "$PY" bench/seed_bench.py --out "$OUT" ;;
     conv)
       run_step conv "$OUT/bench.log" "${T_CONV:-540}" "$PY" bench/conv_bench.py --out "$OUT" ${conv_args[@]+"${conv_args[@]}"} ;;
+    models)
+      limit=${T_MODELS:-540}
+      [ "$limit" -gt $(( $(left) - 15 )) ] && limit=$(( $(left) - 15 ))
+      run_step models "$OUT/models.log" "$limit" "$PY" bench/model_bench.py --out "$OUT" \
+        --stop-after "${MODELS_STOP:-$(( limit > 260 ? limit - 200 : 60 ))}" ${conv_args[@]+"${conv_args[@]}"} ;;
     smoke)
       smoke_args=(${conv_args[@]+"${conv_args[@]}"})
       [ ${#smoke_args[@]} -eq 0 ] && smoke_args=(--problems kb80,kb82,rn50-stem)

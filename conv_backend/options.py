@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from .tuning import AUTOTUNE_LEVELS
 
-PRECISIONS = ("auto", "tf32", "ieee")
+PRECISIONS = ("auto", "tf32", "tf32x3", "ieee")
 INNER_COMPILERS = ("inductor", "aten")
 ALGORITHMS = ("auto", "gemm", "gemm_tma", "gemm_pointer", "gemm_nchw", "depthwise", "seed")
 
@@ -17,8 +17,9 @@ class BackendOptions:
     """Every option the backend takes.
 
     enabled:          replace supported convolutions (False keeps every one on ATen).
-    input_precision:  fp32 math: "auto" follows cuDNN's TF32 setting at run time
-                      (torch.backends.cudnn), "tf32" forces TF32, "ieee" forces exact fp32.
+    input_precision:  fp32 math: "auto" follows cuDNN's TF32 setting at run time (torch.backends.cudnn), using
+                      TF32 in compute-bound layers and "tf32x3" elsewhere (runtime.choose_fp32_precision);
+                      "tf32" forces TF32, "tf32x3" three TF32 products (about fp32's accuracy), "ieee" exact fp32.
     algorithm:        "auto" picks per problem; "gemm" is the implicit GEMM (TMA where it
                       applies), "gemm_tma" / "gemm_pointer" force one of its load paths,
                       "gemm_nchw" its kernel that reads and writes NCHW in place,

@@ -1,6 +1,8 @@
 """Facts about the running process that decide what our kernels can do."""
 from __future__ import annotations
 
+import functools
+import math
 import os
 from typing import Optional
 
@@ -53,7 +55,8 @@ def cudnn_conv_allows_tf32() -> bool:
 
 
 def resolve_input_precision(policy: str, dtype: torch.dtype, device: Optional[torch.device] = None) -> str:
-    """Map the user's fp32 policy to a tl.dot input_precision for `dtype` on `device` (default: CUDA)."""
+    """Map the user's fp32 policy to a tl.dot input_precision for `dtype` on `device` (default: CUDA), the same
+    for every layer: "auto" gives "tf32" or "ieee" (what eager allows); choose_fp32_precision decides per layer."""
     if dtype != torch.float32:
         return "ieee"  # fp16/bf16 operands are exact in the tensor cores; ignored by tl.dot
     if policy == "auto":
@@ -61,6 +64,52 @@ def resolve_input_precision(policy: str, dtype: torch.dtype, device: Optional[to
         on_cuda = device is None or device.type == "cuda"
         return "tf32" if on_cuda and cudnn_conv_allows_tf32() else "ieee"
     return policy
+
+
+# "auto" with TF32 allowed uses TF32 only in layers where it pays, and "tf32x3" elsewhere. tf32x3 (Triton splits
+# each fp32 operand into a TF32 value and a TF32 remainder and sums three TF32 products) is about as accurate as
+# exact fp32 but takes three tensor-core passes. On an H100 (SXM: TF32 dense ~495 TFLOP/s, HBM3 ~3.35 TB/s) it
+# peaks near 495 / 3 = 165 TFLOP/s, so a layer needs 165e12 / 3.35e12 = ~49 FLOP per byte of DRAM traffic
+# before the extra passes can cost time (the ridge point of tf32x3). Below it the layer waits on memory either
+# way: 1x1 convolutions with few channels, small maps, batch-1 layers whose weights dominate. Triton's TF32
+# drops each operand's low 13 mantissa bits where cuDNN rounds them, a bias that adds up from layer to layer
+# (cuDNN also uses TF32 only where its algorithm gains from it), so those layers keep fp32's accuracy at no cost.
+H100_TF32_FLOPS = 495e12
+H100_DRAM_BYTES_PER_S = 3.35e12
+TF32X3_PASSES = 3
+TF32_MIN_FLOP_PER_BYTE = H100_TF32_FLOPS / TF32X3_PASSES / H100_DRAM_BYTES_PER_S
+
+
+@functools.lru_cache(maxsize=4096)  # called per convolution call: the arithmetic is done once per problem
+def conv_flop_per_byte(x_shape, w_shape, stride, padding, dilation, itemsize: int = 4) -> float:
+    """Arithmetic intensity of a convolution: its FLOPs over the bytes it must move from DRAM at least (the
+    input and weight read once, the output written once)."""
+    n, _, in_h, in_w = x_shape
+    out_c, channels_per_group, kernel_h, kernel_w = w_shape
+    # layout.conv_output_hw's formula: this module imports nothing of the package (tests load it on its own)
+    out_h = (in_h + 2 * padding[0] - dilation[0] * (kernel_h - 1) - 1) // stride[0] + 1
+    out_w = (in_w + 2 * padding[1] - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
+    out_elems = n * out_c * max(out_h, 0) * max(out_w, 0)
+    flops = 2 * out_elems * channels_per_group * kernel_h * kernel_w
+    elems = math.prod(x_shape) + math.prod(w_shape) + out_elems
+    return flops / max(elems * itemsize, 1)
+
+
+def choose_fp32_precision(policy: str, x_shape, w_shape, stride, padding, dilation, groups, dtype: torch.dtype,
+                          device: Optional[torch.device] = None) -> str:
+    """The tl.dot input_precision of one convolution: "tf32", "tf32x3" or "ieee" (see the constants above).
+
+    Forced policies ("tf32", "tf32x3", "ieee") apply to every layer; "auto" is exact fp32 where eager is
+    (CPU, or cuDNN's TF32 setting off), else TF32 where the layer is compute-bound enough
+    (conv_flop_per_byte above TF32_MIN_FLOP_PER_BYTE) and "tf32x3" elsewhere. fp16/bf16 give "ieee".
+    `groups` is implied by the weight's shape (its channels per group); the argument keeps the convolution's.
+    """
+    precision = resolve_input_precision(policy, dtype, device)
+    if policy != "auto" or precision != "tf32":
+        return precision
+    intensity = conv_flop_per_byte(tuple(x_shape), tuple(w_shape), tuple(stride), tuple(padding), tuple(dilation),
+                                   dtype.itemsize)
+    return "tf32" if intensity > TF32_MIN_FLOP_PER_BYTE else "tf32x3"
 
 
 def has_tma(device: torch.device) -> bool:

@@ -70,7 +70,8 @@ def check_options(options) -> None:
 
 
 def fp32_math(options, device: str) -> str:
-    """How the backend multiplies fp32 operands here: 'tf32' or 'ieee'."""
+    """How the backend multiplies fp32 operands here: 'tf32', 'tf32x3' or 'ieee' ('auto' gives the loosest
+    its layers may use: 'tf32' where cuDNN's setting allows TF32)."""
     from conv_backend.runtime import resolve_input_precision
     import torch
 

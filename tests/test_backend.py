@@ -398,7 +398,7 @@ def test_enabled_false_replaces_nothing(kernel_launches):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "tf32x3"])
 def test_input_precision_option_reaches_the_kernel(precision, kernel_launches):
     model = _small_net()
     x = torch.randn(1, 8, 6, 6)

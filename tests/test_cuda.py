@@ -428,6 +428,7 @@ def test_auto_offers_the_gluon_kernels_only_where_they_can_run(module, name, mon
     for case, precision, expected in [
             (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), x_layout="channels_last"), "tf32", True),
             (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), x_layout="channels_last"), "ieee", False),  # exact fp32
+            (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), x_layout="channels_last"), "tf32x3", False),
             # Strided boxes: the warp-specialized kernel's tap per K step reads them; patches need stride 1.
             (Case(2, 32, 64, 38, 46, (3, 3), stride=(2, 2), padding=(1, 1)), "tf32", name == "ws_candidates"),
             (Case(2, 32, 64, 37, 45, (3, 3), padding=(1, 1), groups=2), "tf32", False)]:
@@ -714,3 +715,25 @@ def test_direct_launch_on_side_stream_and_in_cuda_graph(algorithm, one_candidate
     torch.cuda.synchronize()
     assert rel_err(y_graph, reference(x, w, b, *case.args())) <= tolerance(x.dtype)
     assert not jit_runs, "launches after the first went through the JIT"
+
+
+# ---------------------------------------------------------------- default fp32 precision keeps eager's accuracy
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18"])
+def test_default_precision_keeps_eager_accuracy(arch, one_candidate):
+    """With default options (TF32 allowed, as eager's cuDNN has it by default) a whole model's output stays
+    within twice eager's own error against float64, or 1e-3 where that is larger: TF32 only where
+    runtime.choose_fp32_precision lets it pay, not in every layer."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None).eval()
+    model64 = copy.deepcopy(model).to(DEV, torch.float64)
+    model = model.to(DEV)
+    x = torch.randn(8, 3, 224, 224, device=DEV)
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        out = torch.compile(model, backend="tritonconv")(x)
+        eager = model(x)
+        ref = model64(x.double())
+    assert last_report().replaced
+    eager_err, err = rel_err(eager, ref), rel_err(out, ref)
+    assert err <= max(2 * eager_err, 1e-3), f"{arch}: tritonconv {err:.2e}, eager {eager_err:.2e} against float64"

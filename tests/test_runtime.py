@@ -152,6 +152,7 @@ def test_forced_fp32_policies(device, allowed, monkeypatch):
     monkeypatch.setattr(runtime, "cudnn_conv_allows_tf32", lambda: allowed)
     assert runtime.resolve_input_precision("tf32", torch.float32, torch.device(device)) == "tf32"
     assert runtime.resolve_input_precision("ieee", torch.float32, torch.device(device)) == "ieee"
+    assert runtime.resolve_input_precision("tf32x3", torch.float32, torch.device(device)) == "tf32x3"
 
 
 @pytest.mark.parametrize("allowed", [False, True])
@@ -167,6 +168,68 @@ def test_auto_policy_is_exact_on_cpu(allowed, monkeypatch):
     """Eager CPU convolutions are exact fp32, whatever cuDNN would do."""
     monkeypatch.setattr(runtime, "cudnn_conv_allows_tf32", lambda: allowed)
     assert runtime.resolve_input_precision("auto", torch.float32, torch.device("cpu")) == "ieee"
+
+
+# ---------------------------------------------------------------- choose_fp32_precision
+
+# (x shape, weight shape, stride, padding, groups) at batch 32
+MOBILENET_1X1 = ((32, 96, 56, 56), (24, 96, 1, 1), (1, 1), (0, 0), 1)       # memory-bound
+RESNET_3X3 = ((32, 256, 14, 14), (256, 256, 3, 3), (1, 1), (1, 1), 1)        # compute-bound
+DEPTHWISE = ((32, 144, 56, 56), (144, 1, 3, 3), (1, 1), (1, 1), 144)
+
+
+def _choose(policy, layer, dtype=torch.float32, device="cuda"):
+    x_shape, w_shape, stride, padding, groups = layer
+    return runtime.choose_fp32_precision(policy, x_shape, w_shape, stride, padding, (1, 1), groups, dtype,
+                                         torch.device(device))
+
+
+def test_tf32_threshold_is_the_tf32x3_ridge_point():
+    assert runtime.TF32_MIN_FLOP_PER_BYTE == pytest.approx(495e12 / 3 / 3.35e12)
+
+
+def test_flop_per_byte():
+    # 1x1 96->24 on 32x56x56: 2*96*24 FLOPs per pixel over 4*(96+24) bytes per pixel (the weight is negligible)
+    assert runtime.conv_flop_per_byte(*MOBILENET_1X1[:4], (1, 1)) == pytest.approx(2 * 96 * 24 / (4 * 120), rel=1e-3)
+    x_shape, w_shape, stride, padding, _ = RESNET_3X3
+    flops = 2 * 32 * 14 * 14 * 256 * 256 * 9
+    elems = 2 * 32 * 256 * 14 * 14 + 256 * 256 * 9
+    assert runtime.conv_flop_per_byte(x_shape, w_shape, stride, padding, (1, 1)) == pytest.approx(flops / (4 * elems))
+    assert runtime.conv_flop_per_byte(x_shape, w_shape, stride, padding, (1, 1), itemsize=2) == pytest.approx(
+        flops / (2 * elems))
+
+
+def test_auto_uses_tf32_only_where_it_pays(monkeypatch):
+    monkeypatch.setattr(runtime, "cudnn_conv_allows_tf32", lambda: True)
+    assert _choose("auto", MOBILENET_1X1) == "tf32x3"
+    assert _choose("auto", DEPTHWISE) == "tf32x3"
+    assert _choose("auto", RESNET_3X3) == "tf32"
+    # ResNet's last 3x3 layer (512 channels, 7x7): compute-bound at batch 32, its weights' traffic sets the time
+    # at batch 1
+    assert _choose("auto", ((32, 512, 7, 7), (512, 512, 3, 3), (1, 1), (1, 1), 1)) == "tf32"
+    assert _choose("auto", ((1, 512, 7, 7), (512, 512, 3, 3), (1, 1), (1, 1), 1)) == "tf32x3"
+
+
+@pytest.mark.parametrize("layer", [MOBILENET_1X1, RESNET_3X3], ids=["1x1", "3x3"])
+def test_auto_is_exact_where_eager_is(layer, monkeypatch):
+    monkeypatch.setattr(runtime, "cudnn_conv_allows_tf32", lambda: False)
+    assert _choose("auto", layer) == "ieee"
+    monkeypatch.setattr(runtime, "cudnn_conv_allows_tf32", lambda: True)
+    assert _choose("auto", layer, device="cpu") == "ieee"
+
+
+@pytest.mark.parametrize("policy", ["tf32", "tf32x3", "ieee"])
+@pytest.mark.parametrize("layer", [MOBILENET_1X1, RESNET_3X3], ids=["1x1", "3x3"])
+def test_forced_policies_apply_to_every_layer(policy, layer, monkeypatch):
+    for allowed in (False, True):
+        monkeypatch.setattr(runtime, "cudnn_conv_allows_tf32", lambda: allowed)
+        assert _choose(policy, layer) == policy
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("policy", PRECISIONS)
+def test_half_precision_layers_choose_ieee(dtype, policy):
+    assert _choose(policy, RESNET_3X3, dtype) == "ieee"
 
 
 # ---------------------------------------------------------------- devices
@@ -222,7 +285,7 @@ def test_every_documented_value_is_accepted(precision, algorithm):
 
 
 def test_documented_option_values():
-    assert set(PRECISIONS) == {"auto", "tf32", "ieee"}
+    assert set(PRECISIONS) == {"auto", "tf32", "tf32x3", "ieee"}
     assert {"auto", "gemm", "gemm_tma", "gemm_pointer", "depthwise", "seed"} <= set(ALGORITHMS)
 
 

@@ -322,7 +322,8 @@ def test_gluon_rules_on_a_pretend_hopper(monkeypatch):
     assert "stride 1" in common.gluon_sm90_reason(True, x, (2, 2), 1, "tf32")
     assert common.gluon_sm90_reason(True, x, (2, 2), 1, "tf32", any_stride=True) is None
     assert "groups 1" in common.gluon_sm90_reason(True, x, (1, 1), 2, "tf32")
-    assert "exact fp32" in common.gluon_sm90_reason(True, x, (1, 1), 1, "ieee")
+    assert "'ieee'" in common.gluon_sm90_reason(True, x, (1, 1), 1, "ieee")
+    assert "'tf32x3'" in common.gluon_sm90_reason(True, x, (1, 1), 1, "tf32x3")
     x16 = types.SimpleNamespace(device=x.device, dtype=torch.bfloat16)
     assert common.gluon_sm90_reason(True, x16, (1, 1), 1, "ieee") is None
     capability[0] = (8, 0)

@@ -101,7 +101,7 @@ def gluon_sm90_reason(has_gluon: bool, x, stride, groups, input_precision, any_s
     if tuple(stride) != (1, 1) and not any_stride:
         return "stride 1 only"
     if x.dtype == torch.float32 and input_precision != "tf32":
-        return "exact fp32 (wgmma multiplies fp32 as TF32 only)"
+        return f"fp32 math {input_precision!r} (wgmma multiplies fp32 as TF32 only)"
     return None
 
 
