@@ -16,7 +16,7 @@ from .layout import OUTPUT_FORMATS, memory_format_for
 from .lru import LRUCache, max_plans
 from .options import ALGORITHMS, PRECISIONS
 from .ops import EPILOGUE_DEFAULTS, epilogue_of
-from .runtime import resolve_input_precision
+from .runtime import choose_fp32_precision
 from .support import depthwise_like, epilogue_reason, unsupported_reason
 from .tuning import NoKernelError, RetryPolicy
 
@@ -63,7 +63,8 @@ def launch_conv2d(x, weight, bias, stride, padding, dilation, groups, input_prec
 def _launch(x, weight, bias, stride, padding, dilation, groups, input_precision, algorithm, output_format,
             epilogue_args):
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
-    precision = resolve_input_precision(input_precision, x.dtype, x.device)
+    precision = choose_fp32_precision(input_precision, x.shape, weight.shape, stride, padding, dilation, groups,
+                                      x.dtype, x.device)
     tensors, epilogue_key = None, None
     if epilogue_args:
         mean, var, gamma, beta, eps, residual, activation, params = \

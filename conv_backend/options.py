@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from .tuning import AUTOTUNE_LEVELS
 
-PRECISIONS = ("auto", "tf32", "tf32x3", "ieee")
+PRECISIONS = ("auto", "tf32", "tf32_round", "tf32x3", "ieee")
 INNER_COMPILERS = ("inductor", "aten")
 ALGORITHMS = ("auto", "gemm", "gemm_tma", "gemm_pointer", "gemm_nchw", "depthwise", "seed")
 
@@ -18,8 +18,10 @@ class BackendOptions:
 
     enabled:          replace supported convolutions (False keeps every one on ATen).
     input_precision:  fp32 math: "auto" follows cuDNN's TF32 setting at run time (torch.backends.cudnn), using
-                      TF32 in compute-bound layers and "tf32x3" elsewhere (runtime.choose_fp32_precision);
-                      "tf32" forces TF32, "tf32x3" three TF32 products (about fp32's accuracy), "ieee" exact fp32.
+                      rounded TF32 in compute-bound layers and "tf32x3" elsewhere (runtime.choose_fp32_precision);
+                      "tf32" forces TF32 (Triton's: operands truncated), "tf32_round" TF32 on operands rounded to
+                      the nearest TF32 value (cuDNN's), "tf32x3" three TF32 products (about fp32's accuracy),
+                      "ieee" exact fp32.
     algorithm:        "auto" picks per problem; "gemm" is the implicit GEMM (TMA where it
                       applies), "gemm_tma" / "gemm_pointer" force one of its load paths,
                       "gemm_nchw" its kernel that reads and writes NCHW in place,

@@ -71,9 +71,11 @@ def resolve_input_precision(policy: str, dtype: torch.dtype, device: Optional[to
 # exact fp32 but takes three tensor-core passes. On an H100 (SXM: TF32 dense ~495 TFLOP/s, HBM3 ~3.35 TB/s) it
 # peaks near 495 / 3 = 165 TFLOP/s, so a layer needs 165e12 / 3.35e12 = ~49 FLOP per byte of DRAM traffic
 # before the extra passes can cost time (the ridge point of tf32x3). Below it the layer waits on memory either
-# way: 1x1 convolutions with few channels, small maps, batch-1 layers whose weights dominate. Triton's TF32
-# drops each operand's low 13 mantissa bits where cuDNN rounds them, a bias that adds up from layer to layer
-# (cuDNN also uses TF32 only where its algorithm gains from it), so those layers keep fp32's accuracy at no cost.
+# way: 1x1 convolutions with few channels, small maps, batch-1 layers whose weights dominate. Those layers keep
+# fp32's accuracy at no cost. Above it, "auto" uses "tf32_round": Triton's TF32 drops each operand's low 13
+# mantissa bits where cuDNN rounds them, a bias that adds up from layer to layer, so the tl kernels round their
+# operands to the nearest TF32 value first (kernels.common.mma) and the error stays cuDNN's. The Gluon kernels
+# feed the tensor cores straight from shared memory and cannot round: they serve "tf32" only.
 H100_TF32_FLOPS = 495e12
 H100_DRAM_BYTES_PER_S = 3.35e12
 TF32X3_PASSES = 3
@@ -97,10 +99,10 @@ def conv_flop_per_byte(x_shape, w_shape, stride, padding, dilation, itemsize: in
 
 def choose_fp32_precision(policy: str, x_shape, w_shape, stride, padding, dilation, groups, dtype: torch.dtype,
                           device: Optional[torch.device] = None) -> str:
-    """The tl.dot input_precision of one convolution: "tf32", "tf32x3" or "ieee" (see the constants above).
+    """The fp32 math of one convolution: "tf32", "tf32_round", "tf32x3" or "ieee" (see the constants above).
 
-    Forced policies ("tf32", "tf32x3", "ieee") apply to every layer; "auto" is exact fp32 where eager is
-    (CPU, or cuDNN's TF32 setting off), else TF32 where the layer is compute-bound enough
+    Forced policies ("tf32", "tf32_round", "tf32x3", "ieee") apply to every layer; "auto" is exact fp32 where
+    eager is (CPU, or cuDNN's TF32 setting off), else rounded TF32 where the layer is compute-bound enough
     (conv_flop_per_byte above TF32_MIN_FLOP_PER_BYTE) and "tf32x3" elsewhere. fp16/bf16 give "ieee".
     `groups` is implied by the weight's shape (its channels per group); the argument keeps the convolution's.
     """
@@ -109,7 +111,7 @@ def choose_fp32_precision(policy: str, x_shape, w_shape, stride, padding, dilati
         return precision
     intensity = conv_flop_per_byte(tuple(x_shape), tuple(w_shape), tuple(stride), tuple(padding), tuple(dilation),
                                    dtype.itemsize)
-    return "tf32" if intensity > TF32_MIN_FLOP_PER_BYTE else "tf32x3"
+    return "tf32_round" if intensity > TF32_MIN_FLOP_PER_BYTE else "tf32x3"
 
 
 def has_tma(device: torch.device) -> bool:

@@ -9,6 +9,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import conv_backend.kernels.common as common_mod
 import conv_backend.kernels.depthwise as depthwise_mod
@@ -871,3 +873,22 @@ def test_nchw_capped_candidate_only_for_wide_16bit_problems(monkeypatch):
     assert [c.params["BLOCK_M"] for c in capped(64, 256, torch.bfloat16)] == [128]
     assert not capped(64, 256, torch.float32)  # TF32 tiles take other registers: not measured capped
     assert not capped(64, 64, torch.float16) and not capped(32, 256, torch.bfloat16)  # clipped tiles
+
+
+@triton.jit
+def _round_to_tf32_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(y_ptr + offs, common_mod.round_to_tf32(tl.load(x_ptr + offs)))
+
+
+def test_round_to_tf32_rounds_to_nearest():
+    """The operands of "tf32_round" keep 10 mantissa bits, rounded to the nearest (ties away from zero), where
+    the tensor cores' own conversion truncates."""
+    x = torch.randn(64) * 10.0 ** torch.randint(-6, 6, (64,)).float()
+    x[:4] = torch.tensor([1.0 + 2 ** -11, 1.0 + 2 ** -11 - 2 ** -20, -(1.0 + 3 * 2 ** -11), 1.0 + 2 ** -10])
+    y = torch.empty_like(x)
+    _round_to_tf32_kernel[(1,)](x, y, N=64)
+    assert y[:4].tolist() == [1.0 + 2 ** -10, 1.0, -(1.0 + 2 ** -9), 1.0 + 2 ** -10]
+    bits = y.view(torch.int32)
+    assert torch.all(bits & 0x1FFF == 0)  # exactly representable in TF32
+    assert torch.all((y - x).abs() <= x.abs() * 2 ** -11)  # within half a TF32 unit

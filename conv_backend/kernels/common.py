@@ -26,11 +26,22 @@ INT32_MAX = 2**31 - 1
 
 
 @triton.jit
+def round_to_tf32(x):
+    """fp32 x rounded to the nearest TF32 value (10 mantissa bits, ties away from zero), which the tensor
+    cores' truncation then keeps exact: TF32 products with cuDNN's rounding instead of Triton's truncation."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc += a @ b. UPCAST computes in fp32: Triton's CPU interpreter multiplies
-    bfloat16 dot operands as raw integer bits, so tests on CPU need it; GPUs never do."""
+    bfloat16 dot operands as raw integer bits, so tests on CPU need it; GPUs never do.
+    "tf32_round" is TF32 on operands rounded to the nearest TF32 value (round_to_tf32)."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if INPUT_PRECISION == "tf32_round":
+        return tl.dot(round_to_tf32(a), round_to_tf32(b), acc, input_precision="tf32")
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
