@@ -35,7 +35,7 @@ def aten_conv2d(x, weight, bias, stride, padding, dilation, groups):
 
 def _tensor_key(t):
     # Alignment is part of the key: tensor-descriptor (TMA) loads need a 16-byte aligned base.
-    return None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device, t.layout, t.data_ptr() % 16 == 0)
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.layout, t.data_ptr() % 16 == 0)
 
 
 def check_arguments(input_precision: str, algorithm: str, output_format: str) -> None:

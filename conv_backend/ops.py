@@ -70,8 +70,13 @@ def epilogue_of(bn_mean, bn_var, bn_weight, bn_bias, bn_eps, residual, activatio
 
 
 def _launch(*args):
-    from .dispatch import launch_conv2d
-    return launch_conv2d(*args)
+    global _launch_conv2d
+    if _launch_conv2d is None:  # dispatch imports this module: bound at the first call
+        from .dispatch import launch_conv2d as _launch_conv2d
+    return _launch_conv2d(*args)
+
+
+_launch_conv2d = None
 
 
 def _fake(input, weight, bias, stride, padding, dilation, groups, input_precision="auto", algorithm="auto",
@@ -105,12 +110,18 @@ class _Conv2dFunction(torch.autograd.Function):
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
+_TENSOR_ARGS = (0, 1, 2, 10, 11, 12, 13, 15)  # input, weight, bias, the batch norm's four, residual
+
+
 def _autograd_kernel(*args):
     wants_grad = False
     # Plain tensors (parameters included) and no dispatch mode (FakeTensor, tracing, functionalization).
     plain = torch._C._len_torch_dispatch_stack() == 0
-    for a in args:
-        if isinstance(a, Tensor):
+    for i in _TENSOR_ARGS:
+        if i >= len(args):
+            break
+        a = args[i]
+        if a is not None:
             wants_grad = wants_grad or a.requires_grad
             plain = plain and type(a) in _PLAIN_TYPES
     if wants_grad and torch.is_grad_enabled():
