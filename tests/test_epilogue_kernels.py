@@ -111,36 +111,49 @@ def expected(x, w, b, case: Case, epilogue: Epilogue, epi: EpilogueTensors):
     return apply_reference(conv, epilogue, EpilogueTensors(*(None if t is None else t.double() for t in epi)))
 
 
-def plan_for(family: Family, monkeypatch, x, w, b, case: Case, epilogue: Epilogue, epi: EpilogueTensors,
-             cand: Candidate | None = None):
-    """The family's plan builder, made to offer `cand` (the family's config by default) alone."""
-    cand = cand or family.cand
+def offer(monkeypatch, family: Family, offered) -> None:
+    """Make the family's plan builder offer what `offered(*args)` returns (its candidate function's args)."""
     if family.offered_by == "depthwise_candidates":
-        monkeypatch.setattr(depthwise_mod, "depthwise_candidates", lambda *a, **k: [cand])
-        return depthwise_mod.depthwise_plan(x, w, b, case.stride, case.padding, case.dilation, epilogue=epilogue,
-                                            epi=epi)
+        monkeypatch.setattr(depthwise_mod, "depthwise_candidates", offered)
+        return
     for name in IGEMM_CANDIDATE_FUNCTIONS:
         monkeypatch.setattr(igemm_mod, name, lambda *a, **k: [])
-    monkeypatch.setattr(igemm_mod, family.offered_by, lambda *a, **k: [cand])
+    monkeypatch.setattr(igemm_mod, family.offered_by, offered)
+
+
+def build_plan(family: Family, x, w, b, case: Case, epilogue: Epilogue, epi: EpilogueTensors):
+    if family.offered_by == "depthwise_candidates":
+        return depthwise_mod.depthwise_plan(x, w, b, case.stride, case.padding, case.dilation, epilogue=epilogue,
+                                            epi=epi)
     return igemm_mod.implicit_gemm_plan(x, w, b, *case.args(), "ieee", family.load_path, epilogue=epilogue, epi=epi)
 
 
+def plan_for(family: Family, monkeypatch, x, w, b, case: Case, epilogue: Epilogue, epi: EpilogueTensors,
+             cand: Candidate | None = None):
+    """The family's plan builder, made to offer `cand` (the family's config by default) alone."""
+    offer(monkeypatch, family, lambda *a, _cand=cand or family.cand, **k: [_cand])
+    return build_plan(family, x, w, b, case, epilogue, epi)
+
+
 def check_fused(family: Family, monkeypatch, launches, epilogue: Epilogue, case: Case | None = None,
-                bn_dtype=torch.float32, calls: int = 2) -> dict:
+                bn_dtype=torch.float32, calls: int = 2, cand: Candidate | None = None, device="cpu",
+                residual_layout: str | None = None) -> dict:
     """Plan once, run `calls` times with new epilogue tensors each time (they are read live), each against
     float64. Returns the first launch's meta."""
     case = case or family.case
-    x, w, b = tensors(case)
+    residual_layout = residual_layout or family.residual_layout
+    x, w, b = tensors(case, device)
     y_shape = (case.n, case.oc, *case.out_hw())
-    epi = epilogue_tensors(epilogue, y_shape, x.dtype, bn_dtype, family.residual_layout)
-    plan = plan_for(family, monkeypatch, x, w, b, case, epilogue, epi)
+    epi = epilogue_tensors(epilogue, y_shape, x.dtype, bn_dtype, residual_layout, device)
+    plan = plan_for(family, monkeypatch, x, w, b, case, epilogue, epi, cand)
+    kernel = "igemm_nchw_streamed_kernel" if cand is not None and "TILES" in cand.params else family.kernel
     for call in range(calls):
         if call:
-            epi = epilogue_tensors(epilogue, y_shape, x.dtype, bn_dtype, family.residual_layout)
+            epi = epilogue_tensors(epilogue, y_shape, x.dtype, bn_dtype, residual_layout, device)
         y = plan(x, w, b, epi)
         err = rel_err(y, expected(x, w, b, case, epilogue, epi))
-        assert err <= tolerance(x.dtype), f"{family.kernel} {epilogue.describe()} call {call}: relative error {err:.3g}"
-    assert launches.names == [family.kernel] * calls
+        assert err <= tolerance(x.dtype), f"{kernel} {epilogue.describe()} call {call}: relative error {err:.3g}"
+    assert launches.names == [kernel] * calls
     return launches[0][1]
 
 
@@ -151,6 +164,24 @@ def check_fused(family: Family, monkeypatch, launches, epilogue: Epilogue, case:
 def test_every_activation(activation, monkeypatch, kernel_launches):
     meta = check_fused(FAMILIES["pointer"], monkeypatch, kernel_launches, epilogue_of(activation), calls=1)
     assert meta["ACTIVATION"] == activation and not meta["HAS_BN"] and not meta["HAS_RESIDUAL"]
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.interpreter),
+                                    pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("activation", [a for a in ACTIVATIONS if a != "none"])
+def test_activation_keeps_nan(activation, device, monkeypatch):
+    """A NaN input pixel gives NaN where ATen's activation gives NaN (e.g. relu, hardsigmoid: GPU min/max
+    drop NaN operands, so the clamps are compares), and the right values elsewhere."""
+    family, epilogue = FAMILIES["pointer"], epilogue_of(activation)
+    case = family.case
+    x, w, b = tensors(case, device)
+    x[0, 1, 2, 3] = float("nan")
+    y = plan_for(family, monkeypatch, x, w, b, case, epilogue, NO_TENSORS)(x, w, b)
+    ref = expected(x, w, b, case, epilogue, NO_TENSORS)
+    assert ref.isnan().any()
+    assert torch.equal(y.isnan().cpu(), ref.isnan().cpu())
+    finite = ~ref.isnan()
+    assert rel_err(y[finite], ref[finite]) <= tolerance(x.dtype)
 
 
 @pytest.mark.interpreter
@@ -176,6 +207,30 @@ def test_batch_norm_statistics_dtype(name, dtype, bn_dtype, monkeypatch, kernel_
     if name == "tma":
         case = dataclasses.replace(case, c=16)  # 16-byte channel rows
     check_fused(family, monkeypatch, kernel_launches, epilogue_of(batch_norm=True), case, bn_dtype, calls=1)
+
+
+TMA_1X1 = Family(FAMILIES["tma"].cand, "tma_candidates", "tma", "igemm_tma_kernel",
+                 Case(2, 8, 10, 3, 5, (1, 1), x_layout="channels_last"), "", "relu")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("residual_layout,flat", [("channels_last", True), ("contiguous", False)])
+def test_tma_1x1_residual(residual_layout, flat, monkeypatch, kernel_launches):
+    """A 1x1 into channels_last runs as one row of all the pixels (_flat_pixels), which addresses the
+    residual by that flat index too: only a residual in the output's strides keeps it flat."""
+    offered = []
+    real = igemm_mod.tma_candidates
+    cand_of = {True: Candidate.make("igemm_tma", BLOCK_B=1, BLOCK_H=1, BLOCK_W=32, BLOCK_N=16, BLOCK_K=8),
+               False: FAMILIES["tma"].cand}
+    family = TMA_1X1._replace(residual_layout=residual_layout, cand=cand_of[flat])
+    check_fused(family, monkeypatch, kernel_launches, epilogue_of("relu", batch_norm=True, residual=True))
+    monkeypatch.setattr(igemm_mod, "tma_candidates", lambda *a, **k: offered.append(k["flat"]) or real(*a, **k))
+    case = family.case
+    x, w, b = tensors(case)
+    epi = epilogue_tensors(epilogue_of(residual=True), (case.n, case.oc, *case.out_hw()), x.dtype,
+                           residual_layout=residual_layout)
+    igemm_mod.implicit_gemm_plan(x, w, b, *case.args(), "ieee", "tma", epilogue=epilogue_of(residual=True), epi=epi)
+    assert offered == [flat]
 
 
 GROUPED = [("pointer", Case(2, 6, 9, 5, 6, (3, 3), padding=(1, 1), groups=3, x_layout="channels_last")),
@@ -283,3 +338,82 @@ def test_tuning_key_holds_the_epilogue():
             epilogue_key(epilogue_of(residual=True), res),
             epilogue_key(epilogue_of(residual=True), res._replace(residual=y.to(memory_format=torch.channels_last)))}
     assert len(keys) == 6 and "" not in keys
+
+
+# ---------------------------------------------------------------- GPU: every config each family offers
+
+def hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+# (family, problem, needs sm_90): the problems test_cuda.py's test_every_candidate_is_correct runs, where the
+# family offers its full list; split-K on a small map with deep K, where its variants are offered.
+GPU_PROBLEMS = [
+    ("pointer", Case(2, 40, 72, 23, 37, (3, 3), padding=(1, 1), x_layout="channels_last"), False),
+    ("pointer_tma_weights", Case(5, 64, 72, 7, 7, (3, 3), padding=(1, 1), x_layout="channels_last"), True),
+    ("pointer_split_k", Case(2, 256, 64, 7, 7, (3, 3), padding=(1, 1), x_layout="channels_last"), False),
+    ("tma", Case(2, 64, 72, 23, 37, (3, 3), padding=(1, 1), x_layout="channels_last"), True),
+    ("tma", Case(2, 64, 72, 13, 37, (1, 1), x_layout="channels_last"), True),  # flat: one row of pixels
+    ("tma_split_k", Case(2, 256, 64, 7, 7, (3, 3), padding=(1, 1), x_layout="channels_last"), True),
+    ("nchw", Case(2, 40, 72, 23, 37, (3, 3), padding=(1, 1)), False),
+    ("nchw", Case(3, 64, 136, 16, 30, (1, 1)), False),  # with streamed tiles (TILES)
+    ("seed_direct", Case(2, 3, 40, 45, 39, (7, 7), stride=(2, 2), padding=(3, 3)), False),
+    ("depthwise", Case(2, 48, 48, 23, 37, (3, 3), padding=(1, 1), groups=48), False),
+    ("depthwise", Case(2, 48, 96, 23, 37, (3, 3), padding=(1, 1), groups=48, x_layout="channels_last"), False),
+]
+# Which of the configs a plan builder offers belong to a family.
+FAMILY_CONFIGS = {
+    "pointer": lambda c: c.kernel == "igemm_pointer" and not c.params.get("SPLIT_K")
+    and not c.params.get("TMA_WEIGHTS"),
+    "pointer_tma_weights": lambda c: c.kernel == "igemm_pointer" and c.params.get("TMA_WEIGHTS")
+    and not c.params.get("SPLIT_K"),
+    "pointer_split_k": lambda c: c.kernel == "igemm_pointer" and c.params.get("SPLIT_K"),
+    "tma": lambda c: c.kernel == "igemm_tma" and not c.params.get("SPLIT_K"),
+    "tma_split_k": lambda c: c.kernel == "igemm_tma" and c.params.get("SPLIT_K"),
+    "nchw": lambda c: c.kernel == "igemm_nchw",
+    "seed_direct": lambda c: c.kernel == "seed_direct",
+    "depthwise": lambda c: c.kernel == "depthwise",
+}
+GPU_ACTIVATIONS = {torch.float32: "silu", torch.bfloat16: "relu"}
+
+
+def offered_candidates(name: str, case: Case, monkeypatch) -> list:
+    """Every config of the family that its plan builder ("auto" for the GEMM families) offers for `case` on
+    this GPU: the candidate list handed to tuned_plan, caught there (nothing is tuned)."""
+    offered = []
+
+    def catch(kind, x, weight, bias, y, stride, padding, dilation, groups, candidates, make, *args, **kwargs):
+        offered.extend(candidates)
+
+    x, w, b = tensors(case, "cuda")
+    with monkeypatch.context() as patch:
+        if name == "depthwise":
+            patch.setattr(depthwise_mod, "tuned_plan", catch)
+            depthwise_mod.depthwise_plan(x, w, b, case.stride, case.padding, case.dilation)
+        else:
+            patch.setattr(igemm_mod, "tuned_plan", catch)
+            igemm_mod.implicit_gemm_plan(x, w, b, *case.args(), "ieee", "nchw" if name == "nchw" else "auto")
+    listed = [c for c in offered if FAMILY_CONFIGS[name](c)]
+    assert listed, f"{name} offered no candidate for {case}"
+    return listed
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name,case,sm90", GPU_PROBLEMS, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(GPU_PROBLEMS)])
+def test_every_candidate_with_an_epilogue(name, case, sm90, dtype, monkeypatch, kernel_launches):
+    """Each config the tuner may pick, fused with BN, a residual in the other memory format and an
+    activation, run alone (twice, new epilogue tensors each time) against float64."""
+    if sm90 and not hopper():
+        pytest.skip("tensor-descriptor (TMA) loads need sm_90+")
+    case = dataclasses.replace(case, dtype=dtype)
+    residual_layout = "contiguous" if case.x_layout == "channels_last" else "channels_last"
+    epilogue = epilogue_of(GPU_ACTIVATIONS[dtype], batch_norm=True, residual=True)
+    for cand in offered_candidates(name, case, monkeypatch):
+        tuning.reset_memory()
+        del kernel_launches[:]
+        try:
+            check_fused(FAMILIES[name], monkeypatch, kernel_launches, epilogue, case, cand=cand, device="cuda",
+                        residual_layout=residual_layout)
+        except AssertionError as exc:
+            raise AssertionError(f"{name} {dtype} candidate {cand.describe()}: {exc}") from exc

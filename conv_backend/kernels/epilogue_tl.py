@@ -39,6 +39,12 @@ def _tanh(x):
 
 
 @triton.jit
+def _relu6(x):
+    """min(max(x, 0), 6), NaN in NaN out (tl.maximum and tl.minimum may drop a NaN operand on GPUs)."""
+    return tl.where(x < 0.0, 0.0, tl.where(x > 6.0, 6.0, x))
+
+
+@triton.jit
 def activation(x, ACTIVATION: tl.constexpr, param0, param1):
     """x (fp32) through the activation named as in epilogue.ACTIVATIONS, with ATen's formulas. The compares
     keep NaN where ATen keeps it (relu(NaN) is NaN)."""
@@ -56,9 +62,9 @@ def activation(x, ACTIVATION: tl.constexpr, param0, param1):
         # ATen's kBeta = sqrt(2) * (2 / sqrt(pi)) * 0.5 = sqrt(2 / pi) and kKappa
         x = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
     elif ACTIVATION == "hardswish":
-        x = x * tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0
+        x = x * _relu6(x + 3.0) / 6.0
     elif ACTIVATION == "hardsigmoid":
-        x = tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0
+        x = _relu6(x + 3.0) / 6.0
     elif ACTIVATION == "sigmoid":
         x = 1.0 / (1.0 + tl.exp(-x))
     elif ACTIVATION == "tanh":
