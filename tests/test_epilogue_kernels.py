@@ -326,6 +326,11 @@ def test_bad_epilogue_tensors_are_refused(monkeypatch):
     plan = plan_for(family, monkeypatch, x, w, b, case, epilogue, good)
     with pytest.raises(ValueError, match="strides"):
         plan(x, w, b, good._replace(residual=good.residual.to(memory_format=torch.channels_last)))
+    # The launcher was compiled for fp32, 16-byte aligned statistics.
+    with pytest.raises(ValueError, match="dtype, 16-byte alignment"):
+        plan(x, w, b, good._replace(bn_mean=good.bn_mean.half()))
+    with pytest.raises(ValueError, match="dtype, 16-byte alignment"):
+        plan(x, w, b, good._replace(bn_var=(torch.rand(case.oc + 1) + 0.5)[1:]))  # 4 bytes past alignment
 
 
 def test_tuning_key_holds_the_epilogue():
