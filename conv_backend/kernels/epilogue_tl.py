@@ -15,7 +15,6 @@ a missing bias).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
