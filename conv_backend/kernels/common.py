@@ -11,7 +11,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..epilogue import IDENTITY, NO_TENSORS
 from ..runtime import interpreter_enabled
 from ..tuning import compiling_only, problem_signature, select
-from .epilogue_tl import epilogue_key
+from .epilogue_tl import check_tensors, epilogue_key
 
 try:  # Gluon ships with Triton >= 3.4; the Hopper kernels written in it (halo.py, warp_specialized.py) import
     # it from here, and without it (gluon is None) they are simply not offered.
@@ -140,6 +140,7 @@ def tuned_plan(kind: str, x, weight, bias, y, stride, padding, dilation, groups,
            f"|y{tuple(y.stride())}|s{tuple(stride)}p{tuple(padding)}d{tuple(dilation)}g{groups}|{x.dtype}"
            f"|b{bias is not None}|{extra_key}")
     if not epilogue.is_identity:  # unfused keys stay as they were
+        check_tensors(epilogue, epi, y)
         key += f"|{epilogue_key(epilogue, epi)}"
     signature = problem_signature(x.shape, weight.shape, stride, padding, dilation, groups, x.dtype)
     launch = make(select(key, signature, x.device, candidates,

@@ -15,7 +15,6 @@ a missing bias).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -39,6 +38,12 @@ def _tanh(x):
 
 
 @triton.jit
+def _relu6(x):
+    """min(max(x, 0), 6), NaN in NaN out (tl.maximum and tl.minimum may drop a NaN operand on GPUs)."""
+    return tl.where(x < 0.0, 0.0, tl.where(x > 6.0, 6.0, x))
+
+
+@triton.jit
 def activation(x, ACTIVATION: tl.constexpr, param0, param1):
     """x (fp32) through the activation named as in epilogue.ACTIVATIONS, with ATen's formulas. The compares
     keep NaN where ATen keeps it (relu(NaN) is NaN)."""
@@ -56,9 +61,9 @@ def activation(x, ACTIVATION: tl.constexpr, param0, param1):
         # ATen's kBeta = sqrt(2) * (2 / sqrt(pi)) * 0.5 = sqrt(2 / pi) and kKappa
         x = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
     elif ACTIVATION == "hardswish":
-        x = x * tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0
+        x = x * _relu6(x + 3.0) / 6.0
     elif ACTIVATION == "hardsigmoid":
-        x = tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0
+        x = _relu6(x + 3.0) / 6.0
     elif ACTIVATION == "sigmoid":
         x = 1.0 / (1.0 + tl.exp(-x))
     elif ACTIVATION == "tanh":
@@ -94,8 +99,10 @@ class EpilogueArgs:
     `scalars` (residual strides N, C, H, W, then bn_eps, act_param0, act_param1; they follow the kernel's
     other scalars) and `pointers(epi, y)` per call (mean, var, gamma, beta, residual).
 
-    `example` fixes the residual's strides (a plan serves one set of them). BN vectors may be any float
-    dtype and stride: a non-contiguous one is copied per call (a few hundred bytes)."""
+    `example` fixes what a launcher compiled for: the residual's strides, and the dtype and 16-byte
+    alignment of every tensor read (KernelLauncher's direct launches reuse the compiled kernel, so a call
+    that differs is refused, never run on the wrong code; plans key on epilogue_key). BN vectors may be
+    any float dtype and stride: a non-contiguous one is copied per call (a few hundred bytes)."""
 
     def __init__(self, epilogue: Epilogue = IDENTITY, example: EpilogueTensors = NO_TENSORS, y=None):
         self.epilogue = epilogue
@@ -104,20 +111,32 @@ class EpilogueArgs:
         self.constexprs = dict(HAS_BN=epilogue.batch_norm, HAS_RESIDUAL=epilogue.residual,
                                ACTIVATION=epilogue.activation)
         self.scalars = (*self.residual_strides, epilogue.bn_eps, epilogue.param0, epilogue.param1)
+        self._specialized = _specialization(self._read(example)) if not epilogue.is_identity else ()
+
+    def _read(self, epi: EpilogueTensors) -> tuple:
+        """The tensors the kernel reads, as it reads them."""
+        e = self.epilogue
+        bn = tuple(t if t.is_contiguous() else t.contiguous()
+                   for t in (epi.bn_mean, epi.bn_var, epi.bn_weight, epi.bn_bias)) if e.batch_norm else ()
+        return bn + ((epi.residual,) if e.residual else ())
 
     def pointers(self, epi: EpilogueTensors, y) -> tuple:
-        e = self.epilogue
-        if e.batch_norm:
-            bn = tuple(t if t.is_contiguous() else t.contiguous()
-                       for t in (epi.bn_mean, epi.bn_var, epi.bn_weight, epi.bn_bias))
-        else:
-            bn = (y, y, y, y)
-        if e.residual:
-            if epi.residual.stride() != self.residual_strides:
-                raise ValueError(f"tritonconv: the residual's strides {epi.residual.stride()} differ from the "
-                                 f"plan's {self.residual_strides}")
-            return (*bn, epi.residual)
-        return (*bn, y)
+        if self.epilogue.is_identity:
+            return (y,) * 5
+        read = self._read(epi)
+        if self.epilogue.residual and epi.residual.stride() != self.residual_strides:
+            raise ValueError(f"tritonconv: the residual's strides {epi.residual.stride()} differ from the "
+                             f"plan's {self.residual_strides}")
+        if _specialization(read) != self._specialized:
+            raise ValueError(f"tritonconv: the epilogue's tensors (dtype, 16-byte alignment) "
+                             f"{_specialization(read)} differ from the plan's {self._specialized}")
+        bn = read[:4] if self.epilogue.batch_norm else (y,) * 4
+        return (*bn, epi.residual if self.epilogue.residual else y)
+
+
+def _specialization(tensors) -> tuple:
+    """What Triton specializes a pointer argument on: its element type and 16-byte alignment."""
+    return tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
 
 
 def residual_of(epilogue: Epilogue, epi: EpilogueTensors) -> tuple:

@@ -167,7 +167,8 @@ def igemm_pointer_kernel(
     if SPLIT_K > 1:
         acc, store = _sum_k_slices(acc, partial_ptr, arrivals_ptr, SPLIT_K, BLOCK_M, BLOCK_N)
     if store:  # after the slices' sum: the epilogue is not linear
-        _finish_tile(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw, mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_ptr, srn, src, srh, srw, bn_eps, act_param0, act_param1,
+        _finish_tile(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw,
+                     mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_ptr, srn, src, srh, srw, bn_eps, act_param0, act_param1,
                      HAS_BIAS, HAS_BN, HAS_RESIDUAL, ACTIVATION)
 
 
@@ -238,8 +239,9 @@ def igemm_tma_kernel(
         acc, store = _sum_k_slices(acc, partial_ptr, arrivals_ptr, SPLIT_K, BLOCK_M, BLOCK_N)
     if store:  # after the slices' sum: the epilogue is not linear
         _finish_tile(acc, b_ptr, sb, y_ptr, img, oh, ow, (img < N) & (oh < OH) & (ow < OW), oc, offs_n < OCG,
-                     syn, syc, syh, syw, mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_ptr, srn, src, srh, srw, bn_eps, act_param0, act_param1, HAS_BIAS, HAS_BN, HAS_RESIDUAL,
-                     ACTIVATION)
+                     syn, syc, syh, syw,
+                     mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_ptr, srn, src, srh, srw, bn_eps, act_param0, act_param1,
+                     HAS_BIAS, HAS_BN, HAS_RESIDUAL, ACTIVATION)
 
 
 @triton.jit
@@ -549,13 +551,14 @@ def _box_k(cg: int, k: int, exact: bool) -> int:
     return k
 
 
-def _flat_pixels(weight, y, stride, padding) -> bool:
+def _flat_pixels(weight, y, stride, padding, residual=None) -> bool:
     """A 1x1, stride-1, unpadded convolution into a dense channels_last output: in NHWC, input and output
     are [N*H*W, C] matrices, so the TMA kernel takes them as one image of one row of N*H*W pixels. Its
     tiles are then 1-D boxes, which feed the tensor cores straight from shared memory, and no tile runs
-    past the edge of a map."""
+    past the edge of a map. A fused residual is addressed by the same flat pixel index, so it must have
+    the output's strides (otherwise the problem keeps its maps)."""
     return (tuple(weight.shape[2:]), tuple(stride), tuple(padding)) == ((1, 1), (1, 1), (0, 0)) and \
-        y.is_contiguous(memory_format=torch.channels_last)
+        y.is_contiguous(memory_format=torch.channels_last) and (residual is None or residual.stride() == y.stride())
 
 
 def _flat_nchw(x, weight, y, stride, padding) -> bool:
@@ -608,6 +611,7 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
         return _seed_launcher(cand, x, weight, bias, y, stride, padding, dilation, input_precision, epilogue, epi)
     bias_stride = bias.stride(0) if bias is not None else 0
     fused = EpilogueArgs(epilogue, epi, y)
+    residual = epi.residual if epilogue.residual else None
     flags = dict(KH=kernel_h, KW=kernel_w, HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision,
                  USE_INT64=needs_int64(x, weight, y, *residual_of(epilogue, epi)), UPCAST_DOT=needs_dot_upcast(x.dtype),
                  num_warps=cand.num_warps, num_stages=cand.num_stages, **p)
@@ -642,9 +646,9 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
         return _gluon_launch(halo.halo_launcher(cand, x, weight, y, padding, dilation, gluon_flags), epilogue)
 
     if cand.kernel in ("igemm_ws", "igemm_ws_halo"):
-        return _gluon_launch(warp_specialized.ws_launcher(
-            cand, _tma_maps(x, y, _flat_pixels(weight, y, stride, padding)), weight, y, stride, padding, dilation,
-            gluon_flags), epilogue)
+        maps = _tma_maps(x, y, _flat_pixels(weight, y, stride, padding, residual))
+        return _gluon_launch(warp_specialized.ws_launcher(cand, maps, weight, y, stride, padding, dilation, gluon_flags),
+                             epilogue)
 
     if cand.kernel == "igemm_nchw":
         flat = _flat_nchw(x, weight, y, stride, padding)
@@ -668,7 +672,7 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
             kernel(x, weight, y if bias is None else bias, y, *fused.pointers(epi, y))
         return launch
 
-    n, in_h, in_w, out_h, out_w = _tma_maps(x, y, _flat_pixels(weight, y, stride, padding))
+    n, in_h, in_w, out_h, out_w = _tma_maps(x, y, _flat_pixels(weight, y, stride, padding, residual))
     block_m, pixel_tiles = _pixel_tiles(cand, n, out_h, out_w)
     grid = (pixel_tiles * triton.cdiv(ocg, p["BLOCK_N"]), groups)
     scalars = (n, out_h, out_w, c, cg, ocg, triton.cdiv(cg, bk), cpad, *y.stride(), bias_stride, *stride, *padding,
@@ -767,7 +771,7 @@ def implicit_gemm_plan(x, weight, bias, stride, padding, dilation, groups, input
     candidates = []
     batch_hw = (x.shape[0], y.shape[2], y.shape[3])
     split_k_args = (oc // groups, groups, cg, weight.shape[2] * weight.shape[3], x.device)
-    flat = _flat_pixels(weight, y, stride, padding)
+    flat = _flat_pixels(weight, y, stride, padding, *residual_of(epilogue, epi))
     if load_path in ("auto", "tma") and not tma_why:
         tma_n, _, _, tma_h, tma_w = _tma_maps(x, y, flat)
         tma = tma_candidates(cg, oc // groups, tma_h, tma_w, tma_n, groups, x.dtype,
