@@ -91,3 +91,14 @@ def test_flat_problem_refuses_a_residual_it_cannot_follow():
                  residual_strides=torch.empty(2, 64, 5, 7).stride())
     with pytest.raises(ValueError, match="evenly spaced"):
         ws.ws_launcher(cand, (1, 1, 70, 1, 70), torch.empty(64, 32, 1, 1), y, (1, 1), (0, 0), (1, 1), flags)
+
+
+def test_one_kernel_launcher_per_alignment_of_the_epilogue_tensors():
+    """A launcher launches what the JIT specialized on its first call, 16-byte alignment included: a residual
+    that is an offset view on a later call must not reuse a kernel specialized for an aligned one."""
+    made = []
+    kernel_for = eg.by_alignment(lambda: made.append(object()) or made[-1])
+    base = torch.empty(64)
+    aligned, offset = (base, base, base, base, base[:32]), (base, base, base, base, base[1:33])
+    first = kernel_for(aligned)
+    assert kernel_for(offset) is not first and kernel_for(aligned) is first and len(made) == 2

@@ -61,6 +61,22 @@ def epilogue_pointers(epilogue: Epilogue, tensors: EpilogueTensors, y) -> tuple:
     return (*vectors, residual)
 
 
+def by_alignment(make_kernel):
+    """kernel_for(pointers) -> the KernelLauncher (from `make_kernel()`) for pointers of this 16-byte alignment.
+    A KernelLauncher launches what the JIT specialized on its first call, alignment included; the plan's key
+    fixes that of the input, weight, bias and output, not that of the epilogue's tensors (a residual may be an
+    offset view), so each alignment pattern gets its own."""
+    kernels = {}
+
+    def kernel_for(pointers):
+        key = tuple(t.data_ptr() % 16 == 0 for t in pointers)
+        kernel = kernels.get(key)
+        if kernel is None:
+            kernel = kernels[key] = make_kernel()
+        return kernel
+    return kernel_for
+
+
 def residual_needs_int64(shape, residual_strides) -> bool:
     """True when an element offset of a residual of this shape and these strides can pass int32."""
     return sum((size - 1) * abs(stride) for size, stride in zip(shape, residual_strides)) > INT32_MAX

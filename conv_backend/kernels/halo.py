@@ -33,7 +33,7 @@ from ..tuning import Candidate
 from .common import (GluonTensorDescriptor, KernelLauncher, box_row_channels, gl, gluon, gluon_dtype,
                      gluon_sm90_reason, gluon_tile_origin, gluon_weight_descriptors, mbarrier, tma, warpgroup_mma,
                      warpgroup_mma_wait)
-from .epilogue_gluon import (epilogue_constexprs, epilogue_pointers, epilogue_scalars, fused_epilogue,
+from .epilogue_gluon import (by_alignment, epilogue_constexprs, epilogue_pointers, epilogue_scalars, fused_epilogue,
                              residual_needs_int64)
 
 log = logging.getLogger("conv_backend")
@@ -307,16 +307,18 @@ def halo_launcher(cand: Candidate, x, weight, y, padding, dilation, flags):
     scalars = (out_h, out_w, oc, triton.cdiv(c, bk), cpad, *y.stride(), flags["bias_stride"], *padding, dil_w,
                *residual_strides, *epilogue_scalars(epilogue))
     use_int64 = flags["USE_INT64"] or residual_needs_int64(y.shape, residual_strides)
-    kernel = KernelLauncher(igemm_halo_kernel, grid, scalars, KH=kernel_h, KW=kernel_w, DIL_H=dil_h, TAIL_H=tail,
-                            HAS_BIAS=flags["HAS_BIAS"], INPUT_PRECISION=flags["INPUT_PRECISION"], USE_INT64=use_int64,
-                            **epilogue_constexprs(epilogue), BLOCK_H=bh, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk,
-                            SWIZZLE=x_layout.swizzle_byte_width, STAGES=cand.num_stages, num_warps=cand.num_warps)
+    meta = dict(KH=kernel_h, KW=kernel_w, DIL_H=dil_h, TAIL_H=tail, HAS_BIAS=flags["HAS_BIAS"],
+                INPUT_PRECISION=flags["INPUT_PRECISION"], USE_INT64=use_int64, **epilogue_constexprs(epilogue),
+                BLOCK_H=bh, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, SWIZZLE=x_layout.swizzle_byte_width,
+                STAGES=cand.num_stages, num_warps=cand.num_warps)
+    kernel_for = by_alignment(lambda: KernelLauncher(igemm_halo_kernel, grid, scalars, **meta))
     weight_descriptor = gluon_weight_descriptors(weight.shape, x.dtype, bn, bk)
 
     def launch(x, weight, bias, y, epi=NO_TENSORS):
         x = x.contiguous(memory_format=torch.channels_last)
         x_desc = GluonTensorDescriptor(x, x_shape, x_strides, x_box, x_layout)
         x_tail_desc = GluonTensorDescriptor(x, x_shape, x_strides, x_tail_box, x_layout) if tail else x_desc
-        kernel(x_desc, x_tail_desc, weight_descriptor(weight), y if bias is None else bias, y,
-               *epilogue_pointers(epilogue, epi, y))
+        pointers = epilogue_pointers(epilogue, epi, y)
+        kernel_for(pointers)(x_desc, x_tail_desc, weight_descriptor(weight), y if bias is None else bias, y,
+                             *pointers)
     return launch

@@ -47,7 +47,7 @@ from ..tuning import Candidate
 from .common import (GluonTensorDescriptor, KernelLauncher, box_row_channels, fit_box, gl, gluon, gluon_dtype,
                      gluon_sm90_reason, gluon_tile_origin, gluon_weight_descriptors, mbarrier, strided_input_view, tma,
                      warpgroup_mma, warpgroup_mma_wait)
-from .epilogue_gluon import (epilogue_constexprs, epilogue_pointers, epilogue_scalars, flat_residual_strides,
+from .epilogue_gluon import (by_alignment, epilogue_constexprs, epilogue_pointers, epilogue_scalars, flat_residual_strides,
                              fused_epilogue, residual_needs_int64)
 from .halo import patch_boxes, patch_split, smem_bytes, unaligned_views_supported
 
@@ -609,19 +609,19 @@ def ws_launcher(cand: Candidate, maps, weight, y, stride, padding, dilation, fla
                *stride, c, tiles, num_pid_n, *residual_strides, *epilogue_scalars(epilogue))
     # At most 12 warps (two consumer warpgroups and the loader's): 168 registers a thread on average fit 64K.
     split = p.get("SPLIT_TILE", False)
-    kernel = KernelLauncher(igemm_ws_kernel, (programs,), scalars, KH=kernel_h, KW=kernel_w,
-                            HAS_BIAS=flags["HAS_BIAS"], USE_INT64=use_int64, BLOCK_B=bb, BLOCK_H=bh,
-                            BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, STAGES=cand.num_stages, CONSUMERS=p["CONSUMERS"],
-                            PIXELS_AS_N=p["PIXELS_AS_N"], SPLIT_TILE=split, HALO_ROW_STEP=row_step, TAIL_H=tail,
-                            BLOCKED_STORE=blocked_store(y.dtype, p["PIXELS_AS_N"], y.stride(1) == 1),
-                            **epilogue_constexprs(epilogue), num_warps=launch_warps(cand.num_warps, split),
-                            maxnreg=168)
+    meta = dict(KH=kernel_h, KW=kernel_w, HAS_BIAS=flags["HAS_BIAS"], USE_INT64=use_int64, BLOCK_B=bb, BLOCK_H=bh,
+                BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, STAGES=cand.num_stages, CONSUMERS=p["CONSUMERS"],
+                PIXELS_AS_N=p["PIXELS_AS_N"], SPLIT_TILE=split, HALO_ROW_STEP=row_step, TAIL_H=tail,
+                BLOCKED_STORE=blocked_store(y.dtype, p["PIXELS_AS_N"], y.stride(1) == 1),
+                **epilogue_constexprs(epilogue), num_warps=launch_warps(cand.num_warps, split), maxnreg=168)
+    kernel_for = by_alignment(lambda: KernelLauncher(igemm_ws_kernel, (programs,), scalars, **meta))
     weight_descriptor = gluon_weight_descriptors(weight.shape, y.dtype, bn, bk)
 
     def launch(x, weight, bias, y, epi=NO_TENSORS):
         x = x.contiguous(memory_format=torch.channels_last)
         x_desc = GluonTensorDescriptor(x, x_shape, x_strides, x_box, x_layout)
         x_tail_desc = GluonTensorDescriptor(x, x_shape, x_strides, tail_box, x_layout) if tail else x_desc
-        kernel(x_desc, x_tail_desc, weight_descriptor(weight), y if bias is None else bias, y,
-               *epilogue_pointers(epilogue, epi, y))
+        pointers = epilogue_pointers(epilogue, epi, y)
+        kernel_for(pointers)(x_desc, x_tail_desc, weight_descriptor(weight), y if bias is None else bias, y,
+                             *pointers)
     return launch
