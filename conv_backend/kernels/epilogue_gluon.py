@@ -102,12 +102,17 @@ def flat_residual_strides(shape, residual_strides) -> tuple | None:
 
 if gluon is not None:
     @gluon.jit
+    def _clamp(x, low, high):
+        """min(max(x, low), high) that keeps NaN, as ATen's clamp does (maximum/minimum may drop it)."""
+        return gl.where(x < low, low, gl.where(x > high, high, x))
+
+    @gluon.jit
     def apply_activation(x, ACTIVATION: gl.constexpr, param0, param1):
         """ATen's formula for each activation (epilogue.ACTIVATIONS) on an fp32 tile; NaN stays NaN."""
         if ACTIVATION == "relu":
             x = gl.where(x < 0.0, 0.0, x)
         elif ACTIVATION == "hardtanh":  # (min_val, max_val)
-            x = gl.where(x < param0, param0, gl.where(x > param1, param1, x))
+            x = _clamp(x, param0, param1)
         elif ACTIVATION == "leaky_relu":  # (negative_slope,)
             x = gl.where(x > 0.0, x, x * param0)
         elif ACTIVATION == "silu":
@@ -118,9 +123,9 @@ if gluon is not None:
             inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
             x = 0.5 * x * (1.0 + libdevice.tanh(inner))
         elif ACTIVATION == "hardswish":
-            x = x * gl.minimum(gl.maximum(x + 3.0, 0.0), 6.0) / 6.0
+            x = x * _clamp(x + 3.0, 0.0, 6.0) / 6.0
         elif ACTIVATION == "hardsigmoid":
-            x = gl.minimum(gl.maximum(x + 3.0, 0.0), 6.0) / 6.0
+            x = _clamp(x + 3.0, 0.0, 6.0) / 6.0
         elif ACTIVATION == "sigmoid":
             x = 1.0 / (1.0 + gl.exp(-x))
         elif ACTIVATION == "tanh":

@@ -13,6 +13,9 @@ one load. The views start at multiples of BLOCK_W pixel rows (a multiple of
 8), where the 128-byte swizzle pattern repeats, so wgmma reads them straight
 from shared memory. Weights come per step as KH [BLOCK_N, BLOCK_K] tiles.
 
+The ops that follow a convolution (eval batch norm, a residual add, an activation) may be fused into its
+store (epilogue_gluon.py): compile-time switches, so the plain convolution compiles as without them.
+
 Scope: stride 1, groups 1, TF32 or 16-bit operands (wgmma has no exact fp32),
 CUDA devices of compute capability 9.x. Everything else stays with the other
 kernels; `halo_reason` says why.

@@ -32,6 +32,11 @@ It wins where tiles are few and K is deep (ResNet's 3x3 layers at 7x7 and 14x14:
 0.0197 ms with the TMA kernel, 0.0183 here), and with 256-pixel tiles on large fp32 problems with 128
 output channels (#56 on an H100: 2.09 -> 1.66 ms; bench/NOTES.md, entries 44, 49 and 50).
 
+A consumer's store may carry a fused epilogue (eval batch norm, a residual add, an activation;
+epilogue_gluon.py), applied in fp32 in the layout the tile is stored from: the MMA layout, or, where the
+tile leaves through shared memory, after that conversion. A 1x1 problem seen as one row of all its pixels
+takes a residual only where that row's pixels are evenly spaced in it (flat_residual_strides).
+
 Scope: groups 1, TF32 or 16-bit operands, compute capability 9.x; any stride that divides the input's
 height and width with a tap per K step (the input is then read as the TMA kernel reads it, [N, H/sh, sh,
 W/sw, sw*C]), stride 1 with a patch; `ws_reason` says why not otherwise.
