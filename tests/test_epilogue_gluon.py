@@ -102,3 +102,19 @@ def test_one_kernel_launcher_per_alignment_of_the_epilogue_tensors():
     aligned, offset = (base, base, base, base, base[:32]), (base, base, base, base, base[1:33])
     first = kernel_for(aligned)
     assert kernel_for(offset) is not first and kernel_for(aligned) is first and len(made) == 2
+
+
+@needs_gluon
+def test_launchers_refuse_an_activation_this_gluon_cannot_compute(monkeypatch):
+    """Without libdevice's tanh, tanh and gelu_tanh are not fused (gluon_takes_epilogue, which the candidate
+    offer asks), and a launcher asked for one anyway says so instead of failing to compile."""
+    monkeypatch.setattr(eg, "libdevice", None)
+    assert not eg.gluon_takes_epilogue(Epilogue(activation="tanh"))
+    assert not eg.gluon_takes_epilogue(Epilogue(activation="gelu_tanh"))
+    assert eg.gluon_takes_epilogue(Epilogue(activation="gelu")) and eg.gluon_takes_epilogue(IDENTITY)
+    cand = Candidate.make("igemm_ws", 4, 4, BLOCK_B=1, BLOCK_H=8, BLOCK_W=8, BLOCK_N=64, BLOCK_K=32,
+                          CONSUMERS=1, PIXELS_AS_N=False, SPLIT_TILE=False)
+    flags = dict(HAS_BIAS=False, USE_INT64=False, bias_stride=0, epilogue=Epilogue(activation="tanh"))
+    with pytest.raises(ValueError, match="cannot fuse tanh"):
+        ws.ws_launcher(cand, (2, 9, 9, 9, 9), torch.empty(64, 32, 3, 3), torch.empty(2, 64, 9, 9), (1, 1), (1, 1),
+                       (1, 1), flags)

@@ -37,7 +37,7 @@ from .common import (GluonTensorDescriptor, KernelLauncher, box_row_channels, gl
                      gluon_sm90_reason, gluon_tile_origin, gluon_weight_descriptors, mbarrier, tma, warpgroup_mma,
                      warpgroup_mma_wait)
 from .epilogue_gluon import (by_alignment, epilogue_constexprs, epilogue_pointers, epilogue_scalars, fused_epilogue,
-                             residual_needs_int64)
+                             gluon_takes_epilogue, residual_needs_int64)
 
 log = logging.getLogger("conv_backend")
 
@@ -301,6 +301,8 @@ def halo_launcher(cand: Candidate, x, weight, y, padding, dilation, flags):
     bh, bw, bn, bk = p["BLOCK_H"], p["BLOCK_W"], p["BLOCK_N"], p["BLOCK_K"]
     dil_h, dil_w = dilation
     epilogue = flags.get("epilogue", IDENTITY)
+    if not gluon_takes_epilogue(epilogue):
+        raise ValueError(f"{cand.describe()}: this Triton's Gluon cannot fuse {epilogue.describe()}")
     residual_strides = tuple(flags.get("residual_strides", (0, 0, 0, 0))) if epilogue.residual else (0, 0, 0, 0)
     cpad = triton.cdiv(c, bk) * bk
     x_shape, x_strides = [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1]

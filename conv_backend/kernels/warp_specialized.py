@@ -52,8 +52,8 @@ from ..tuning import Candidate
 from .common import (GluonTensorDescriptor, KernelLauncher, box_row_channels, fit_box, gl, gluon, gluon_dtype,
                      gluon_sm90_reason, gluon_tile_origin, gluon_weight_descriptors, mbarrier, strided_input_view, tma,
                      warpgroup_mma, warpgroup_mma_wait)
-from .epilogue_gluon import (by_alignment, epilogue_constexprs, epilogue_pointers, epilogue_scalars, flat_residual_strides,
-                             fused_epilogue, residual_needs_int64)
+from .epilogue_gluon import (by_alignment, epilogue_constexprs, epilogue_pointers, epilogue_scalars,
+                             flat_residual_strides, fused_epilogue, gluon_takes_epilogue, residual_needs_int64)
 from .halo import patch_boxes, patch_split, smem_bytes, unaligned_views_supported
 
 try:  # the class decorator the kernel's argument bundle (_Args) needs, by its private name
@@ -598,6 +598,8 @@ def ws_launcher(cand: Candidate, maps, weight, y, stride, padding, dilation, fla
             raise ValueError(f"{cand.describe()}: a patch per K step needs stride 1")
         x_shape, x_strides = [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1]
     epilogue = flags.get("epilogue", IDENTITY)
+    if not gluon_takes_epilogue(epilogue):
+        raise ValueError(f"{cand.describe()}: this Triton's Gluon cannot fuse {epilogue.describe()}")
     residual_strides = tuple(flags.get("residual_strides", (0, 0, 0, 0))) if epilogue.residual else (0, 0, 0, 0)
     use_int64 = flags["USE_INT64"] or residual_needs_int64(y.shape, residual_strides)
     if epilogue.residual and (n, out_h, out_w) != (y.shape[0], y.shape[2], y.shape[3]):  # a flat problem
