@@ -118,3 +118,20 @@ def test_launchers_refuse_an_activation_this_gluon_cannot_compute(monkeypatch):
     with pytest.raises(ValueError, match="cannot fuse tanh"):
         ws.ws_launcher(cand, (2, 9, 9, 9, 9), torch.empty(64, 32, 3, 3), torch.empty(2, 64, 9, 9), (1, 1), (1, 1),
                        (1, 1), flags)
+
+
+def test_epilogue_pointers_refuse_a_residual_unlike_the_planned_one():
+    """The residual's strides are kernel scalars fixed when the launch is built: a call whose residual has
+    other strides (or another shape) gets a clear error, not reads at the wrong places."""
+    y = torch.empty(1, 4, 3, 3)
+    epilogue = Epilogue(residual=True)
+    planned = torch.empty(1, 4, 3, 3).stride()
+    eg.epilogue_pointers(epilogue, EpilogueTensors(residual=torch.randn(1, 4, 3, 3)), y, planned)
+    # A size-1 axis may carry any stride.
+    eg.epilogue_pointers(epilogue, EpilogueTensors(residual=torch.randn(4, 3, 3).unsqueeze(0).expand(1, 4, 3, 3)),
+                         y, (0,) + planned[1:])
+    with pytest.raises(ValueError, match="strides"):
+        other = torch.randn(1, 4, 3, 3).to(memory_format=torch.channels_last)
+        eg.epilogue_pointers(epilogue, EpilogueTensors(residual=other), y, planned)
+    with pytest.raises(ValueError, match="shape"):
+        eg.epilogue_pointers(epilogue, EpilogueTensors(residual=torch.randn(1, 4, 3, 4)), y, planned)

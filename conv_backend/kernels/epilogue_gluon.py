@@ -42,9 +42,11 @@ def epilogue_scalars(epilogue: Epilogue) -> tuple:
     return epilogue.bn_eps, epilogue.param0, epilogue.param1
 
 
-def epilogue_pointers(epilogue: Epilogue, tensors: EpilogueTensors, y) -> tuple:
+def epilogue_pointers(epilogue: Epilogue, tensors: EpilogueTensors, y, residual_strides=None) -> tuple:
     """(bn_mean, bn_var, bn_weight, bn_bias, residual) for a launch writing `y`: `y` where a step is off. The
-    batch-norm vectors are read by channel index, so a strided one is made contiguous (a copy of OC values)."""
+    batch-norm vectors are read by channel index, so a strided one is made contiguous (a copy of OC values).
+    The residual must have y's shape and the strides the launcher was built for (`residual_strides`; a size-1
+    axis may carry any)."""
     if epilogue.batch_norm:
         vectors = (tensors.bn_mean, tensors.bn_var, tensors.bn_weight, tensors.bn_bias)
         if any(v is None for v in vectors):
@@ -56,6 +58,10 @@ def epilogue_pointers(epilogue: Epilogue, tensors: EpilogueTensors, y) -> tuple:
         if tensors.residual is None:
             raise ValueError("tritonconv: a residual epilogue needs the residual tensor")
         residual = tensors.residual
+        if residual.shape != y.shape or (residual_strides is not None and any(
+                size > 1 and got != planned for size, got, planned in zip(y.shape, residual.stride(), residual_strides))):
+            raise ValueError(f"tritonconv: residual of shape {tuple(residual.shape)} and strides {residual.stride()}"
+                             f" where the launch was built for shape {tuple(y.shape)} and strides {residual_strides}")
     else:
         residual = y
     return (*vectors, residual)

@@ -323,7 +323,7 @@ def halo_launcher(cand: Candidate, x, weight, y, padding, dilation, flags):
         x = x.contiguous(memory_format=torch.channels_last)
         x_desc = GluonTensorDescriptor(x, x_shape, x_strides, x_box, x_layout)
         x_tail_desc = GluonTensorDescriptor(x, x_shape, x_strides, x_tail_box, x_layout) if tail else x_desc
-        pointers = epilogue_pointers(epilogue, epi, y)
+        pointers = epilogue_pointers(epilogue, epi, y, residual_strides)
         kernel_for(pointers)(x_desc, x_tail_desc, weight_descriptor(weight), y if bias is None else bias, y,
                              *pointers)
     return launch

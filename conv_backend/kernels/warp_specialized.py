@@ -602,18 +602,18 @@ def ws_launcher(cand: Candidate, maps, weight, y, stride, padding, dilation, fla
         raise ValueError(f"{cand.describe()}: this Triton's Gluon cannot fuse {epilogue.describe()}")
     residual_strides = tuple(flags.get("residual_strides", (0, 0, 0, 0))) if epilogue.residual else (0, 0, 0, 0)
     use_int64 = flags["USE_INT64"] or residual_needs_int64(y.shape, residual_strides)
+    kernel_residual_strides = residual_strides  # as the kernel's (img, oh, ow) index the residual
     if epilogue.residual and (n, out_h, out_w) != (y.shape[0], y.shape[2], y.shape[3]):  # a flat problem
-        flat = flat_residual_strides(y.shape, residual_strides)
-        if flat is None:
+        kernel_residual_strides = flat_residual_strides(y.shape, residual_strides)
+        if kernel_residual_strides is None:
             raise ValueError(f"{cand.describe()}: a 1x1 problem seen as one row of pixels needs a residual whose "
                              f"pixels are evenly spaced, not strides {residual_strides} for shape {tuple(y.shape)}")
-        residual_strides = flat
     x_layout = gl.NVMMASharedLayout.get_default_for(x_box, gluon_dtype(y.dtype))  # the tail box shares it
     num_pid_n = triton.cdiv(oc, bn)
     tiles = triton.cdiv(n, bb) * triton.cdiv(out_h, bh) * triton.cdiv(out_w, bw) * num_pid_n
     programs = persistent_programs(tiles, y.device)
     scalars = (n, out_h, out_w, oc, triton.cdiv(c, bk), cpad, *y.stride(), flags["bias_stride"], *padding, *dilation,
-               *stride, c, tiles, num_pid_n, *residual_strides, *epilogue_scalars(epilogue))
+               *stride, c, tiles, num_pid_n, *kernel_residual_strides, *epilogue_scalars(epilogue))
     # At most 12 warps (two consumer warpgroups and the loader's): 168 registers a thread on average fit 64K.
     split = p.get("SPLIT_TILE", False)
     meta = dict(KH=kernel_h, KW=kernel_w, HAS_BIAS=flags["HAS_BIAS"], USE_INT64=use_int64, BLOCK_B=bb, BLOCK_H=bh,
@@ -628,7 +628,7 @@ def ws_launcher(cand: Candidate, maps, weight, y, stride, padding, dilation, fla
         x = x.contiguous(memory_format=torch.channels_last)
         x_desc = GluonTensorDescriptor(x, x_shape, x_strides, x_box, x_layout)
         x_tail_desc = GluonTensorDescriptor(x, x_shape, x_strides, tail_box, x_layout) if tail else x_desc
-        pointers = epilogue_pointers(epilogue, epi, y)
+        pointers = epilogue_pointers(epilogue, epi, y, residual_strides)
         kernel_for(pointers)(x_desc, x_tail_desc, weight_descriptor(weight), y if bias is None else bias, y,
                              *pointers)
     return launch
