@@ -58,8 +58,9 @@ def epilogue_pointers(epilogue: Epilogue, tensors: EpilogueTensors, y, residual_
         if tensors.residual is None:
             raise ValueError("tritonconv: a residual epilogue needs the residual tensor")
         residual = tensors.residual
-        if residual.shape != y.shape or (residual_strides is not None and any(
-                size > 1 and got != planned for size, got, planned in zip(y.shape, residual.stride(), residual_strides))):
+        moved = residual_strides is not None and any(
+            size > 1 and got != planned for size, got, planned in zip(y.shape, residual.stride(), residual_strides))
+        if moved or residual.shape != y.shape:
             raise ValueError(f"tritonconv: residual of shape {tuple(residual.shape)} and strides {residual.stride()}"
                              f" where the launch was built for shape {tuple(y.shape)} and strides {residual_strides}")
     else:
