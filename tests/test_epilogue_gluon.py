@@ -135,3 +135,11 @@ def test_epilogue_pointers_refuse_a_residual_unlike_the_planned_one():
         eg.epilogue_pointers(epilogue, EpilogueTensors(residual=other), y, planned)
     with pytest.raises(ValueError, match="shape"):
         eg.epilogue_pointers(epilogue, EpilogueTensors(residual=torch.randn(1, 4, 3, 4)), y, planned)
+
+
+def test_same_strides():
+    """Where the residual's strides are the output's, the kernels reuse the store's offsets for it."""
+    shape = (1, 4, 3, 3)
+    nchw, nhwc = torch.empty(shape).stride(), torch.empty(shape).to(memory_format=torch.channels_last).stride()
+    assert eg.same_strides(shape, nchw, nchw) and not eg.same_strides(shape, nchw, nhwc)
+    assert eg.same_strides(shape, (999,) + nchw[1:], nchw)  # a size-1 axis may carry any stride

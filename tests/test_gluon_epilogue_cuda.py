@@ -209,6 +209,22 @@ def test_halo_activations(activation):
 
 
 @needs_gluon_hopper
+@pytest.mark.parametrize("dtype,precision,y_layout,pixels_as_n", [
+    (torch.float32, "tf32", "nchw", False),            # the MMA layout's stores
+    (torch.bfloat16, "ieee", "channels_last", False),  # the blocked store
+    (torch.float16, "ieee", "channels_last", True),    # channels as rows, split consumers
+], ids=["tf32-mma", "bf16-blocked", "fp16-pixels-as-n"])
+def test_residual_in_the_output_layout(dtype, precision, y_layout, pixels_as_n):
+    """A residual with the output's strides is read through the store's offsets (RESIDUAL_AS_Y)."""
+    case = Case(1, 64, 128, 21, 26, (3, 3), padding=(1, 1), dtype=dtype)
+    run_fused(first_ws_candidate(case, y_layout, pixels_as_n), case, precision, BN_ADD_RELU, y_layout, y_layout)
+    if halo_mod.unaligned_views_supported() and not pixels_as_n:
+        out_h, out_w = case.out_hw()
+        cand = halo_mod.halo_candidates(case.c, case.oc, out_h, out_w, 3, 1, dtype)[0]
+        run_fused(cand, case, precision, BN_ADD_RELU, y_layout, y_layout)
+
+
+@needs_gluon_hopper
 def test_batch_norm_reads_live_statistics():
     """One launch, two calls: statistics and affine parameters changed in place between them reach the second
     call's output (a plan is built once and called many times)."""

@@ -360,8 +360,8 @@ def global_loads(ptx):
     return ptx.count("ld.global")
 
 
-def check_fused(label, compile_one):
-    plain, fused = compile_one(Epilogue()), compile_one(BN_ADD_GELU)
+def check_fused(label, compile_one, residual_as_y=False):
+    plain, fused = compile_one(Epilogue(), False), compile_one(BN_ADD_GELU, residual_as_y)
     assert fused.metadata.shared <= 227 * 1024, (label, fused.metadata.shared)
     p, f = plain.asm["ptx"], fused.asm["ptx"]
     assert "rsqrt" not in p and "ex2.approx" not in p, label  # identity: no epilogue code
@@ -372,14 +372,15 @@ def check_fused(label, compile_one):
 
 # The tap-per-step kernel: the MMA layout's stores (fp32 into channels_last; 16-bit into NCHW), the blocked
 # store through shared memory (16-bit into channels_last), pixels as N with split consumers, two consumers.
-for label, dtype, params, warps, stages, channels_last in [
-        ("mma-fp32-nhwc", torch.float32, tap(1, 1, 128, 128, 32), 4, 5, True),
-        ("mma-bf16-nchw", torch.bfloat16, tap(2, 8, 8, 64, 64), 4, 6, False),
-        ("blocked-fp16-nhwc", torch.float16, tap(1, 1, 128, 128, 64), 8, 6, True),
-        ("pixels-as-n-split-bf16", torch.bfloat16, tap(1, 2, 128, 128, 64, True, 1, True), 8, 4, True),
-        ("two-consumers-bf16", torch.bfloat16, tap(1, 8, 16, 128, 64, False, 2), 4, 5, True)]:
-    check_fused(label, lambda epi: ws.compile_for_sm90(dtype, params, warps, stages, epilogue=epi,
-                                                       channels_last=channels_last))
+# A residual with the output's strides reuses the store's offsets (RESIDUAL_AS_Y); once each way per path.
+for label, dtype, params, warps, stages, channels_last, as_y in [
+        ("mma-fp32-nhwc", torch.float32, tap(1, 1, 128, 128, 32), 4, 5, True, True),
+        ("mma-bf16-nchw", torch.bfloat16, tap(2, 8, 8, 64, 64), 4, 6, False, False),
+        ("blocked-fp16-nhwc", torch.float16, tap(1, 1, 128, 128, 64), 8, 6, True, True),
+        ("pixels-as-n-split-bf16", torch.bfloat16, tap(1, 2, 128, 128, 64, True, 1, True), 8, 4, True, False),
+        ("two-consumers-bf16", torch.bfloat16, tap(1, 8, 16, 128, 64, False, 2), 4, 5, True, False)]:
+    check_fused(label, lambda epi, as_y: ws.compile_for_sm90(dtype, params, warps, stages, epilogue=epi,
+                                                             channels_last=channels_last, residual_as_y=as_y), as_y)
 
 # Every activation (and batch norm + residual + ReLU) on one small config.
 small = tap(2, 8, 8, 64, 32)
@@ -401,14 +402,14 @@ print("fused bn+add+relu")
 # The patch variant and the halo kernel, where this Triton compiles their views.
 print("views supported:", ws.unaligned_views_supported())
 if ws.unaligned_views_supported():
-    for label, dtype, params, warps, stages in [
-            ("patch-fp32", torch.float32, dict(tap(1, 16, 16, 64, 16)), 8, 5),
-            ("patch-pixels-as-n-bf16", torch.bfloat16, dict(tap(1, 8, 32, 128, 32, True, 1, True)), 8, 3)]:
-        check_fused(label, lambda epi: ws.compile_for_sm90(dtype, params, warps, stages, kernel="igemm_ws_halo",
-                                                           epilogue=epi))
-    for label, dtype in [("halo-fp32", torch.float32), ("halo-bf16", torch.bfloat16)]:
-        check_fused(label, lambda epi: halo.compile_for_sm90(dtype, dict(BLOCK_H=16, BLOCK_W=8, BLOCK_N=64,
-                                                                         BLOCK_K=32), 4, 2, epilogue=epi))
+    for label, dtype, params, warps, stages, as_y in [
+            ("patch-fp32", torch.float32, dict(tap(1, 16, 16, 64, 16)), 8, 5, True),
+            ("patch-pixels-as-n-bf16", torch.bfloat16, dict(tap(1, 8, 32, 128, 32, True, 1, True)), 8, 3, False)]:
+        check_fused(label, lambda epi, as_y: ws.compile_for_sm90(dtype, params, warps, stages, kernel="igemm_ws_halo",
+                                                                 epilogue=epi, residual_as_y=as_y), as_y)
+    for label, dtype, as_y in [("halo-fp32", torch.float32, True), ("halo-bf16", torch.bfloat16, False)]:
+        check_fused(label, lambda epi, as_y: halo.compile_for_sm90(
+            dtype, dict(BLOCK_H=16, BLOCK_W=8, BLOCK_N=64, BLOCK_K=32), 4, 2, epilogue=epi, residual_as_y=as_y), as_y)
 """
 
 

@@ -89,6 +89,12 @@ def residual_needs_int64(shape, residual_strides) -> bool:
     return sum((size - 1) * abs(stride) for size, stride in zip(shape, residual_strides)) > INT32_MAX
 
 
+def same_strides(shape, strides, other) -> bool:
+    """Whether two tensors of `shape` with these strides put every element at the same offset (a size-1 axis
+    may carry any stride)."""
+    return all(size == 1 or a == b for size, a, b in zip(shape, strides, other))
+
+
 def flat_residual_strides(shape, residual_strides) -> tuple | None:
     """The residual's (n, c, h, w) strides for a kernel that sees the output as one image of one row of all
     N*H*W pixels (implicit_gemm._flat_pixels): (0, c stride, 0, s), where pixel p = (n*H + h)*W + w of the
@@ -153,9 +159,11 @@ if gluon is not None:
             var = gl.load(var_ptr + offs_n, mask=n_ok, other=1.0).to(gl.float32)
             weight = gl.load(bn_w_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)
             shift = gl.load(bn_b_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)
+            # Two per-channel vectors instead of four: acc * scale + (bias - mean * scale), whose rounding differs
+            # from the reference's order by an ulp or so, leaves the registers to the tile.
             scale = gl.rsqrt(var + bn_eps) * weight
-            acc = (acc - gl.expand_dims(mean, PIX_AXIS)) * gl.expand_dims(scale, PIX_AXIS) \
-                + gl.expand_dims(shift, PIX_AXIS)
+            shift = shift - mean * scale
+            acc = acc * gl.expand_dims(scale, PIX_AXIS) + gl.expand_dims(shift, PIX_AXIS)
         if HAS_RESIDUAL:
             acc += gl.load(r_ptr + r_offsets, mask=mask, other=0.0).to(gl.float32)
         return apply_activation(acc, ACTIVATION, act_param0, act_param1)

@@ -37,7 +37,7 @@ from .common import (GluonTensorDescriptor, KernelLauncher, box_row_channels, gl
                      gluon_sm90_reason, gluon_tile_origin, gluon_weight_descriptors, mbarrier, tma, warpgroup_mma,
                      warpgroup_mma_wait)
 from .epilogue_gluon import (by_alignment, epilogue_constexprs, epilogue_pointers, epilogue_scalars, fused_epilogue,
-                             gluon_takes_epilogue, residual_needs_int64)
+                             gluon_takes_epilogue, residual_needs_int64, same_strides)
 
 log = logging.getLogger("conv_backend")
 
@@ -110,7 +110,7 @@ def halo_candidates(channels, out_channels, out_h, out_w, kernel_h, dil_h, dtype
 
 
 def compile_for_sm90(dtype: torch.dtype, params: dict, num_warps: int, num_stages: int, kernel_hw=(5, 9),
-                     dil_h: int = 2, epilogue=IDENTITY):
+                     dil_h: int = 2, epilogue=IDENTITY, residual_as_y: bool = False):
     """igemm_halo_kernel compiled for sm_90 with these tile parameters (a Candidate's) and this fused epilogue,
     on any machine; raises where this Triton rejects it."""
     from triton.backends.compiler import GPUTarget
@@ -132,7 +132,8 @@ def compile_for_sm90(dtype: torch.dtype, params: dict, num_warps: int, num_stage
     for name in ("bn_eps", "act_param0", "act_param1"):
         signature[name] = "fp32"
     constexprs = dict(KH=kernel_hw[0], KW=kernel_hw[1], DIL_H=dil_h, TAIL_H=tail, HAS_BIAS=True,
-                      INPUT_PRECISION="tf32", USE_INT64=False, **epilogue_constexprs(epilogue), BLOCK_H=bh, BLOCK_W=bw,
+                      INPUT_PRECISION="tf32", USE_INT64=False, **epilogue_constexprs(epilogue),
+                      RESIDUAL_AS_Y=residual_as_y, BLOCK_H=bh, BLOCK_W=bw,
                       BLOCK_N=bn, BLOCK_K=bk, SWIZZLE=x_layout.swizzle_byte_width, STAGES=num_stages,
                       num_warps=num_warps)
     for name in constexprs:
@@ -222,7 +223,7 @@ if gluon is not None:
         # meta-parameters
         KH: gl.constexpr, KW: gl.constexpr, DIL_H: gl.constexpr, TAIL_H: gl.constexpr, HAS_BIAS: gl.constexpr,
         INPUT_PRECISION: gl.constexpr, USE_INT64: gl.constexpr,
-        HAS_BN: gl.constexpr, HAS_RESIDUAL: gl.constexpr, ACTIVATION: gl.constexpr,
+        HAS_BN: gl.constexpr, HAS_RESIDUAL: gl.constexpr, ACTIVATION: gl.constexpr, RESIDUAL_AS_Y: gl.constexpr,
         BLOCK_H: gl.constexpr, BLOCK_W: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
         SWIZZLE: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
     ):
@@ -283,7 +284,10 @@ if gluon is not None:
         y_offsets = gl.expand_dims(pix, 1) + gl.expand_dims(offs_n * syc, 0)
         mask = gl.expand_dims((oh < OH) & (ow < OW), 1) & gl.expand_dims(n_ok, 0)
         if HAS_BN or HAS_RESIDUAL or ACTIVATION != "none":
-            r_offsets = gl.expand_dims(img * srn + oh * srh + ow * srw, 1) + gl.expand_dims(offs_n * src, 0)
+            if RESIDUAL_AS_Y:  # the output's strides: its offsets, not a second tile of them in registers
+                r_offsets = y_offsets
+            else:
+                r_offsets = gl.expand_dims(img * srn + oh * srh + ow * srw, 1) + gl.expand_dims(offs_n * src, 0)
             acc = fused_epilogue(acc, offs_n, n_ok, r_offsets, mask, mean_ptr, var_ptr, bn_w_ptr, bn_b_ptr, r_ptr,
                                  bn_eps, act_param0, act_param1, 0, HAS_BN, HAS_RESIDUAL, ACTIVATION)
         gl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -314,6 +318,7 @@ def halo_launcher(cand: Candidate, x, weight, y, padding, dilation, flags):
     use_int64 = flags["USE_INT64"] or residual_needs_int64(y.shape, residual_strides)
     meta = dict(KH=kernel_h, KW=kernel_w, DIL_H=dil_h, TAIL_H=tail, HAS_BIAS=flags["HAS_BIAS"],
                 INPUT_PRECISION=flags["INPUT_PRECISION"], USE_INT64=use_int64, **epilogue_constexprs(epilogue),
+                RESIDUAL_AS_Y=epilogue.residual and same_strides(y.shape, residual_strides, y.stride()),
                 BLOCK_H=bh, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, SWIZZLE=x_layout.swizzle_byte_width,
                 STAGES=cand.num_stages, num_warps=cand.num_warps)
     kernel_for = by_alignment(lambda: KernelLauncher(igemm_halo_kernel, grid, scalars, **meta))

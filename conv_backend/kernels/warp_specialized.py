@@ -53,7 +53,8 @@ from .common import (GluonTensorDescriptor, KernelLauncher, box_row_channels, fi
                      gluon_sm90_reason, gluon_tile_origin, gluon_weight_descriptors, mbarrier, strided_input_view, tma,
                      warpgroup_mma, warpgroup_mma_wait)
 from .epilogue_gluon import (by_alignment, epilogue_constexprs, epilogue_pointers, epilogue_scalars,
-                             flat_residual_strides, fused_epilogue, gluon_takes_epilogue, residual_needs_int64)
+                             flat_residual_strides, fused_epilogue, gluon_takes_epilogue, residual_needs_int64,
+                             same_strides)
 from .halo import patch_boxes, patch_split, smem_bytes, unaligned_views_supported
 
 try:  # the class decorator the kernel's argument bundle (_Args) needs, by its private name
@@ -210,7 +211,8 @@ def input_boxes(kernel: str, params: dict, kernel_h: int, dil_h: int) -> tuple:
 
 
 def compile_for_sm90(dtype: torch.dtype, params: dict, num_warps: int, num_stages: int, kernel_hw=(3, 3),
-                     kernel: str = "igemm_ws", dil_h: int = 1, epilogue=IDENTITY, channels_last: bool = True):
+                     kernel: str = "igemm_ws", dil_h: int = 1, epilogue=IDENTITY, channels_last: bool = True,
+                     residual_as_y: bool = False):
     """igemm_ws_kernel compiled for sm_90 with these tile parameters (a Candidate's of `kernel`) and this fused
     epilogue, storing into a channels_last output (else NCHW: no blocked store), on any machine."""
     from triton.backends.compiler import GPUTarget
@@ -232,7 +234,7 @@ def compile_for_sm90(dtype: torch.dtype, params: dict, num_warps: int, num_stage
         signature[name] = "fp32"
     constexprs = dict(KH=kernel_hw[0], KW=kernel_hw[1], HAS_BIAS=True, USE_INT64=False, STAGES=num_stages,
                       PIXELS_AS_N=False, SPLIT_TILE=False, HALO_ROW_STEP=row_step, TAIL_H=tail,
-                      **epilogue_constexprs(epilogue))
+                      **epilogue_constexprs(epilogue), RESIDUAL_AS_Y=residual_as_y)
     constexprs.update(params)
     num_warps = launch_warps(num_warps, constexprs["SPLIT_TILE"])
     constexprs["num_warps"] = num_warps
@@ -311,6 +313,7 @@ if gluon is not None:
         HAS_BN: gl.constexpr
         HAS_RESIDUAL: gl.constexpr
         ACTIVATION: gl.constexpr
+        RESIDUAL_AS_Y: gl.constexpr
 
         def __init__(self, *values):
             for name, value in zip(_Args.__annotations__, values):
@@ -487,9 +490,13 @@ if gluon is not None:
             mask = gl.expand_dims(m_ok, 1 - PIX_AXIS) & gl.expand_dims(n_ok, PIX_AXIS)
             if FUSED:
                 # The residual's offsets are the output's, through its own strides (the launcher maps them for a
-                # flat problem, whose img and oh are 0 and ow runs over all the pixels).
-                r_offsets = gl.expand_dims(img * p.srn + oh * p.srh + ow * p.srw, 1 - PIX_AXIS) \
-                    + gl.expand_dims(offs_n * p.src, PIX_AXIS)
+                # flat problem, whose img and oh are 0 and ow runs over all the pixels); where those are the
+                # output's, its offsets, not a second tile of them in registers.
+                if p.RESIDUAL_AS_Y:
+                    r_offsets = y_offsets
+                else:
+                    r_offsets = gl.expand_dims(img * p.srn + oh * p.srh + ow * p.srw, 1 - PIX_AXIS) \
+                        + gl.expand_dims(offs_n * p.src, PIX_AXIS)
                 acc = fused_epilogue(acc, offs_n, n_ok, r_offsets, mask, p.mean_ptr, p.var_ptr, p.bn_w_ptr,
                                      p.bn_b_ptr, p.r_ptr, p.bn_eps, p.act_param0, p.act_param1, PIX_AXIS, p.HAS_BN,
                                      p.HAS_RESIDUAL, p.ACTIVATION)
@@ -519,7 +526,7 @@ if gluon is not None:
         BLOCK_B: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_W: gl.constexpr, BLOCK_N: gl.constexpr,
         BLOCK_K: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr, PIXELS_AS_N: gl.constexpr,
         SPLIT_TILE: gl.constexpr, HALO_ROW_STEP: gl.constexpr, TAIL_H: gl.constexpr, BLOCKED_STORE: gl.constexpr,
-        HAS_BN: gl.constexpr, HAS_RESIDUAL: gl.constexpr, ACTIVATION: gl.constexpr,
+        HAS_BN: gl.constexpr, HAS_RESIDUAL: gl.constexpr, ACTIVATION: gl.constexpr, RESIDUAL_AS_Y: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         # A stage holds an input box and a weight tile, or, with HALO_ROW_STEP (the pixels between the
@@ -557,7 +564,7 @@ if gluon is not None:
                    gl.to_tensor(act_param1),
                    KH, KW, HAS_BIAS, USE_INT64, BLOCK_B, BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K, STAGES, CONSUMERS,
                    PIXELS_AS_N, SPLIT_TILE, HALO_ROW_STEP, TAIL_H, W_PER_STEP, BLOCKED_STORE, HAS_BN, HAS_RESIDUAL,
-                   ACTIVATION)
+                   ACTIVATION, RESIDUAL_AS_Y)
         # Registers a thread: the loader warp needs few; the consumers share what is left of the SM's 64K
         # (the launch caps the average at 168 over the 12 warps).
         if CONSUMERS == 2 or SPLIT_TILE:
@@ -620,7 +627,9 @@ def ws_launcher(cand: Candidate, maps, weight, y, stride, padding, dilation, fla
                 BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, STAGES=cand.num_stages, CONSUMERS=p["CONSUMERS"],
                 PIXELS_AS_N=p["PIXELS_AS_N"], SPLIT_TILE=split, HALO_ROW_STEP=row_step, TAIL_H=tail,
                 BLOCKED_STORE=blocked_store(y.dtype, p["PIXELS_AS_N"], y.stride(1) == 1),
-                **epilogue_constexprs(epilogue), num_warps=launch_warps(cand.num_warps, split), maxnreg=168)
+                **epilogue_constexprs(epilogue), num_warps=launch_warps(cand.num_warps, split), maxnreg=168,
+                RESIDUAL_AS_Y=epilogue.residual and same_strides((n, oc, out_h, out_w), kernel_residual_strides,
+                                                                 y.stride()))
     kernel_for = by_alignment(lambda: KernelLauncher(igemm_ws_kernel, (programs,), scalars, **meta))
     weight_descriptor = gluon_weight_descriptors(weight.shape, y.dtype, bn, bk)
 
