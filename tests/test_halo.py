@@ -59,35 +59,8 @@ def test_plan_on_cpu_offers_no_halo_candidate(monkeypatch):
 
 def _compile_halo_for_sm90():
     """Compile one config of the real kernel for sm_90 (no GPU needed); raises where Triton rejects it."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
-    kernel_h, dil_h, bh, bw, bn, bk, stages = 5, 2, 16, 8, 64, 32, 2
-    head, tail = halo.patch_split(bh, kernel_h, dil_h)
-    x, w = torch.empty(2, 64, 64, 32), torch.empty(64, 45 * 32)
-    x_box = [1, head, bw, bk]
-    x_layout = halo.gl.NVMMASharedLayout.get_default_for(x_box, halo.gl.float32)
-    descs = dict(x_desc=halo.GluonTensorDescriptor(x, list(x.shape), list(x.stride()), x_box, x_layout),
-                 x_tail_desc=halo.GluonTensorDescriptor(x, list(x.shape), list(x.stride()), [1, tail, bw, bk],
-                                                        x_layout),
-                 w_desc=halo.GluonTensorDescriptor(w, list(w.shape), list(w.stride()), [bn, bk],
-                                                   halo.gl.NVMMASharedLayout.get_default_for([bn, bk], halo.gl.float32)))
-    consts = dict(KH=kernel_h, KW=9, DIL_H=dil_h, TAIL_H=tail, HAS_BIAS=True, INPUT_PRECISION="tf32", USE_INT64=False,
-                  BLOCK_H=bh, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, SWIZZLE=x_layout.swizzle_byte_width,
-                  STAGES=stages, num_warps=4)
-    fn = halo.igemm_halo_kernel
-    signature, constexprs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            signature[name], constexprs[(i,)] = "constexpr", consts[name]
-        elif name in descs:
-            signature[name] = mangle_type(descs[name])
-        else:
-            signature[name] = "*fp32" if name.endswith("_ptr") else "i32"
-    with halo._stderr_silenced():
-        triton.compile(GluonASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4})
+    halo.compile_for_sm90(torch.float32, dict(BLOCK_H=16, BLOCK_W=8, BLOCK_N=64, BLOCK_K=32), num_warps=4,
+                          num_stages=2, kernel_hw=(5, 9), dil_h=2)
 
 
 @needs_gluon

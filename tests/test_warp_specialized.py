@@ -331,3 +331,103 @@ def test_gluon_rules_on_a_pretend_hopper(monkeypatch):
     capability[0] = (9, 0)
     # Each kernel adds its own: the halo kernel needs a kernel taller than one row.
     assert "one row" in halo.halo_reason(x, torch.empty(64, 32, 1, 3), (1, 1), (1, 1), 1, "tf32")
+
+
+# Compiles the fused epilogue (epilogue.py) into both Gluon kernels for sm_90 on representative configs, in a
+# process of its own (as above): every store path once with batch norm, a residual and an activation together,
+# and every activation once on one small config. PTX is read for the steps: batch norm's rsqrt, the residual's
+# extra global loads, the exponentials of the exp-based activations.
+COMPILE_EPILOGUES = """
+import torch, triton
+import conv_backend.kernels.halo as halo
+import conv_backend.kernels.warp_specialized as ws
+from conv_backend.epilogue import ACTIVATIONS, Epilogue
+from conv_backend.kernels.epilogue_gluon import gluon_takes_epilogue
+
+if not ws.warp_specialize_compiles():
+    print("NOT OFFERED"); raise SystemExit(0)
+BN_ADD_RELU = Epilogue(batch_norm=True, bn_eps=1e-5, residual=True, activation="relu")
+BN_ADD_GELU = Epilogue(batch_norm=True, bn_eps=1e-3, residual=True, activation="gelu")
+PARAMS = {"hardtanh": (0.0, 6.0), "leaky_relu": (0.01,)}
+EXP_BASED = {"silu", "gelu", "gelu_tanh", "sigmoid", "tanh"}
+
+
+def tap(bb, bh, bw, bn, bk, pixels_as_n=False, consumers=1, split=False):
+    return dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, CONSUMERS=consumers,
+                PIXELS_AS_N=pixels_as_n, SPLIT_TILE=split)
+
+
+def global_loads(ptx):
+    return ptx.count("ld.global")
+
+
+def check_fused(label, compile_one, residual_as_y=False):
+    plain, fused = compile_one(Epilogue(), False), compile_one(BN_ADD_GELU, residual_as_y)
+    assert fused.metadata.shared <= 227 * 1024, (label, fused.metadata.shared)
+    p, f = plain.asm["ptx"], fused.asm["ptx"]
+    assert "rsqrt" not in p and "ex2.approx" not in p, label  # identity: no epilogue code
+    assert "rsqrt" in f and "ex2.approx" in f and global_loads(f) > global_loads(p), label
+    assert "wgmma.mma_async" in f, label
+    print("fused", label)
+
+
+# The tap-per-step kernel: the MMA layout's stores (fp32 into channels_last; 16-bit into NCHW), the blocked
+# store through shared memory (16-bit into channels_last), pixels as N with split consumers, two consumers.
+# A residual with the output's strides reuses the store's offsets (RESIDUAL_AS_Y); once each way per path.
+for label, dtype, params, warps, stages, channels_last, as_y in [
+        ("mma-fp32-nhwc", torch.float32, tap(1, 1, 128, 128, 32), 4, 5, True, True),
+        ("mma-bf16-nchw", torch.bfloat16, tap(2, 8, 8, 64, 64), 4, 6, False, False),
+        ("blocked-fp16-nhwc", torch.float16, tap(1, 1, 128, 128, 64), 8, 6, True, True),
+        ("pixels-as-n-split-bf16", torch.bfloat16, tap(1, 2, 128, 128, 64, True, 1, True), 8, 4, True, False),
+        ("two-consumers-bf16", torch.bfloat16, tap(1, 8, 16, 128, 64, False, 2), 4, 5, True, False)]:
+    check_fused(label, lambda epi, as_y: ws.compile_for_sm90(dtype, params, warps, stages, epilogue=epi,
+                                                             channels_last=channels_last, residual_as_y=as_y), as_y)
+
+# Every activation (and batch norm + residual + ReLU) on one small config.
+small = tap(2, 8, 8, 64, 32)
+def compile_small(epi):
+    return ws.compile_for_sm90(torch.float32, small, 4, 4, epilogue=epi, channels_last=False)
+ptx = {"none": compile_small(Epilogue()).asm["ptx"]}
+for act in ACTIVATIONS:
+    if act == "none":
+        continue
+    assert gluon_takes_epilogue(Epilogue(activation=act, activation_params=PARAMS.get(act, ()))), act
+    ptx[act] = compile_small(Epilogue(activation=act, activation_params=PARAMS.get(act, ()))).asm["ptx"]
+    assert ("ex2.approx" in ptx[act]) == (act in EXP_BASED), act
+    print("activation", act)
+assert len(set(ptx.values())) == len(ptx), "two activations compiled to the same code"
+bn_relu = compile_small(BN_ADD_RELU).asm["ptx"]
+assert "rsqrt" in bn_relu and global_loads(bn_relu) > global_loads(ptx["relu"])
+print("fused bn+add+relu")
+
+# The patch variant and the halo kernel, where this Triton compiles their views.
+print("views supported:", ws.unaligned_views_supported())
+if ws.unaligned_views_supported():
+    for label, dtype, params, warps, stages, as_y in [
+            ("patch-fp32", torch.float32, dict(tap(1, 16, 16, 64, 16)), 8, 5, True),
+            ("patch-pixels-as-n-bf16", torch.bfloat16, dict(tap(1, 8, 32, 128, 32, True, 1, True)), 8, 3, False)]:
+        check_fused(label, lambda epi, as_y: ws.compile_for_sm90(dtype, params, warps, stages, kernel="igemm_ws_halo",
+                                                                 epilogue=epi, residual_as_y=as_y), as_y)
+    for label, dtype, as_y in [("halo-fp32", torch.float32, True), ("halo-bf16", torch.bfloat16, False)]:
+        check_fused(label, lambda epi, as_y: halo.compile_for_sm90(
+            dtype, dict(BLOCK_H=16, BLOCK_W=8, BLOCK_N=64, BLOCK_K=32), 4, 2, epilogue=epi, residual_as_y=as_y), as_y)
+"""
+
+
+@needs_gluon
+def test_fused_epilogues_compile_for_sm90():
+    """Batch norm, residual and every activation compile into every store path of both Gluon kernels for sm_90
+    (no GPU needed); their numerics are tested on a Hopper GPU in test_gluon_epilogue_cuda.py."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_EPILOGUES], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    if "NOT OFFERED" in done.stdout:
+        assert not triton.__version__.startswith(("3.6.", "3.8.")), done.stderr[-4000:]
+        pytest.skip(f"Triton {triton.__version__} does not compile the kernel; it is not offered")
+    lines = done.stdout.splitlines()
+    assert sum(line.startswith("fused ") for line in lines) >= 6, done.stdout
+    assert sum(line.startswith("activation ") for line in lines) == 10, done.stdout
+    if "views supported: True" in lines:
+        assert sum(line.startswith("fused patch") for line in lines) == 2, done.stdout
+        assert sum(line.startswith("fused halo") for line in lines) == 2, done.stdout

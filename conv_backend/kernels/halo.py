@@ -13,6 +13,9 @@ one load. The views start at multiples of BLOCK_W pixel rows (a multiple of
 8), where the 128-byte swizzle pattern repeats, so wgmma reads them straight
 from shared memory. Weights come per step as KH [BLOCK_N, BLOCK_K] tiles.
 
+The ops that follow a convolution (eval batch norm, a residual add, an activation) may be fused into its
+store (epilogue_gluon.py): compile-time switches, so the plain convolution compiles as without them.
+
 Scope: stride 1, groups 1, TF32 or 16-bit operands (wgmma has no exact fp32),
 CUDA devices of compute capability 9.x. Everything else stays with the other
 kernels; `halo_reason` says why.
@@ -28,10 +31,13 @@ import sys
 import torch
 import triton
 
+from ..epilogue import IDENTITY, NO_TENSORS
 from ..tuning import Candidate
 from .common import (GluonTensorDescriptor, KernelLauncher, box_row_channels, gl, gluon, gluon_dtype,
                      gluon_sm90_reason, gluon_tile_origin, gluon_weight_descriptors, mbarrier, tma, warpgroup_mma,
                      warpgroup_mma_wait)
+from .epilogue_gluon import (by_alignment, epilogue_constexprs, epilogue_pointers, epilogue_scalars, fused_epilogue,
+                             gluon_takes_epilogue, residual_needs_int64, same_strides)
 
 log = logging.getLogger("conv_backend")
 
@@ -101,6 +107,40 @@ def halo_candidates(channels, out_channels, out_h, out_w, kernel_h, dil_h, dtype
             picked.add(Candidate.make("igemm_halo", num_warps=warps, num_stages=stages, BLOCK_H=bh, BLOCK_W=bw,
                                       BLOCK_N=bn, BLOCK_K=bk))
     return sorted(picked, key=lambda c: c.describe())
+
+
+def compile_for_sm90(dtype: torch.dtype, params: dict, num_warps: int, num_stages: int, kernel_hw=(5, 9),
+                     dil_h: int = 2, epilogue=IDENTITY, residual_as_y: bool = False):
+    """igemm_halo_kernel compiled for sm_90 with these tile parameters (a Candidate's) and this fused epilogue,
+    on any machine; raises where this Triton rejects it."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    type_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    bh, bw, bn, bk = params["BLOCK_H"], params["BLOCK_W"], params["BLOCK_N"], params["BLOCK_K"]
+    x_box, tail_box, tail = patch_boxes(bh, bw, bk, kernel_hw[0], dil_h)
+    x_layout = gl.NVMMASharedLayout.get_default_for(x_box, gluon_dtype(dtype))
+    w_box = [bn, bk]
+    names = igemm_halo_kernel.arg_names
+    signature = {name: "i32" for name in names}
+    for name, box, layout in (("x_desc", x_box, x_layout), ("x_tail_desc", tail_box, x_layout),
+                              ("w_desc", w_box, gl.NVMMASharedLayout.get_default_for(w_box, gluon_dtype(dtype)))):
+        signature[name] = f"tensordesc<{type_name}[{', '.join(map(str, box))}],{layout!r}>"
+    for name in ("b_ptr", "y_ptr", "r_ptr"):
+        signature[name] = f"*{type_name}"
+    for name in ("mean_ptr", "var_ptr", "bn_w_ptr", "bn_b_ptr"):
+        signature[name] = "*fp32"  # running statistics stay fp32 under autocast
+    for name in ("bn_eps", "act_param0", "act_param1"):
+        signature[name] = "fp32"
+    constexprs = dict(KH=kernel_hw[0], KW=kernel_hw[1], DIL_H=dil_h, TAIL_H=tail, HAS_BIAS=True,
+                      INPUT_PRECISION="tf32", USE_INT64=False, **epilogue_constexprs(epilogue),
+                      RESIDUAL_AS_Y=residual_as_y, BLOCK_H=bh, BLOCK_W=bw,
+                      BLOCK_N=bn, BLOCK_K=bk, SWIZZLE=x_layout.swizzle_byte_width, STAGES=num_stages,
+                      num_warps=num_warps)
+    for name in constexprs:
+        signature[name] = "constexpr"
+    source = GluonASTSource(igemm_halo_kernel, signature, {(names.index(k),): v for k, v in constexprs.items()})
+    with _stderr_silenced():  # the verifier prints a rejection to the process's stderr
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
 @contextlib.contextmanager
@@ -174,10 +214,16 @@ if gluon is not None:
 
     @gluon.jit
     def igemm_halo_kernel(
-        x_desc, x_tail_desc, w_desc, b_ptr, y_ptr,
-        OH, OW, OC, C_CHUNKS, CPAD, syn, syc, syh, syw, sb, pad_h, pad_w, dil_w,
+        # pointers: descriptors, bias, output, then the epilogue's (the output stands in where a step is off)
+        x_desc, x_tail_desc, w_desc, b_ptr, y_ptr, mean_ptr, var_ptr, bn_w_ptr, bn_b_ptr, r_ptr,
+        # sizes and strides
+        OH, OW, OC, C_CHUNKS, CPAD, syn, syc, syh, syw, sb, pad_h, pad_w, dil_w, srn, src, srh, srw,
+        # the epilogue's scalars
+        bn_eps, act_param0, act_param1,
+        # meta-parameters
         KH: gl.constexpr, KW: gl.constexpr, DIL_H: gl.constexpr, TAIL_H: gl.constexpr, HAS_BIAS: gl.constexpr,
         INPUT_PRECISION: gl.constexpr, USE_INT64: gl.constexpr,
+        HAS_BN: gl.constexpr, HAS_RESIDUAL: gl.constexpr, ACTIVATION: gl.constexpr, RESIDUAL_AS_Y: gl.constexpr,
         BLOCK_H: gl.constexpr, BLOCK_W: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
         SWIZZLE: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
     ):
@@ -237,33 +283,52 @@ if gluon is not None:
         pix = img * syn + oh * syh + ow * syw
         y_offsets = gl.expand_dims(pix, 1) + gl.expand_dims(offs_n * syc, 0)
         mask = gl.expand_dims((oh < OH) & (ow < OW), 1) & gl.expand_dims(n_ok, 0)
+        if HAS_BN or HAS_RESIDUAL or ACTIVATION != "none":
+            if RESIDUAL_AS_Y:  # the output's strides: its offsets, not a second tile of them in registers
+                r_offsets = y_offsets
+            else:
+                r_offsets = gl.expand_dims(img * srn + oh * srh + ow * srw, 1) + gl.expand_dims(offs_n * src, 0)
+            acc = fused_epilogue(acc, offs_n, n_ok, r_offsets, mask, mean_ptr, var_ptr, bn_w_ptr, bn_b_ptr, r_ptr,
+                                 bn_eps, act_param0, act_param1, 0, HAS_BN, HAS_RESIDUAL, ACTIVATION)
         gl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def halo_launcher(cand: Candidate, x, weight, y, padding, dilation, flags):
-    """launch(x, weight, bias, y) for `cand` on tensors shaped like these; `flags` are implicit_gemm's
-    constexprs (HAS_BIAS, INPUT_PRECISION, USE_INT64) plus the bias stride."""
+    """launch(x, weight, bias, y, epi) for `cand` on tensors shaped like these; `flags` are implicit_gemm's
+    constexprs (HAS_BIAS, INPUT_PRECISION, USE_INT64) plus the bias stride, and the fused epilogue
+    ("epilogue", an Epilogue; none where missing) with the residual's (n, c, h, w) strides
+    ("residual_strides"). `epi` is the call's EpilogueTensors (optional where the epilogue reads none)."""
     n, c, in_h, in_w = x.shape
     oc, _, kernel_h, kernel_w = weight.shape
     out_h, out_w = y.shape[2], y.shape[3]
     p = cand.params
     bh, bw, bn, bk = p["BLOCK_H"], p["BLOCK_W"], p["BLOCK_N"], p["BLOCK_K"]
     dil_h, dil_w = dilation
+    epilogue = flags.get("epilogue", IDENTITY)
+    if not gluon_takes_epilogue(epilogue):
+        raise ValueError(f"{cand.describe()}: this Triton's Gluon cannot fuse {epilogue.describe()}")
+    residual_strides = tuple(flags.get("residual_strides", (0, 0, 0, 0))) if epilogue.residual else (0, 0, 0, 0)
     cpad = triton.cdiv(c, bk) * bk
     x_shape, x_strides = [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1]
     x_box, x_tail_box, tail = patch_boxes(bh, bw, bk, kernel_h, dil_h)
     x_layout = gl.NVMMASharedLayout.get_default_for(x_box, gluon_dtype(x.dtype))  # the tail box shares it
     grid = (n * triton.cdiv(out_h, bh) * triton.cdiv(out_w, bw) * triton.cdiv(oc, bn),)
-    scalars = (out_h, out_w, oc, triton.cdiv(c, bk), cpad, *y.stride(), flags["bias_stride"], *padding, dil_w)
-    kernel = KernelLauncher(igemm_halo_kernel, grid, scalars, KH=kernel_h, KW=kernel_w, DIL_H=dil_h, TAIL_H=tail,
-                            HAS_BIAS=flags["HAS_BIAS"], INPUT_PRECISION=flags["INPUT_PRECISION"],
-                            USE_INT64=flags["USE_INT64"], BLOCK_H=bh, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk,
-                            SWIZZLE=x_layout.swizzle_byte_width, STAGES=cand.num_stages, num_warps=cand.num_warps)
+    scalars = (out_h, out_w, oc, triton.cdiv(c, bk), cpad, *y.stride(), flags["bias_stride"], *padding, dil_w,
+               *residual_strides, *epilogue_scalars(epilogue))
+    use_int64 = flags["USE_INT64"] or residual_needs_int64(y.shape, residual_strides)
+    meta = dict(KH=kernel_h, KW=kernel_w, DIL_H=dil_h, TAIL_H=tail, HAS_BIAS=flags["HAS_BIAS"],
+                INPUT_PRECISION=flags["INPUT_PRECISION"], USE_INT64=use_int64, **epilogue_constexprs(epilogue),
+                RESIDUAL_AS_Y=epilogue.residual and same_strides(y.shape, residual_strides, y.stride()),
+                BLOCK_H=bh, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, SWIZZLE=x_layout.swizzle_byte_width,
+                STAGES=cand.num_stages, num_warps=cand.num_warps)
+    kernel_for = by_alignment(lambda: KernelLauncher(igemm_halo_kernel, grid, scalars, **meta))
     weight_descriptor = gluon_weight_descriptors(weight.shape, x.dtype, bn, bk)
 
-    def launch(x, weight, bias, y):
+    def launch(x, weight, bias, y, epi=NO_TENSORS):
         x = x.contiguous(memory_format=torch.channels_last)
         x_desc = GluonTensorDescriptor(x, x_shape, x_strides, x_box, x_layout)
         x_tail_desc = GluonTensorDescriptor(x, x_shape, x_strides, x_tail_box, x_layout) if tail else x_desc
-        kernel(x_desc, x_tail_desc, weight_descriptor(weight), y if bias is None else bias, y)
+        pointers = epilogue_pointers(epilogue, epi, y, residual_strides)
+        kernel_for(pointers)(x_desc, x_tail_desc, weight_descriptor(weight), y if bias is None else bias, y,
+                             *pointers)
     return launch

@@ -32,6 +32,11 @@ It wins where tiles are few and K is deep (ResNet's 3x3 layers at 7x7 and 14x14:
 0.0197 ms with the TMA kernel, 0.0183 here), and with 256-pixel tiles on large fp32 problems with 128
 output channels (#56 on an H100: 2.09 -> 1.66 ms; bench/NOTES.md, entries 44, 49 and 50).
 
+A consumer's store may carry a fused epilogue (eval batch norm, a residual add, an activation;
+epilogue_gluon.py), applied in fp32 in the layout the tile is stored from: the MMA layout, or, where the
+tile leaves through shared memory, after that conversion. A 1x1 problem seen as one row of all its pixels
+takes a residual only where that row's pixels are evenly spaced in it (flat_residual_strides).
+
 Scope: groups 1, TF32 or 16-bit operands, compute capability 9.x; any stride that divides the input's
 height and width with a tap per K step (the input is then read as the TMA kernel reads it, [N, H/sh, sh,
 W/sw, sw*C]), stride 1 with a patch; `ws_reason` says why not otherwise.
@@ -42,10 +47,14 @@ import logging
 import torch
 import triton
 
+from ..epilogue import IDENTITY, NO_TENSORS
 from ..tuning import Candidate
 from .common import (GluonTensorDescriptor, KernelLauncher, box_row_channels, fit_box, gl, gluon, gluon_dtype,
                      gluon_sm90_reason, gluon_tile_origin, gluon_weight_descriptors, mbarrier, strided_input_view, tma,
                      warpgroup_mma, warpgroup_mma_wait)
+from .epilogue_gluon import (by_alignment, epilogue_constexprs, epilogue_pointers, epilogue_scalars,
+                             flat_residual_strides, fused_epilogue, gluon_takes_epilogue, residual_needs_int64,
+                             same_strides)
 from .halo import patch_boxes, patch_split, smem_bytes, unaligned_views_supported
 
 try:  # the class decorator the kernel's argument bundle (_Args) needs, by its private name
@@ -202,9 +211,10 @@ def input_boxes(kernel: str, params: dict, kernel_h: int, dil_h: int) -> tuple:
 
 
 def compile_for_sm90(dtype: torch.dtype, params: dict, num_warps: int, num_stages: int, kernel_hw=(3, 3),
-                     kernel: str = "igemm_ws", dil_h: int = 1):
-    """igemm_ws_kernel compiled for sm_90 with these tile parameters (a Candidate's of `kernel`), on any
-    machine."""
+                     kernel: str = "igemm_ws", dil_h: int = 1, epilogue=IDENTITY, channels_last: bool = True,
+                     residual_as_y: bool = False):
+    """igemm_ws_kernel compiled for sm_90 with these tile parameters (a Candidate's of `kernel`) and this fused
+    epilogue, storing into a channels_last output (else NCHW: no blocked store), on any machine."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     names = igemm_ws_kernel.arg_names
@@ -217,13 +227,18 @@ def compile_for_sm90(dtype: torch.dtype, params: dict, num_warps: int, num_stage
     for name, box, layout in (("x_desc", x_box, x_layout), ("x_tail_desc", tail_box, x_layout),
                               ("w_desc", w_box, gl.NVMMASharedLayout.get_default_for(w_box, gl_dtype))):
         signature[name] = f"tensordesc<{type_name}[{', '.join(map(str, box))}],{layout!r}>"
-    signature["b_ptr"] = signature["y_ptr"] = f"*{type_name}"
+    signature["b_ptr"] = signature["y_ptr"] = signature["r_ptr"] = f"*{type_name}"
+    for name in ("mean_ptr", "var_ptr", "bn_w_ptr", "bn_b_ptr"):
+        signature[name] = "*fp32"  # running statistics stay fp32 under autocast
+    for name in ("bn_eps", "act_param0", "act_param1"):
+        signature[name] = "fp32"
     constexprs = dict(KH=kernel_hw[0], KW=kernel_hw[1], HAS_BIAS=True, USE_INT64=False, STAGES=num_stages,
-                      PIXELS_AS_N=False, SPLIT_TILE=False, HALO_ROW_STEP=row_step, TAIL_H=tail)
+                      PIXELS_AS_N=False, SPLIT_TILE=False, HALO_ROW_STEP=row_step, TAIL_H=tail,
+                      **epilogue_constexprs(epilogue), RESIDUAL_AS_Y=residual_as_y)
     constexprs.update(params)
     num_warps = launch_warps(num_warps, constexprs["SPLIT_TILE"])
     constexprs["num_warps"] = num_warps
-    constexprs["BLOCKED_STORE"] = blocked_store(dtype, constexprs["PIXELS_AS_N"])
+    constexprs["BLOCKED_STORE"] = blocked_store(dtype, constexprs["PIXELS_AS_N"], channels_last)
     for name in constexprs:
         signature[name] = "constexpr"
     source = GluonASTSource(igemm_ws_kernel, signature, {(names.index(k),): v for k, v in constexprs.items()})
@@ -241,6 +256,11 @@ if gluon is not None:
         w_desc: tma.tensor_descriptor
         b_ptr: gl.tensor
         y_ptr: gl.tensor
+        mean_ptr: gl.tensor
+        var_ptr: gl.tensor
+        bn_w_ptr: gl.tensor
+        bn_b_ptr: gl.tensor
+        r_ptr: gl.tensor
         a_smem: gl.shared_memory_descriptor
         w_smem: gl.shared_memory_descriptor
         ready: gl.shared_memory_descriptor
@@ -266,6 +286,13 @@ if gluon is not None:
         C: gl.tensor
         tiles: gl.tensor
         num_pid_n: gl.tensor
+        srn: gl.tensor
+        src: gl.tensor
+        srh: gl.tensor
+        srw: gl.tensor
+        bn_eps: gl.tensor
+        act_param0: gl.tensor
+        act_param1: gl.tensor
         KH: gl.constexpr
         KW: gl.constexpr
         HAS_BIAS: gl.constexpr
@@ -283,6 +310,10 @@ if gluon is not None:
         TAIL_H: gl.constexpr
         W_PER_STEP: gl.constexpr
         BLOCKED_STORE: gl.constexpr
+        HAS_BN: gl.constexpr
+        HAS_RESIDUAL: gl.constexpr
+        ACTIVATION: gl.constexpr
+        RESIDUAL_AS_Y: gl.constexpr
 
         def __init__(self, *values):
             for name, value in zip(_Args.__annotations__, values):
@@ -427,14 +458,20 @@ if gluon is not None:
                 offs_b = n0 + gl.arange(0, N_PART, layout=gl.SliceLayout(PIX_AXIS, mma_layout))
                 bias = gl.load(p.b_ptr + offs_b * p.sb, mask=offs_b < p.OC, other=0.0).to(gl.float32)
                 acc += gl.expand_dims(bias, PIX_AXIS)
-            out = acc.to(p.y_ptr.dtype.element_ty)
+            FUSED: gl.constexpr = p.HAS_BN or p.HAS_RESIDUAL or p.ACTIVATION != "none"
             if p.BLOCKED_STORE:
                 # [pixels, channels] into channels_last, through shared memory into a layout where each thread
                 # holds 4 neighbouring channels: 8-byte stores of 16-bit values, not the MMA layout's 4-byte pairs.
+                # A fused epilogue runs after the conversion, on fp32, where the residual loads as the store goes.
                 store_layout: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [gl.num_warps(), 1], [1, 0])
-                out = gl.convert_layout(out, store_layout)
+                if FUSED:
+                    acc = gl.convert_layout(acc, store_layout)
+                else:
+                    out = gl.convert_layout(acc.to(p.y_ptr.dtype.element_ty), store_layout)
             else:
                 store_layout: gl.constexpr = mma_layout
+                if not FUSED:
+                    out = acc.to(p.y_ptr.dtype.element_ty)
             # Pixel offsets along the tile's pixel axis, channel offsets along its channel axis.
             offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1 - PIX_AXIS, store_layout))
             offs_n = n0 + gl.arange(0, N_PART, layout=gl.SliceLayout(PIX_AXIS, store_layout))
@@ -450,8 +487,21 @@ if gluon is not None:
                 ow = ow.to(gl.int64)
             pix = img * p.syn + oh * p.syh + ow * p.syw
             y_offsets = gl.expand_dims(pix, 1 - PIX_AXIS) + gl.expand_dims(offs_n * p.syc, PIX_AXIS)
-            gl.store(p.y_ptr + y_offsets, out,
-                     mask=gl.expand_dims(m_ok, 1 - PIX_AXIS) & gl.expand_dims(n_ok, PIX_AXIS))
+            mask = gl.expand_dims(m_ok, 1 - PIX_AXIS) & gl.expand_dims(n_ok, PIX_AXIS)
+            if FUSED:
+                # The residual's offsets are the output's, through its own strides (the launcher maps them for a
+                # flat problem, whose img and oh are 0 and ow runs over all the pixels); where those are the
+                # output's, its offsets, not a second tile of them in registers.
+                if p.RESIDUAL_AS_Y:
+                    r_offsets = y_offsets
+                else:
+                    r_offsets = gl.expand_dims(img * p.srn + oh * p.srh + ow * p.srw, 1 - PIX_AXIS) \
+                        + gl.expand_dims(offs_n * p.src, PIX_AXIS)
+                acc = fused_epilogue(acc, offs_n, n_ok, r_offsets, mask, p.mean_ptr, p.var_ptr, p.bn_w_ptr,
+                                     p.bn_b_ptr, p.r_ptr, p.bn_eps, p.act_param0, p.act_param1, PIX_AXIS, p.HAS_BN,
+                                     p.HAS_RESIDUAL, p.ACTIVATION)
+                out = acc.to(p.y_ptr.dtype.element_ty)
+            gl.store(p.y_ptr + y_offsets, out, mask=mask)
             mine += 1
 
     @gluon.jit
@@ -464,13 +514,19 @@ if gluon is not None:
 
     @gluon.jit
     def igemm_ws_kernel(
-        x_desc, x_tail_desc, w_desc, b_ptr, y_ptr,
+        # pointers: descriptors, bias, output, then the epilogue's (the output stands in where a step is off)
+        x_desc, x_tail_desc, w_desc, b_ptr, y_ptr, mean_ptr, var_ptr, bn_w_ptr, bn_b_ptr, r_ptr,
+        # sizes and strides
         N, OH, OW, OC, C_CHUNKS, CPAD, syn, syc, syh, syw, sb, pad_h, pad_w, dil_h, dil_w, stride_h, stride_w, C,
-        tiles, num_pid_n,
+        tiles, num_pid_n, srn, src, srh, srw,
+        # the epilogue's scalars
+        bn_eps, act_param0, act_param1,
+        # meta-parameters
         KH: gl.constexpr, KW: gl.constexpr, HAS_BIAS: gl.constexpr, USE_INT64: gl.constexpr,
         BLOCK_B: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_W: gl.constexpr, BLOCK_N: gl.constexpr,
         BLOCK_K: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr, PIXELS_AS_N: gl.constexpr,
         SPLIT_TILE: gl.constexpr, HALO_ROW_STEP: gl.constexpr, TAIL_H: gl.constexpr, BLOCKED_STORE: gl.constexpr,
+        HAS_BN: gl.constexpr, HAS_RESIDUAL: gl.constexpr, ACTIVATION: gl.constexpr, RESIDUAL_AS_Y: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         # A stage holds an input box and a weight tile, or, with HALO_ROW_STEP (the pixels between the
@@ -497,14 +553,18 @@ if gluon is not None:
             mbarrier.init(turn.index(i), count=1)
 
         # Scalars equal to 1 arrive as constexprs (Triton specializes them); the aggregate wants tensors.
-        p = WsArgs(x_desc, x_tail_desc, w_desc, b_ptr, y_ptr, a_smem, w_smem, ready, empty, turn,
+        p = WsArgs(x_desc, x_tail_desc, w_desc, b_ptr, y_ptr, mean_ptr, var_ptr, bn_w_ptr, bn_b_ptr, r_ptr,
+                   a_smem, w_smem, ready, empty, turn,
                    gl.to_tensor(N), gl.to_tensor(OH), gl.to_tensor(OW), gl.to_tensor(OC), gl.to_tensor(C_CHUNKS),
                    gl.to_tensor(CPAD), gl.to_tensor(syn), gl.to_tensor(syc), gl.to_tensor(syh), gl.to_tensor(syw),
                    gl.to_tensor(sb), gl.to_tensor(pad_h), gl.to_tensor(pad_w), gl.to_tensor(dil_h),
                    gl.to_tensor(dil_w), gl.to_tensor(stride_h), gl.to_tensor(stride_w), gl.to_tensor(C),
-                   gl.to_tensor(tiles), gl.to_tensor(num_pid_n),
+                   gl.to_tensor(tiles), gl.to_tensor(num_pid_n), gl.to_tensor(srn), gl.to_tensor(src),
+                   gl.to_tensor(srh), gl.to_tensor(srw), gl.to_tensor(bn_eps), gl.to_tensor(act_param0),
+                   gl.to_tensor(act_param1),
                    KH, KW, HAS_BIAS, USE_INT64, BLOCK_B, BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K, STAGES, CONSUMERS,
-                   PIXELS_AS_N, SPLIT_TILE, HALO_ROW_STEP, TAIL_H, W_PER_STEP, BLOCKED_STORE)
+                   PIXELS_AS_N, SPLIT_TILE, HALO_ROW_STEP, TAIL_H, W_PER_STEP, BLOCKED_STORE, HAS_BN, HAS_RESIDUAL,
+                   ACTIVATION, RESIDUAL_AS_Y)
         # Registers a thread: the loader warp needs few; the consumers share what is left of the SM's 64K
         # (the launch caps the average at 168 over the 12 warps).
         if CONSUMERS == 2 or SPLIT_TILE:
@@ -525,10 +585,13 @@ def persistent_programs(tiles: int, device) -> int:
 
 
 def ws_launcher(cand: Candidate, maps, weight, y, stride, padding, dilation, flags):
-    """launch(x, weight, bias, y) for `cand` (of igemm_ws or igemm_ws_halo) on tensors shaped like these.
+    """launch(x, weight, bias, y, epi) for `cand` (of igemm_ws or igemm_ws_halo) on tensors shaped like these.
     `maps` = (images, input height, input width, output height, output width) as the kernel sees them: a flat
     1x1 problem is one row of all the pixels. `flags` are implicit_gemm's constexprs (HAS_BIAS, USE_INT64)
-    plus the bias stride. The strides must divide the input's height and width (tma_reason)."""
+    plus the bias stride, and the fused epilogue ("epilogue", an Epilogue; none where missing) with the
+    residual's (n, c, h, w) strides ("residual_strides"). `epi` is the call's EpilogueTensors (optional where
+    the epilogue reads none). The strides must divide the input's height and width (tma_reason); a flat problem
+    takes a residual only where its pixels are evenly spaced (flat_residual_strides), else ValueError."""
     n, in_h, in_w, out_h, out_w = maps
     oc, c, kernel_h, kernel_w = weight.shape
     p = cand.params
@@ -541,25 +604,40 @@ def ws_launcher(cand: Candidate, maps, weight, y, stride, padding, dilation, fla
         if tuple(stride) != (1, 1):
             raise ValueError(f"{cand.describe()}: a patch per K step needs stride 1")
         x_shape, x_strides = [n, in_h, in_w, c], [in_h * in_w * c, in_w * c, c, 1]
+    epilogue = flags.get("epilogue", IDENTITY)
+    if not gluon_takes_epilogue(epilogue):
+        raise ValueError(f"{cand.describe()}: this Triton's Gluon cannot fuse {epilogue.describe()}")
+    residual_strides = tuple(flags.get("residual_strides", (0, 0, 0, 0))) if epilogue.residual else (0, 0, 0, 0)
+    use_int64 = flags["USE_INT64"] or residual_needs_int64(y.shape, residual_strides)
+    kernel_residual_strides = residual_strides  # as the kernel's (img, oh, ow) index the residual
+    if epilogue.residual and (n, out_h, out_w) != (y.shape[0], y.shape[2], y.shape[3]):  # a flat problem
+        kernel_residual_strides = flat_residual_strides(y.shape, residual_strides)
+        if kernel_residual_strides is None:
+            raise ValueError(f"{cand.describe()}: a 1x1 problem seen as one row of pixels needs a residual whose "
+                             f"pixels are evenly spaced, not strides {residual_strides} for shape {tuple(y.shape)}")
     x_layout = gl.NVMMASharedLayout.get_default_for(x_box, gluon_dtype(y.dtype))  # the tail box shares it
     num_pid_n = triton.cdiv(oc, bn)
     tiles = triton.cdiv(n, bb) * triton.cdiv(out_h, bh) * triton.cdiv(out_w, bw) * num_pid_n
     programs = persistent_programs(tiles, y.device)
     scalars = (n, out_h, out_w, oc, triton.cdiv(c, bk), cpad, *y.stride(), flags["bias_stride"], *padding, *dilation,
-               *stride, c, tiles, num_pid_n)
+               *stride, c, tiles, num_pid_n, *kernel_residual_strides, *epilogue_scalars(epilogue))
     # At most 12 warps (two consumer warpgroups and the loader's): 168 registers a thread on average fit 64K.
     split = p.get("SPLIT_TILE", False)
-    kernel = KernelLauncher(igemm_ws_kernel, (programs,), scalars, KH=kernel_h, KW=kernel_w,
-                            HAS_BIAS=flags["HAS_BIAS"], USE_INT64=flags["USE_INT64"], BLOCK_B=bb, BLOCK_H=bh,
-                            BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, STAGES=cand.num_stages, CONSUMERS=p["CONSUMERS"],
-                            PIXELS_AS_N=p["PIXELS_AS_N"], SPLIT_TILE=split, HALO_ROW_STEP=row_step, TAIL_H=tail,
-                            BLOCKED_STORE=blocked_store(y.dtype, p["PIXELS_AS_N"], y.stride(1) == 1),
-                            num_warps=launch_warps(cand.num_warps, split), maxnreg=168)
+    meta = dict(KH=kernel_h, KW=kernel_w, HAS_BIAS=flags["HAS_BIAS"], USE_INT64=use_int64, BLOCK_B=bb, BLOCK_H=bh,
+                BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, STAGES=cand.num_stages, CONSUMERS=p["CONSUMERS"],
+                PIXELS_AS_N=p["PIXELS_AS_N"], SPLIT_TILE=split, HALO_ROW_STEP=row_step, TAIL_H=tail,
+                BLOCKED_STORE=blocked_store(y.dtype, p["PIXELS_AS_N"], y.stride(1) == 1),
+                **epilogue_constexprs(epilogue), num_warps=launch_warps(cand.num_warps, split), maxnreg=168,
+                RESIDUAL_AS_Y=epilogue.residual and same_strides((n, oc, out_h, out_w), kernel_residual_strides,
+                                                                 y.stride()))
+    kernel_for = by_alignment(lambda: KernelLauncher(igemm_ws_kernel, (programs,), scalars, **meta))
     weight_descriptor = gluon_weight_descriptors(weight.shape, y.dtype, bn, bk)
 
-    def launch(x, weight, bias, y):
+    def launch(x, weight, bias, y, epi=NO_TENSORS):
         x = x.contiguous(memory_format=torch.channels_last)
         x_desc = GluonTensorDescriptor(x, x_shape, x_strides, x_box, x_layout)
         x_tail_desc = GluonTensorDescriptor(x, x_shape, x_strides, tail_box, x_layout) if tail else x_desc
-        kernel(x_desc, x_tail_desc, weight_descriptor(weight), y if bias is None else bias, y)
+        pointers = epilogue_pointers(epilogue, epi, y, residual_strides)
+        kernel_for(pointers)(x_desc, x_tail_desc, weight_descriptor(weight), y if bias is None else bias, y,
+                             *pointers)
     return launch
