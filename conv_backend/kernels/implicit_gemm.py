@@ -35,6 +35,7 @@ from ..tuning import Candidate
 from . import halo, warp_specialized
 from .common import (KernelLauncher, WeightDescriptors, box_row_channels, fit_box, mma, needs_dot_upcast,
                      needs_int64, strided_input_view, tile_origin, tuned_plan)
+from .epilogue_gluon import gluon_takes_epilogue
 from .epilogue_tl import EpilogueArgs, fused_epilogue, residual_of
 from .seed import seed_conv2d_kernel, seed_launch_args
 
@@ -584,20 +585,6 @@ def _nhwc_strides(shape) -> tuple:
     return (h * w * c, 1, w * c, c)
 
 
-def gluon_takes_epilogue(epilogue: Epilogue) -> bool:
-    """Whether the Gluon kernels (halo, igemm_ws, igemm_ws_halo) may be offered for `epilogue`: for now
-    only without one, until their launchers apply it (flags["epilogue"], flags["residual_strides"])."""
-    return epilogue.is_identity
-
-
-def _gluon_launch(launch, epilogue: Epilogue):
-    """A Gluon launcher's launch(x, weight, bias, y) as the 5-argument launch the plans call; only for the
-    identity epilogue (gluon_takes_epilogue)."""
-    if not epilogue.is_identity:
-        raise ValueError(f"tritonconv: the Gluon kernels do not fuse an epilogue ({epilogue.describe()}) yet")
-    return lambda x, weight, bias, y, epi=NO_TENSORS: launch(x, weight, bias, y)
-
-
 def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, groups, input_precision,
               epilogue: Epilogue = IDENTITY, epi: EpilogueTensors = NO_TENSORS):
     """A closure launch(x, weight, bias, y, epi) that runs `cand` on tensors shaped like these, with `epilogue`
@@ -643,12 +630,11 @@ def _launcher(cand: Candidate, x, weight, bias, y, stride, padding, dilation, gr
         return launch
 
     if cand.kernel == "igemm_halo":
-        return _gluon_launch(halo.halo_launcher(cand, x, weight, y, padding, dilation, gluon_flags), epilogue)
+        return halo.halo_launcher(cand, x, weight, y, padding, dilation, gluon_flags)
 
     if cand.kernel in ("igemm_ws", "igemm_ws_halo"):
         maps = _tma_maps(x, y, _flat_pixels(weight, y, stride, padding, residual))
-        return _gluon_launch(warp_specialized.ws_launcher(cand, maps, weight, y, stride, padding, dilation, gluon_flags),
-                             epilogue)
+        return warp_specialized.ws_launcher(cand, maps, weight, y, stride, padding, dilation, gluon_flags)
 
     if cand.kernel == "igemm_nchw":
         flat = _flat_nchw(x, weight, y, stride, padding)
