@@ -93,8 +93,7 @@ def _run(args, device: str, level: str):
     x = x.contiguous(memory_format=memory_format)
     print(f"tritonconv tune: {args.model} input {tuple(x.shape)} {args.dtype}"
           f"{' channels_last' if args.channels_last else ''} on {device}, autotune level {level!r}")
-    with tuning.autotune_level_set(level):
-        return explain(model, x)
+    return explain(model, x, options={"autotune": level})
 
 
 class CacheFileRedirect:

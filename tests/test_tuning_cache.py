@@ -78,7 +78,7 @@ def test_launch_plans_are_bounded(monkeypatch):
 
     def make_plan(x, *args):
         built.append(x.shape[-1])
-        return lambda x, weight, bias: x.shape[-1]
+        return lambda x, weight, bias, epilogue_tensors: x.shape[-1]
 
     monkeypatch.setattr(dispatch, "_make_plan", make_plan)
     w = torch.randn(2, 2, 1, 1)
