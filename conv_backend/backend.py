@@ -26,7 +26,7 @@ from torch._dynamo.backends.common import aot_autograd
 from . import tuning
 from .dispatch import launch_conv2d
 from .fusion import UNDECOMPOSED, decompose_leftovers
-from .graph_pass import TRITON_CONV, replace_convolutions
+from .graph_pass import TRITON_CONV, replace_convolutions, use_static_form
 from .options import BackendOptions, split_options
 from .report import Report, set_last_report
 
@@ -100,6 +100,7 @@ def _compile_with_inductor(gm, example_inputs, opts: BackendOptions, report: Rep
             aten_gm.graph.lint()
             aten_gm.recompile()
         prepare_plans(aten_gm, opts.autotune)
+        use_static_form(aten_gm)
         return compile_fx_inner(aten_gm, aten_inputs, **kwargs)
 
     # AOTAutograd's cache would hand back a compiled graph without running inner_compile, and so without

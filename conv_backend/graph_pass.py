@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch._prims_common import suggest_memory_format
 
 from .fusion import fuse_epilogues
-from .ops import TRITON_CONV
+from .ops import TRITON_CONV, TRITON_CONV_STATIC, full_call_args, static_string
 from .options import BackendOptions
 from .report import ConvDecision, Report
 from .support import unsupported_reason
@@ -74,6 +74,27 @@ def _decision(graph_name: str, node: fx.Node, x_arg, weight_arg, stride, padding
         dtype=str(x.dtype).replace("torch.", "") if isinstance(x, torch.Tensor) else "",
         device=str(x.device) if isinstance(x, torch.Tensor) else "",
     )
+
+
+def use_static_form(gm: fx.GraphModule) -> int:
+    """Turn each `tritonconv::conv2d` node whose arguments are constants into `tritonconv::conv2d_static`, the
+    form with its static arguments in one string (cheaper to call, see ops.py). For a compiled graph, once
+    every pass that reads the full form has run. Returns how many nodes changed."""
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target != TRITON_CONV:
+            continue
+        static = static_string(node.args)
+        if static is None:
+            continue
+        full = full_call_args(node.args)
+        node.target = TRITON_CONV_STATIC
+        node.args = (*full[:3], *full[10:14], full[15], static)
+        changed += 1
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
 
 
 def _convolution_args(node: fx.Node) -> tuple:

@@ -60,7 +60,7 @@ def test_default_compiles_the_rest_with_inductor(inner_compiles, kernel_launches
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     (gm,), = [inner_compiles]
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.tritonconv.conv2d.default) == 2
+    assert targets.count(torch.ops.tritonconv.conv2d_static.default) == 2  # the form compiled graphs call
     assert torch.ops.aten.convolution.default not in targets
     assert not set(targets) & set(UNDECOMPOSED)  # what Inductor lowers: no held-back op is left
     assert [d.epilogue for d in conv_backend.last_report().decisions] == ["bn+relu", "gelu"]
@@ -202,6 +202,33 @@ def test_the_op_traces_instead_of_running_under_a_dispatch_mode():
     assert y.shape == (2, 4, 8, 8)
     gm = make_fx(f, tracing_mode="fake")(torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3))
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [torch.ops.tritonconv.conv2d.default]
+
+
+@needs_interpreter
+def test_static_form_computes_what_the_full_form_does():
+    """use_static_form moves a node's constant arguments into one string; the graph computes the same, a
+    symbolic size keeps the full form, and the string round-trips every argument."""
+    from conv_backend.graph_pass import use_static_form
+    from conv_backend.ops import full_args, full_call_args, static_string
+
+    def f(x, w, mean, var, gamma, beta, res):
+        y = conv_backend.conv2d(x, w, None, [2, 1], [1, 0], [1, 2], 1, "ieee", "gemm_pointer", "channels_last",
+                                mean, var, gamma, beta, 1e-3, res, "leaky_relu", [0.25])
+        return conv_backend.conv2d(y, w, None, [1, 1], [1, 1], [1, 1], 1, "ieee")
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+    args = (torch.randn(2, 3, 9, 8), torch.randn(3, 3, 3, 3), torch.randn(3), torch.rand(3) + 0.5, torch.randn(3),
+            torch.randn(3), torch.randn(2, 3, 5, 4))
+    gm = make_fx(f)(*args)
+    calls = [n for n in gm.graph.nodes if n.target == torch.ops.tritonconv.conv2d.default]
+    full = [full_call_args(n.args) for n in calls]
+    assert use_static_form(gm) == 2
+    static = [n for n in gm.graph.nodes if n.target == torch.ops.tritonconv.conv2d_static.default]
+    for node, before in zip(static, full):
+        after = full_args(*node.args)
+        assert after[3:] == tuple(tuple(v) if isinstance(v, list) else v for v in before[3:])
+    torch.testing.assert_close(gm(*args), f(*args), rtol=1e-5, atol=1e-5)
+    assert static_string((args[0], args[1], None, [object(), 1], [0, 0], [1, 1], 1)) is None  # not a constant
 
 
 # ------------------------------------------------------------------------- private torch APIs we rely on
