@@ -28,6 +28,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PATHS = ("auto", "depthwise")  # draw_case's "auto" draws groups 1-3 (depthwise now and then); "depthwise" multipliers
 IEEE = {"input_precision": "ieee"}
 CPU_CASES, CPU_BACKEND_CASES, CPU_MAX_HW = 200, 10, 7
+# On a GPU every new problem is tuned (its candidates compiled and timed): a few seconds each.
+GPU_CASES, GPU_BACKEND_CASES = 64, 8
 
 
 def draw_cases(count: int, salt: str, max_hw: int = 0) -> list:
@@ -116,7 +118,7 @@ def gpu_sized(case, rng: random.Random):
 @pytest.mark.cuda
 def test_random_convolutions_through_the_op_cuda():
     rng = random.Random(f"{SEED}-cuda")
-    cases = [gpu_sized(case, rng) for case in draw_cases(400, "cuda-op")]
+    cases = [gpu_sized(case, rng) for case in draw_cases(GPU_CASES, "cuda-op")]
     check_cases(cases, lambda case, x, w, b: conv_backend.conv2d(x, w, b, *case.args(), input_precision="ieee"),
                 device="cuda")
 
@@ -124,5 +126,5 @@ def test_random_convolutions_through_the_op_cuda():
 @pytest.mark.cuda
 def test_random_convolutions_through_the_backend_cuda(fresh_dynamo):
     rng = random.Random(f"{SEED}-cuda-backend")
-    cases = [gpu_sized(case, rng) for case in draw_cases(40, "cuda-backend")]
+    cases = [gpu_sized(case, rng) for case in draw_cases(GPU_BACKEND_CASES, "cuda-backend")]
     check_cases(cases, through_backend, device="cuda")
