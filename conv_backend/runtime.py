@@ -11,24 +11,45 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def interpreter_enabled() -> bool:
-    """True when Triton runs kernels through its CPU interpreter.
-
-    Triton reads TRITON_INTERPRET when a kernel is decorated, so the value at
-    import time of our kernels is what counts; we read it the same way.
-    """
+def interpreter_requested() -> bool:
+    """What TRITON_INTERPRET in the environment asks for now."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+@functools.cache
+def interpreter_enabled() -> bool:
+    """True when our kernels run through Triton's CPU interpreter.
+
+    Triton decides this per kernel, once, when `@triton.jit` defines it: from
+    TRITON_INTERPRET at that moment the kernel becomes an InterpretedFunction
+    (CPU tensors only) or a JITFunction (compiled for the GPU). The variable
+    may have changed since, so the kernels themselves are asked; importing
+    them all here defines them under one setting.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .kernels import depthwise, implicit_gemm  # noqa: F401  (every kernel defined from here on)
+    return isinstance(implicit_gemm.seed_conv2d_kernel, InterpretedFunction)
+
+
 def device_supported(device: torch.device) -> tuple[bool, str]:
-    """Whether our kernels can run on tensors of `device`, and why not."""
+    """Whether our kernels can run on tensors of `device`, and why not.
+
+    The kernels must have been defined for the device (see interpreter_enabled)
+    and the environment must still ask for it; where the two disagree ATen,
+    which is always right, computes the convolution.
+    """
+    interpreted, requested = interpreter_enabled(), interpreter_requested()
     if device.type == "cuda":
-        if interpreter_enabled():
+        if interpreted or requested:  # set late, it would still switch Triton's compiler to interpreter rules
             return False, "CUDA tensors while TRITON_INTERPRET=1 (the interpreter runs on CPU tensors)"
         return True, ""
     if device.type == "cpu":
-        if interpreter_enabled():
+        if interpreted and requested:
             return True, ""
+        if requested:
+            return False, ("TRITON_INTERPRET=1 was set after the kernels were defined for the GPU (Triton reads it "
+                           "when a kernel is defined): set it before importing conv_backend")
         return False, "CPU tensor without TRITON_INTERPRET=1"
     return False, f"device type {device.type!r} has no Triton backend here"
 

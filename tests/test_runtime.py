@@ -237,24 +237,90 @@ def test_half_precision_layers_choose_ieee(dtype, policy):
 
 @pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("TRUE", True), ("on", True), ("yes", True),
                                             ("0", False), ("", False), ("false", False), (None, False)])
-def test_interpreter_enabled_reads_environment(value, expected, monkeypatch):
+def test_interpreter_requested_reads_environment(value, expected, monkeypatch):
     if value is None:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     else:
         monkeypatch.setenv("TRITON_INTERPRET", value)
-    assert runtime.interpreter_enabled() is expected
+    assert runtime.interpreter_requested() is expected
 
 
-@pytest.mark.parametrize("interpret", [True, False])
-def test_device_supported(interpret, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
+def test_interpreter_enabled_is_what_triton_made_of_the_kernels(monkeypatch):
+    """Triton picked interpreter or GPU compiler when it defined the kernels; changing the variable later changes
+    neither that nor our answer."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from conv_backend.kernels import depthwise, implicit_gemm
+
+    interpreted = isinstance(implicit_gemm.seed_conv2d_kernel, InterpretedFunction)
+    assert isinstance(depthwise.depthwise_kernel, InterpretedFunction) is interpreted
+    for value in ("1", "0"):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert runtime.interpreter_enabled() is interpreted
+        assert runtime.has_tma(torch.device("cpu")) is interpreted
+
+
+@pytest.mark.parametrize("requested", [True, False])
+def test_device_supported(requested, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if requested else "0")
+    interpreted = runtime.interpreter_enabled()
     cpu_ok, cpu_why = runtime.device_supported(torch.device("cpu"))
     cuda_ok, cuda_why = runtime.device_supported(torch.device("cuda"))
-    assert cpu_ok is interpret and (cpu_why == "") is interpret
-    assert cuda_ok is (not interpret) and (cuda_why == "") is (not interpret)
+    assert cpu_ok is (interpreted and requested) and (cpu_why == "") is cpu_ok
+    assert cuda_ok is not (interpreted or requested) and (cuda_why == "") is cuda_ok
     meta_ok, meta_why = runtime.device_supported(torch.device("meta"))
     assert not meta_ok and "meta" in meta_why
-    assert runtime.has_tma(torch.device("cpu")) is interpret
+
+
+def flip_interpreter_variable(monkeypatch) -> str:
+    """Set TRITON_INTERPRET to the opposite of what the kernels were defined under; the expected reason."""
+    if runtime.interpreter_enabled():
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        return "CPU tensor without TRITON_INTERPRET=1"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return LATE_INTERPRETER_REASON
+
+
+LATE_INTERPRETER_REASON = ("TRITON_INTERPRET=1 was set after the kernels were defined for the GPU (Triton reads it "
+                           "when a kernel is defined): set it before importing conv_backend")
+
+
+def test_flipping_the_variable_after_import_falls_back_to_aten(monkeypatch, kernel_launches):
+    from conv_backend import conv2d
+    from conv_backend.support import unsupported_reason
+
+    x, w, b = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randn(4)
+    reason = flip_interpreter_variable(monkeypatch)
+    assert unsupported_reason(x, w, b, (1, 1), (1, 1), (1, 1)) == reason
+    torch.testing.assert_close(conv2d(x, w, b, (1, 1), (1, 1), (1, 1), 1), F.conv2d(x, w, b, padding=1))
+    assert not kernel_launches
+
+
+# Kernels defined for the GPU, then TRITON_INTERPRET=1: the op on CPU tensors must fall back to ATen, not launch
+# a GPU kernel with no GPU driver.
+LATE_INTERPRETER_SCRIPT = """
+import os, torch, torch.nn.functional as F
+import conv_backend
+from conv_backend import conv2d, runtime
+from conv_backend.support import unsupported_reason
+assert not runtime.interpreter_enabled()
+os.environ["TRITON_INTERPRET"] = "1"
+x, w, b = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randn(4)
+print(unsupported_reason(x, w, b, (1, 1), (1, 1), (1, 1)))
+torch.testing.assert_close(conv2d(x, w, b, (1, 1), (1, 1), (1, 1), 1), F.conv2d(x, w, b, padding=1))
+"""
+
+
+def test_interpreter_set_after_import_falls_back_in_fresh_process():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", LATE_INTERPRETER_SCRIPT], cwd=Path(__file__).resolve().parents[1],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == LATE_INTERPRETER_REASON
 
 
 def test_needs_int64_threshold():
