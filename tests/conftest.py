@@ -26,6 +26,7 @@ from conv_backend.runtime import interpreter_enabled
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "interpreter: launches Triton kernels on CPU tensors (needs TRITON_INTERPRET=1)")
+    config.addinivalue_line("markers", "slow: a GPU test that takes minutes or tens of GB (tensors past 2^31 elements)")
 
 
 def cuda_runnable() -> bool:
