@@ -27,6 +27,9 @@ import triton
 
 import conv_backend
 
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from probe_tiles import host_laps_us  # noqa: E402
+
 
 class Block(nn.Module):
     def __init__(self, channels: int):
@@ -52,14 +55,7 @@ def make_model(blocks: int, channels: int, dtype: torch.dtype) -> nn.Module:
 
 def host_us(fn, calls: int = 50) -> float:
     """Median microseconds to enqueue one call with the GPU idle."""
-    laps = []
-    for _ in range(calls):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        laps.append((time.perf_counter() - start) * 1e6)
-    torch.cuda.synchronize()
-    return statistics.median(laps)
+    return statistics.median(host_laps_us(fn, calls))
 
 
 def graph_replay_ms(fn) -> float:

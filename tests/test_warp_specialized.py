@@ -279,31 +279,37 @@ if ws.unaligned_views_supported():
 """
 
 
-@needs_gluon
-def test_compile_probe_agrees_with_every_candidate():
-    """warp_specialize_compiles() decides whether the kernel is offered: where it says yes, every config the
-    tuner may pick compiles for sm_90 on this Triton (no GPU needed); so does every config of the patch
-    variant where unaligned_views_supported() offers it."""
+def _compile_in_subprocess(script: str) -> list:
+    """Run a compile script in a process of its own (no interpreter) and return its output lines; skip where
+    this Triton does not compile the kernel (it is then not offered)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_EVERY_CANDIDATE], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     if "NOT OFFERED" in done.stdout:
         # Releases it is known to compile on must not lose it: that would be our bug, not Gluon's API moving.
         assert not triton.__version__.startswith(("3.6.", "3.8.")), done.stderr[-4000:]
         pytest.skip(f"Triton {triton.__version__} does not compile the kernel; it is not offered")
-    lines = done.stdout.splitlines()
+    return done.stdout.splitlines()
+
+
+@needs_gluon
+def test_compile_probe_agrees_with_every_candidate():
+    """warp_specialize_compiles() decides whether the kernel is offered: where it says yes, every config the
+    tuner may pick compiles for sm_90 on this Triton (no GPU needed); so does every config of the patch
+    variant where unaligned_views_supported() offers it."""
+    lines = _compile_in_subprocess(COMPILE_EVERY_CANDIDATE)
     plain = [line for line in lines if line.startswith("compiled ")]
-    assert len(plain) >= 3, done.stdout
-    assert any("PIXELS_AS_N=True" in line for line in plain), done.stdout  # the swapped orientation is among them
-    assert any("SPLIT_TILE=True" in line for line in plain), done.stdout
+    assert len(plain) >= 3, lines
+    assert any("PIXELS_AS_N=True" in line for line in plain), lines  # the swapped orientation is among them
+    assert any("SPLIT_TILE=True" in line for line in plain), lines
     views = "views supported: True" in lines
     if triton.__version__.startswith("3.6."):  # the release the patch variant was written for must keep it
-        assert views, done.stdout
+        assert views, lines
     if views:
         patched = [line for line in lines if line.startswith("compiled-halo ")]
-        assert patched and any("PIXELS_AS_N=True" in line for line in patched), done.stdout
-        assert any("SPLIT_TILE=True" in line for line in patched), done.stdout
+        assert patched and any("PIXELS_AS_N=True" in line for line in patched), lines
+        assert any("SPLIT_TILE=True" in line for line in patched), lines
 
 
 def test_gluon_rules_on_a_pretend_hopper(monkeypatch):
@@ -418,16 +424,9 @@ if ws.unaligned_views_supported():
 def test_fused_epilogues_compile_for_sm90():
     """Batch norm, residual and every activation compile into every store path of both Gluon kernels for sm_90
     (no GPU needed); their numerics are tested on a Hopper GPU in test_gluon_epilogue_cuda.py."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_EPILOGUES], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    if "NOT OFFERED" in done.stdout:
-        assert not triton.__version__.startswith(("3.6.", "3.8.")), done.stderr[-4000:]
-        pytest.skip(f"Triton {triton.__version__} does not compile the kernel; it is not offered")
-    lines = done.stdout.splitlines()
-    assert sum(line.startswith("fused ") for line in lines) >= 6, done.stdout
-    assert sum(line.startswith("activation ") for line in lines) == 10, done.stdout
+    lines = _compile_in_subprocess(COMPILE_EPILOGUES)
+    assert sum(line.startswith("fused ") for line in lines) >= 6, lines
+    assert sum(line.startswith("activation ") for line in lines) == 10, lines
     if "views supported: True" in lines:
-        assert sum(line.startswith("fused patch") for line in lines) == 2, done.stdout
-        assert sum(line.startswith("fused halo") for line in lines) == 2, done.stdout
+        assert sum(line.startswith("fused patch") for line in lines) == 2, lines
+        assert sum(line.startswith("fused halo") for line in lines) == 2, lines
