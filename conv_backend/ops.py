@@ -11,7 +11,9 @@ Autograd kernel launches directly when nothing needs it (no gradient wanted,
 plain tensors, no dispatch mode active, as in a compiled graph's forward),
 where `torch.library.custom_op`'s wrappers cost several microseconds a call.
 Otherwise it records autograd (_Conv2dFunction) or hands the call below
-autograd, to the fake implementation or the backend kernels.
+autograd, to the fake implementation or the backend kernels. Compiled graphs
+call it as `tritonconv::conv2d_static` (below), the same operation with its
+static arguments in one string.
 """
 from __future__ import annotations
 
