@@ -91,7 +91,7 @@ def _compile_with_inductor(gm, example_inputs, opts: BackendOptions, report: Rep
     settings = inductor_settings(mode, inductor_options)
     with inductor_config.patch(settings):
         decompositions = select_decomp_table()
-    held_back = {op: fn for op, fn in decompositions.items() if op not in UNDECOMPOSED}
+    aot_table = {op: fn for op, fn in decompositions.items() if op not in UNDECOMPOSED}  # keeps ours whole
 
     def inner_compile(aten_gm: torch.fx.GraphModule, aten_inputs, **kwargs):
         kind = "inference" if kwargs.get("is_inference") else "backward" if kwargs.get("is_backward") else "forward"
@@ -107,7 +107,7 @@ def _compile_with_inductor(gm, example_inputs, opts: BackendOptions, report: Rep
     # a report of its convolutions; Inductor's own graph cache (inside compile_fx_inner) still applies.
     with torch._functorch.config.patch(enable_autograd_cache=False):
         return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=settings,
-                          decompositions=held_back)
+                          decompositions=aot_table)
 
 
 def prepare_plans(gm: torch.fx.GraphModule, autotune: str) -> int:
