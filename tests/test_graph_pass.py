@@ -39,8 +39,11 @@ def trace(fn, *args, mode="fake"):
 
 @pytest.fixture
 def interpret_env(monkeypatch):
-    """Make support decisions as under TRITON_INTERPRET=1 (the pass launches nothing)."""
+    """Make support decisions as under TRITON_INTERPRET=1 (the pass launches nothing): the variable, and the
+    kernels' mode, which runtime.interpreter_enabled reads from the kernels themselves."""
+    import conv_backend.runtime
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(conv_backend.runtime, "interpreter_enabled", lambda: True)
 
 
 def run_pass(gm, **options):
