@@ -91,7 +91,8 @@ def _make_plan(x, weight, bias, stride, padding, dilation, groups, precision, al
     reason = unsupported_reason(x, weight, bias, stride, padding, dilation, groups=groups, algorithm=algorithm) \
         or epilogue_reason(x, weight, stride, padding, dilation, epilogue, tensors)
     if reason is not None:
-        # Reached only by direct calls of the op: the graph pass never emits these.
+        # Direct calls of the op, or an epilogue whose tensors the kernels cannot read (the graph pass fuses
+        # without looking at the batch norm's strides): ATen and the epilogue's reference compute it.
         log.info("tritonconv::conv2d falls back to ATen: %s", reason)
         return aten
     if x.numel() == 0 or weight.numel() == 0:
