@@ -24,11 +24,10 @@ from torch._prims_common import suggest_memory_format
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .epilogue import Epilogue
-from .ops import EPILOGUE_START, TRITON_CONV
+from .ops import ALGORITHM_ARG, EPILOGUE_START, TRITON_CONV
 
 aten = torch.ops.aten
 BATCH_NORM = aten._native_batch_norm_legit_no_training.default
-ALGORITHM_ARG = 8  # index of algorithm in tritonconv::conv2d's arguments
 
 
 def _gelu_kind(node: fx.Node) -> Optional[str]:

@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch._prims_common import suggest_memory_format
 
 from .fusion import fuse_epilogues
-from .ops import TRITON_CONV, TRITON_CONV_STATIC, full_call_args, static_string
+from .ops import OUTPUT_FORMAT_ARG, RESIDUAL_ARG, TRITON_CONV, TRITON_CONV_STATIC, full_call_args, static_string
 from .options import BackendOptions
 from .report import ConvDecision, Report
 from .support import unsupported_reason
@@ -32,8 +32,6 @@ OTHER_CONV_TARGETS = {
     aten.conv3d.default: "3D convolution (only 2D is supported)",
     aten.conv_transpose2d.input: "transposed convolution",
 }
-OUTPUT_FORMAT_ARG = 9  # index of output_format in tritonconv::conv2d's arguments
-RESIDUAL_ARG = 15  # index of residual in tritonconv::conv2d's arguments
 # Unary pointwise ops: their output keeps their input's memory format.
 LAYOUT_PRESERVING = {
     aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default, aten.silu.default,

@@ -35,15 +35,20 @@ _lib.define(
     "Tensor? residual=None, str activation='none', float[] activation_params=[]) -> Tensor"
 )
 TRITON_CONV = torch.ops.tritonconv.conv2d.default
-# The epilogue's arguments follow output_format (index 10 on); the dispatcher drops trailing defaults.
-EPILOGUE_START = 10
+# Positions in conv2d's arguments that the passes read or rewrite. The epilogue's arguments follow
+# output_format (EPILOGUE_START on); the dispatcher drops trailing defaults.
+ALGORITHM_ARG, OUTPUT_FORMAT_ARG, EPILOGUE_START, RESIDUAL_ARG = 8, 9, 10, 15
 EPILOGUE_DEFAULTS = (None, None, None, None, 0.0, None, "none", ())
+
+
+def filled_epilogue(tail) -> tuple:
+    """The eight epilogue arguments from those a call passed (`tail`), defaults filled in."""
+    return tuple(tail) + EPILOGUE_DEFAULTS[len(tail):]
 
 
 def epilogue_args(args) -> tuple:
     """The eight epilogue arguments of a positional call, defaults filled in."""
-    tail = tuple(args[EPILOGUE_START:])
-    return tail + EPILOGUE_DEFAULTS[len(tail):]
+    return filled_epilogue(args[EPILOGUE_START:])
 
 
 def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
@@ -85,7 +90,7 @@ _launch_conv2d = None
 
 def _fake(input, weight, bias, stride, padding, dilation, groups, input_precision="auto", algorithm="auto",
           output_format="eager", *tail):
-    epilogue_of(*tail, *EPILOGUE_DEFAULTS[len(tail):])  # the same argument errors as a real call
+    epilogue_of(*filled_epilogue(tail))  # the same argument errors as a real call
     return empty_output(input, weight, stride, padding, dilation, output_format)
 
 
@@ -114,21 +119,25 @@ class _Conv2dFunction(torch.autograd.Function):
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
-_TENSOR_ARGS = (0, 1, 2, 10, 11, 12, 13, 15)  # input, weight, bias, the batch norm's four, residual
+# input, weight, bias, the batch norm's four, residual
+_TENSOR_ARGS = (0, 1, 2, *range(EPILOGUE_START, EPILOGUE_START + 4), RESIDUAL_ARG)
 
 
-def _autograd_kernel(*args):
+def _scan(tensors) -> tuple:
+    """(whether a gradient is wanted, whether the short path may launch): only plain tensors (parameters
+    included) and no dispatch mode (FakeTensor, tracing, functionalization) for the latter."""
     wants_grad = False
-    # Plain tensors (parameters included) and no dispatch mode (FakeTensor, tracing, functionalization).
     plain = torch._C._len_torch_dispatch_stack() == 0
-    for i in _TENSOR_ARGS:
-        if i >= len(args):
-            break
-        a = args[i]
+    for a in tensors:
         if a is not None:
             wants_grad = wants_grad or a.requires_grad
             plain = plain and type(a) in _PLAIN_TYPES
-    if wants_grad and torch.is_grad_enabled():
+    return wants_grad and torch.is_grad_enabled(), plain
+
+
+def _autograd_kernel(*args):
+    wants_grad, plain = _scan(args[i] for i in _TENSOR_ARGS if i < len(args))
+    if wants_grad:
         if not epilogue_of(*epilogue_args(args))[0].is_identity:
             raise NotImplementedError("tritonconv::conv2d: a fused epilogue has no autograd formula; "
                                       "call the op without one when gradients are needed")
@@ -196,13 +205,8 @@ def _launch_static(*args):
 
 
 def _static_autograd_kernel(*args):
-    wants_grad = False
-    plain = torch._C._len_torch_dispatch_stack() == 0
-    for a in args[:8]:
-        if a is not None:
-            wants_grad = wants_grad or a.requires_grad
-            plain = plain and type(a) in _PLAIN_TYPES
-    if wants_grad and torch.is_grad_enabled():
+    wants_grad, plain = _scan(args[:8])
+    if wants_grad:
         return TRITON_CONV(*full_args(*args))  # the full form's autograd
     if plain:
         return _launch(*full_args(*args))

@@ -16,12 +16,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from conv_backend import BackendOptions, Report, replace_convolutions
+from conv_backend.ops import OUTPUT_FORMAT_ARG
 
 from _util import format_flags
 
 aten = torch.ops.aten
 TRITON_CONV = torch.ops.tritonconv.conv2d.default
-OUTPUT_FORMAT_ARG = 9  # index of output_format in tritonconv::conv2d's arguments
 needs_interpreter = pytest.mark.interpreter
 
 
