@@ -40,7 +40,10 @@ from _common import check_options, choose_device  # noqa: E402
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_800mf",
           "densenet121", "vgg16_bn", "squeezenet1_1", "shufflenet_v2_x1_0", "convnext_tiny")
 CONFIGS = ("fp32-b32", "fp32-b1", "bf16cl-b32")
-MODES = ("reduce-overhead", "max-autotune")
+MODES = ("reduce-overhead", "max-autotune", "no-cudagraphs")
+# A tritonconv-only variant: options cudagraphs=False, kernel by kernel as torch.compile's default runs, so its
+# host cost shows next to the default's CUDA graphs; compared with torch.compile's default.
+OURS_ONLY = {"no-cudagraphs": {"cudagraphs": False}}
 COMPILERS = ("compile", "tritonconv")
 ROW_KEY = ("model", "dtype", "batch", "channels_last")
 # Every row has these (None where a variant failed); modes add <compiler>_<mode>_ms and _first_s.
@@ -87,6 +90,8 @@ def compile_variant(compiler: str, mode: str | None, model, options: dict, repor
     if compiler == "compile":
         return torch.compile(model, mode=mode)
     import conv_backend
+    if mode in OURS_ONLY:
+        options, mode = {**options, **OURS_ONLY[mode]}, None
 
     # What torch.compile(backend="tritonconv", options=..., mode=...) does, but torch.compile refuses mode and
     # options together, and this way the reports of every graph are collected.
@@ -129,6 +134,8 @@ def measure_row(name: str, config: dict, args, device: str, timer) -> dict:
     for mode in [None] + args.modes:
         for compiler in COMPILERS:
             key = mode_key(compiler, mode)
+            if compiler == "compile" and mode in OURS_ONLY:
+                continue
             try:
                 fn = compile_variant(compiler, mode, model, args.options, reports if key == "tritonconv" else [])
                 y, seconds = first_call(fn, x, device)
@@ -220,13 +227,14 @@ def ratio(row: dict, num: str, den: str):
 
 
 def mode_pairs(rows: list) -> list:
-    """(compile key, tritonconv key) of every mode some row has, the default first."""
-    keys = ["compile"]
+    """(compile key, tritonconv key) of every mode some row has, the default first; a tritonconv-only mode
+    (OURS_ONLY) is paired with torch.compile's default."""
+    pairs = [("compile", "tritonconv")]
     for mode in MODES:
-        key = mode_key("compile", mode)
-        if any(f"{key}_ms" in r or f"{mode_key('tritonconv', mode)}_ms" in r for r in rows):
-            keys.append(key)
-    return [(k, "tritonconv" + k[len("compile"):]) for k in keys]
+        comp, ours = mode_key("compile", mode), mode_key("tritonconv", mode)
+        if any(f"{comp}_ms" in r or f"{ours}_ms" in r for r in rows):
+            pairs.append(("compile" if mode in OURS_ONLY else comp, ours))
+    return pairs
 
 
 def geomeans(rows: list) -> dict:
@@ -257,8 +265,8 @@ def markdown(data: dict) -> str:
           "- `x` columns: time of the other / time of tritonconv (above 1: tritonconv faster)", ""]
     headers = ["model", "config", "eager ms", "compile ms", "tritonconv ms", "compile/ours", "eager/ours"]
     for comp, ours in pairs[1:]:
-        mode = comp[len("compile_"):].replace("_", "-")
-        headers += [f"compile {mode} ms", f"tritonconv {mode} ms", f"x ({mode})"]
+        mode = ours[len("tritonconv_"):].replace("_", "-")
+        headers += ([] if comp == "compile" else [f"compile {mode} ms"]) + [f"tritonconv {mode} ms", f"x ({mode})"]
     headers += ["compile first s", "ours first s", "eager err", "ours err", "convs ours/ATen", "error"]
     table = []
     for r in rows:
@@ -266,8 +274,8 @@ def markdown(data: dict) -> str:
                 bu.fmt_ms(r.get("tritonconv_ms")), bu.fmt_x(ratio(r, "compile_ms", "tritonconv_ms")),
                 bu.fmt_x(ratio(r, "eager_ms", "tritonconv_ms"))]
         for comp, ours in pairs[1:]:
-            line += [bu.fmt_ms(r.get(f"{comp}_ms")), bu.fmt_ms(r.get(f"{ours}_ms")),
-                     bu.fmt_x(ratio(r, f"{comp}_ms", f"{ours}_ms"))]
+            line += (([] if comp == "compile" else [bu.fmt_ms(r.get(f"{comp}_ms"))])
+                     + [bu.fmt_ms(r.get(f"{ours}_ms")), bu.fmt_x(ratio(r, f"{comp}_ms", f"{ours}_ms"))])
         line += [_fmt_s(r.get("compile_first_s")), _fmt_s(r.get("tritonconv_first_s")),
                  bu.fmt_err(r.get("eager_rel_err")), bu.fmt_err(r.get("tritonconv_rel_err")),
                  f"{r.get('convs_replaced', 'n/a')}/{r.get('convs_kept', 'n/a')}", r.get("error", "")]
@@ -337,7 +345,9 @@ def parse_args(argv=None):
     ap.add_argument("--configs", default=",".join(CONFIGS),
                     help=f"comma-separated <dtype>[cl]-b<batch> (default {','.join(CONFIGS)}; cl = channels_last)")
     ap.add_argument("--options", type=json.loads, default={}, help="tritonconv options as JSON")
-    ap.add_argument("--modes", default="", help=f"also these torch.compile modes, for both compilers ({','.join(MODES)})")
+    ap.add_argument("--modes", default="",
+                    help=f"also these torch.compile modes, for both compilers ({','.join(MODES)}; "
+                         "no-cudagraphs: only tritonconv, with options cudagraphs=False)")
     ap.add_argument("--cold", action="store_true",
                     help="first-call seconds from a fresh process per model, config and compiler, with empty "
                          "TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR and XDG_CACHE_HOME (our tuning cache)")

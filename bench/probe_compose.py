@@ -5,8 +5,9 @@ Usage: python bench/probe_compose.py [--blocks 16] [--channels 64] [--size 56] [
 
 One convolution shape, so the tuner has one problem to choose for. For each batch size, every variant is
 compiled first, then all are timed in interleaved rounds (do_bench medians, best of three rounds):
-eager, torch.compile default, tritonconv with inner="inductor" and inner="aten", and with --cudagraphs the
-mode="reduce-overhead" variants of both compilers. Host microseconds per forward are measured separately:
+eager, torch.compile default, tritonconv with inner="inductor" (its default, CUDA graphs on), the same kernel by
+kernel (options cudagraphs=False) and inner="aten", and with --cudagraphs the mode="reduce-overhead" variants
+of both compilers. Host microseconds per forward are measured separately:
 the time to enqueue one forward with the GPU idle, divided by the blocks, next to the GPU time of one forward
 (CUDA-graph replay of the eager model).
 """
@@ -95,6 +96,8 @@ def main():
         "eager": lambda: model,
         "compile": lambda: torch.compile(model),
         "tritonconv": lambda: torch.compile(model, backend="tritonconv", options=extra),
+        # kernel by kernel, as torch.compile's default runs: the host cost of our launches shows here
+        "tritonconv-nocg": lambda: torch.compile(model, backend="tritonconv", options={**extra, "cudagraphs": False}),
         "tritonconv-aten": lambda: torch.compile(model, backend="tritonconv", options={**extra, "inner": "aten"}),
     }
     if args.cudagraphs:

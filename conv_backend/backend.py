@@ -89,6 +89,11 @@ def _compile_with_inductor(gm, example_inputs, opts: BackendOptions, report: Rep
     from torch._inductor.decomposition import select_decomp_table
 
     settings = inductor_settings(mode, inductor_options)
+    graphs = replays_in_cuda_graphs(opts, mode, settings, example_inputs)
+    if graphs:
+        # a graph with dynamic shapes would record one CUDA graph per size it meets: unbounded memory for a
+        # server that sees many, so it runs kernel by kernel unless the user asked otherwise
+        settings = {"triton.cudagraph_skip_dynamic_graphs": True, **settings, "triton.cudagraphs": True}
     with inductor_config.patch(settings):
         decompositions = select_decomp_table()
     aot_table = {op: fn for op, fn in decompositions.items() if op not in UNDECOMPOSED}  # keeps ours whole
@@ -106,8 +111,56 @@ def _compile_with_inductor(gm, example_inputs, opts: BackendOptions, report: Rep
     # AOTAutograd's cache would hand back a compiled graph without running inner_compile, and so without
     # a report of its convolutions; Inductor's own graph cache (inside compile_fx_inner) still applies.
     with torch._functorch.config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=settings,
-                          decompositions=aot_table)
+        compiled = compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=settings,
+                              decompositions=aot_table)
+    if graphs:
+        report.cuda_graphs = True
+        compiled = copying_outputs(compiled, outputs_to_copy(gm))
+    return compiled
+
+
+def replays_in_cuda_graphs(opts: BackendOptions, mode: Optional[str], settings: Mapping[str, Any],
+                           example_inputs) -> bool:
+    """Whether the backend turns on Inductor's CUDA graphs for this graph (options.cudagraphs): an inference
+    graph (what AOTAutograd makes when no input needs a gradient) with CUDA inputs, where neither a
+    torch.compile mode nor the "triton.cudagraphs" setting has decided."""
+    if not opts.cudagraphs or mode not in (None, "default") or "triton.cudagraphs" in settings:
+        return False
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return not training and any(t.is_cuda for t in tensors)
+
+
+def outputs_to_copy(gm: torch.fx.GraphModule) -> list:
+    """Positions of the Dynamo graph's tensor outputs that do not share memory with one of its inputs (from
+    the fake values Dynamo records): those come out of the CUDA graphs' memory. An output that views an
+    input keeps that view, as in eager; one whose memory is unknown is copied."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    def storage(node):
+        value = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+        return StorageWeakRef(value.untyped_storage()) if isinstance(value, torch.Tensor) else None
+
+    inputs = {storage(n) for n in gm.graph.find_nodes(op="placeholder")} - {None}
+    (returned,) = gm.graph.find_nodes(op="output")[0].args
+    flat = returned if isinstance(returned, (tuple, list)) else (returned,)
+    return [i for i, node in enumerate(flat)
+            if not (isinstance(node, torch.fx.Node) and storage(node) in inputs)]
+
+
+def copying_outputs(compiled, positions: list):
+    """`compiled`, returning copies of its outputs at `positions`. The next replay of a CUDA graph writes its
+    outputs where the last one did; a caller that keeps results across calls (a list of predictions, a
+    result compared with the next) must not see them change, as it would under mode="reduce-overhead"."""
+    def run(*args):
+        outputs = compiled(*args)
+        copies, made = list(outputs), {}
+        for i in positions:
+            if isinstance(copies[i], torch.Tensor):  # one copy of a tensor returned twice, as eager returns one
+                copies[i] = made.setdefault(id(copies[i]), copies[i].clone())
+        return type(outputs)(copies) if isinstance(outputs, tuple) else copies
+    run._boxed_call = getattr(compiled, "_boxed_call", False)
+    return run
 
 
 def prepare_plans(gm: torch.fx.GraphModule, autotune: str) -> int:

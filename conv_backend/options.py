@@ -37,6 +37,13 @@ class BackendOptions:
                       an eager ATen call).
     fusion:           fold batch norm (eval), a residual add and an activation that follow a
                       convolution into its kernel (conv_backend.fusion).
+    cudagraphs:       replay inference graphs on CUDA in CUDA graphs (Inductor's CUDA-graph trees, as
+                      mode="reduce-overhead" does), so a forward costs one graph launch instead of a
+                      launch per kernel; the outputs are copied out of the graphs' memory before they
+                      are returned, so a later call never overwrites a result the caller holds (what
+                      mode="reduce-overhead" leaves to the user). Applies only with inner="inductor",
+                      no torch.compile mode and no "triton.cudagraphs" setting, which decide instead;
+                      training graphs never. False: kernel by kernel, as torch.compile's default.
     autotune:         how a convolution's kernel is chosen the first time its shapes are seen:
                       "none" by rule without timing, "fast" by timing a short list of the best
                       ranked candidates, "exhaustive" by timing every candidate (default: the
@@ -50,6 +57,7 @@ class BackendOptions:
     verbose: bool = False
     inner: str = "inductor"
     fusion: bool = True
+    cudagraphs: bool = True
     autotune: str = dataclasses.field(default_factory=lambda: os.environ.get("TRITONCONV_AUTOTUNE", "fast"))
 
     @classmethod
@@ -69,7 +77,7 @@ class BackendOptions:
         return [f.name for f in dataclasses.fields(cls)]
 
     def _validate(self) -> None:
-        for name in ("enabled", "channels_last", "verbose", "fusion"):
+        for name in ("enabled", "channels_last", "verbose", "fusion", "cudagraphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"tritonconv: option {name!r} must be a bool, got {getattr(self, name)!r}")
         if self.input_precision not in PRECISIONS:

@@ -74,6 +74,7 @@ class Report:
     """All decisions of one compilation (forward, backward and inference graphs)."""
 
     decisions: list = dataclasses.field(default_factory=list)
+    cuda_graphs: bool = False  # the backend turned on Inductor's CUDA graphs for a graph (options.cudagraphs)
 
     @property
     def replaced(self) -> list:
@@ -89,15 +90,17 @@ class Report:
 
     def extend(self, other: "Report") -> None:
         self.decisions.extend(other.decisions)
+        self.cuda_graphs = self.cuda_graphs or other.cuda_graphs
 
     def __str__(self) -> str:
         lines = [f"tritonconv report: {len(self.decisions)} convolution node(s), "
-                 f"{len(self.replaced)} on Triton, {len(self.kept)} on ATen"]
+                 f"{len(self.replaced)} on Triton, {len(self.kept)} on ATen"
+                 + ("; CUDA graphs on for its inference graphs (options cudagraphs)" if self.cuda_graphs else "")]
         lines += ["  " + d.describe() for d in self.decisions]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"decisions": [dataclasses.asdict(d) for d in self.decisions]}
+        return {"decisions": [dataclasses.asdict(d) for d in self.decisions], "cuda_graphs": self.cuda_graphs}
 
 
 _last_report: Optional[Report] = None

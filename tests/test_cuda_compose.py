@@ -1,5 +1,6 @@
-"""The backend composed with Inductor on a GPU: fused epilogues, CUDA graphs (mode="reduce-overhead") replayed on
-new inputs, weights changed after compiling, and a training step, each against eager."""
+"""The backend composed with Inductor on a GPU: fused epilogues, CUDA graphs (the default for inference graphs, and
+mode="reduce-overhead") replayed on new inputs, weights changed after compiling, and a training step, each
+against eager."""
 from __future__ import annotations
 
 import pytest
@@ -69,6 +70,35 @@ def test_reduce_overhead_replays_on_new_inputs():
             x = torch.randn(4, 32, 28, 28, device="cuda").to(memory_format=torch.channels_last)
             out = compiled(x).clone()
             assert rel_err(out, _reference(model, x)) < 3e-3, f"step {step}"
+
+
+def test_default_replays_inference_in_cuda_graphs_and_keeps_earlier_results():
+    from torch._dynamo.utils import counters
+
+    model = Block().cuda().eval().to(memory_format=torch.channels_last)
+    counters.clear()
+    compiled = torch.compile(model, backend="tritonconv")
+    inputs = [torch.randn(4, 32, 28, 28, device="cuda").to(memory_format=torch.channels_last) for _ in range(5)]
+    with torch.no_grad():
+        outs = [compiled(x) for x in inputs]  # held, not cloned: a later replay must not overwrite them
+        refs = [_reference(model, x) for x in inputs]
+    for step, (out, ref) in enumerate(zip(outs, refs)):
+        assert rel_err(out, ref) < 3e-3, f"step {step}"
+    assert conv_backend.last_report().cuda_graphs
+    assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] > 0  # recorded, so later calls replayed
+    assert counters["inductor"]["cudagraph_skips"] == 0
+
+
+def test_training_graphs_and_cudagraphs_false_run_kernel_by_kernel():
+    model = Block().cuda()
+    x = torch.randn(4, 32, 28, 28, device="cuda")
+    torch.compile(model.train(), backend="tritonconv")(x).sum().backward()
+    assert not conv_backend.last_report().cuda_graphs
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model.eval(), backend="tritonconv", options={"cudagraphs": False})(x)
+    assert not conv_backend.last_report().cuda_graphs
+    assert rel_err(out, _reference(model, x)) < 3e-3
 
 
 def test_changed_weights_are_used_also_under_cuda_graphs():

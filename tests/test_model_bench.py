@@ -136,3 +136,17 @@ def test_a_tiny_model_end_to_end(modes, tmp_path, monkeypatch):
                             "--out", str(tmp_path)] + flags) == 0
         (day_file,) = tmp_path.glob("*-models.json")
         assert json.loads(day_file.read_text())["rows"] == [row]
+
+
+def test_no_cudagraphs_variant_is_ours_only_against_compile_default():
+    rows = [_row("resnet18", "fp32-b32", eager_ms=3.0, compile_ms=2.0, tritonconv_ms=1.0,
+                 tritonconv_no_cudagraphs_ms=4.0)]
+    assert mb.mode_pairs(rows) == [("compile", "tritonconv"), ("compile", "tritonconv_no_cudagraphs")]
+    assert mb.geomeans(rows)["fp32-b32"]["compile/tritonconv_no_cudagraphs"] == pytest.approx(0.5)
+    data = {"gpu": "NVIDIA H100", "torch": "2.x", "triton": "3.x", "date": "2026-01-01", "timing": "t", "rows": rows}
+    lines = mb.markdown(data).splitlines()
+    headers = [c.strip() for c in next(ln for ln in lines if ln.startswith("| model")).strip("|").split("|")]
+    cells = dict(zip(headers, (c.strip() for c in next(ln for ln in lines if ln.startswith("| resnet18"))
+                                .strip("|").split("|"))))
+    assert "compile no-cudagraphs ms" not in headers
+    assert (cells["tritonconv no-cudagraphs ms"], cells["x (no-cudagraphs)"]) == ("4.000", "0.50x")
