@@ -128,7 +128,11 @@ def replays_in_cuda_graphs(opts: BackendOptions, mode: Optional[str], settings: 
         return False
     tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
     training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return not training and any(t.is_cuda for t in tensors)
+    if training or not any(t.is_cuda for t in tensors):
+        return False
+    # CUDA-graph trees check their pool's live blocks, which only the native caching allocator can report
+    # (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync would make every replay an error)
+    return torch.cuda.get_allocator_backend() == "native"
 
 
 def outputs_to_copy(gm: torch.fx.GraphModule) -> list:

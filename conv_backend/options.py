@@ -43,7 +43,8 @@ class BackendOptions:
                       are returned, so a later call never overwrites a result the caller holds (what
                       mode="reduce-overhead" leaves to the user). Applies only with inner="inductor",
                       no torch.compile mode and no "triton.cudagraphs" setting, which decide instead;
-                      training graphs never. False: kernel by kernel, as torch.compile's default.
+                      never for training graphs, dynamic shapes or the cudaMallocAsync allocator.
+                      False: kernel by kernel, as torch.compile's default.
     autotune:         how a convolution's kernel is chosen the first time its shapes are seen:
                       "none" by rule without timing, "fast" by timing a short list of the best
                       ranked candidates, "exhaustive" by timing every candidate (default: the

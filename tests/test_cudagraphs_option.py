@@ -27,11 +27,19 @@ def _inputs(device: str, requires_grad: bool):
     (True, "reduce-overhead", {"triton.cudagraphs": True}, "cuda", False, True, False),  # Inductor's own, as asked
     (True, None, {"triton.cudagraphs": False}, "cuda", False, True, False),  # the setting decides
 ])
-def test_which_graphs_get_cuda_graphs(cudagraphs, mode, settings, device, requires_grad, grad_enabled, expected):
+def test_which_graphs_get_cuda_graphs(cudagraphs, mode, settings, device, requires_grad, grad_enabled, expected,
+                                      monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
     opts = BackendOptions(cudagraphs=cudagraphs)
     inputs = _inputs(device, requires_grad)
     with torch.set_grad_enabled(grad_enabled):
         assert replays_in_cuda_graphs(opts, mode, settings, inputs) is expected
+
+
+def test_not_with_an_allocator_that_cuda_graph_trees_cannot_check(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
+    with torch.no_grad():
+        assert replays_in_cuda_graphs(BackendOptions(), None, {}, _inputs("cuda", False)) is False
 
 
 def test_option_must_be_a_bool():
