@@ -89,11 +89,9 @@ def _compile_with_inductor(gm, example_inputs, opts: BackendOptions, report: Rep
     from torch._inductor.decomposition import select_decomp_table
 
     settings = inductor_settings(mode, inductor_options)
-    graphs = replays_in_cuda_graphs(opts, mode, settings, example_inputs)
+    graphs = replays_in_cuda_graphs(opts, mode, settings, example_inputs) and not has_dynamic_shapes(gm)
     if graphs:
-        # a graph with dynamic shapes would record one CUDA graph per size it meets: unbounded memory for a
-        # server that sees many, so it runs kernel by kernel unless the user asked otherwise
-        settings = {"triton.cudagraph_skip_dynamic_graphs": True, **settings, "triton.cudagraphs": True}
+        settings = {**settings, "triton.cudagraphs": True}
     with inductor_config.patch(settings):
         decompositions = select_decomp_table()
     aot_table = {op: fn for op, fn in decompositions.items() if op not in UNDECOMPOSED}  # keeps ours whole
@@ -133,6 +131,17 @@ def replays_in_cuda_graphs(opts: BackendOptions, mode: Optional[str], settings: 
     # CUDA-graph trees check their pool's live blocks, which only the native caching allocator can report
     # (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync would make every replay an error)
     return torch.cuda.get_allocator_backend() == "native"
+
+
+def has_dynamic_shapes(gm: torch.fx.GraphModule) -> bool:
+    """Whether Dynamo traced `gm` with symbolic sizes. Such a graph would record one CUDA graph per size it
+    meets (memory without bound for a server that sees many), so options.cudagraphs leaves it kernel by
+    kernel. Decided here, not with Inductor's cudagraph_skip_dynamic_graphs: with graph partitions that
+    setting also cuts out nodes of static graphs (our op among them) as "dynamic shape ops"."""
+    from torch.fx.experimental.symbolic_shapes import free_symbols
+
+    return any(free_symbols(node.meta.get("example_value")) for node in gm.graph.find_nodes(op="placeholder")
+               if isinstance(node.meta.get("example_value"), (torch.Tensor, torch.SymInt)))
 
 
 def outputs_to_copy(gm: torch.fx.GraphModule) -> list:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conv_backend.backend import copying_outputs, outputs_to_copy, replays_in_cuda_graphs
+from conv_backend.backend import copying_outputs, has_dynamic_shapes, outputs_to_copy, replays_in_cuda_graphs
 from conv_backend.options import BackendOptions
 from conv_backend.report import Report
 
@@ -48,7 +48,7 @@ def test_option_must_be_a_bool():
 
 
 def _dynamo_graph(fn, *args) -> torch.fx.GraphModule:
-    graphs = []
+    graphs: list = []
 
     def record(gm, example_inputs):
         graphs.append(gm)
@@ -57,6 +57,21 @@ def _dynamo_graph(fn, *args) -> torch.fx.GraphModule:
     torch.compile(fn, backend=record, fullgraph=True)(*args)
     (gm,) = graphs
     return gm
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_dynamic_shape_graphs_are_told_apart(dynamic):
+    def fn(x, w):
+        return torch.nn.functional.conv2d(x, w).relu()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    torch.compile(fn, backend=record, dynamic=dynamic)(torch.randn(2, 2, 5, 5), torch.randn(3, 2, 3, 3))
+    (gm,) = graphs
+    assert has_dynamic_shapes(gm) is dynamic
 
 
 def test_outputs_that_view_an_input_are_not_copied():

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 import conv_backend.kernels.depthwise as depthwise_mod
+import conv_backend.kernels.halo as halo_mod
 import conv_backend.kernels.implicit_gemm as igemm_mod
 import conv_backend.kernels.seed as seed_mod
+import conv_backend.kernels.warp_specialized as ws_mod
 from conv_backend import tuning
 from conv_backend.epilogue import ACTIVATIONS, IDENTITY, NO_TENSORS, Epilogue, EpilogueTensors, apply_reference
 from conv_backend.kernels.epilogue_tl import epilogue_key
@@ -25,6 +27,8 @@ from _util import Case, make_input, reference, rel_err, tolerance
 Candidate = tuning.Candidate
 IGEMM_CANDIDATE_FUNCTIONS = ("tma_candidates", "pointer_candidates", "gather_candidates", "nchw_candidates",
                              "split_k_candidates", "seed_candidates")
+GLUON_CANDIDATE_FUNCTIONS = ((halo_mod, "halo_candidates"), (ws_mod, "ws_candidates"),
+                             (ws_mod, "ws_halo_candidates"))
 # Parameters of the activations that take some (hardtanh other than ReLU6, so both bounds show).
 ACTIVATION_PARAMS = {"hardtanh": (-1.0, 2.0), "leaky_relu": (0.2,)}
 
@@ -118,6 +122,8 @@ def offer(monkeypatch, family: Family, offered) -> None:
         return
     for name in IGEMM_CANDIDATE_FUNCTIONS:
         monkeypatch.setattr(igemm_mod, name, lambda *a, **k: [])
+    for module, name in GLUON_CANDIDATE_FUNCTIONS:  # offered beside the TMA path where a GPU has Gluon
+        monkeypatch.setattr(module, name, lambda *a, **k: [])
     monkeypatch.setattr(igemm_mod, family.offered_by, offered)
 
 

@@ -245,7 +245,7 @@ def test_private_torch_apis_the_backend_uses():
     # options cudagraphs: the settings it turns on, and the fake values it reads the outputs' memory from
     from torch._inductor import config as inductor_config
     assert isinstance(inductor_config.triton.cudagraphs, bool)
-    assert isinstance(inductor_config.triton.cudagraph_skip_dynamic_graphs, bool)
+    from torch.fx.experimental.symbolic_shapes import free_symbols  # noqa: F401
     from torch.multiprocessing.reductions import StorageWeakRef  # noqa: F401
     assert callable(torch._C._len_torch_dispatch_stack) and torch._C._AutoDispatchBelowAutograd is not None
     # The ops we hold back from AOTAutograd are ones Inductor would otherwise decompose.

@@ -38,11 +38,15 @@ def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc += a @ b. UPCAST computes in fp32: Triton's CPU interpreter multiplies
     bfloat16 dot operands as raw integer bits, so tests on CPU need it; GPUs never do.
     "tf32_round" is TF32 on operands rounded to the nearest TF32 value (round_to_tf32)."""
+    # One branch per case, no early returns: Triton's compiler (not its interpreter) also builds the code
+    # after a returning constexpr branch, and would reject input_precision="tf32_round" there.
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    if INPUT_PRECISION == "tf32_round":
-        return tl.dot(round_to_tf32(a), round_to_tf32(b), acc, input_precision="tf32")
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif INPUT_PRECISION == "tf32_round":
+        acc = tl.dot(round_to_tf32(a), round_to_tf32(b), acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
 
 
 @triton.jit

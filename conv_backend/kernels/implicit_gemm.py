@@ -368,9 +368,10 @@ def igemm_nchw_streamed_kernel(
     for t in range(TILES):
         tile = first_tile + t
         img = tile // tiles_per_image
+        offs_n = (tile % tiles_per_image) * BLOCK_N + tl.arange(0, BLOCK_N)
         if USE_INT64:
             img = img.to(tl.int64)
-        offs_n = (tile % tiles_per_image) * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_n = offs_n.to(tl.int64)  # a residual in other strides: row * its row stride passes int32
         n_ok = (offs_n < NPIX) & (img < N)
         b = tl.load(x_group + img * sxn + (offs_k * sxc)[:, None] + offs_n[None, :],
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
