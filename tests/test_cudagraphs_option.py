@@ -47,14 +47,14 @@ def test_option_must_be_a_bool():
         BackendOptions.from_mapping({"cudagraphs": "yes"})
 
 
-def _dynamo_graph(fn, *args) -> torch.fx.GraphModule:
+def _dynamo_graph(fn, *args, dynamic=None) -> torch.fx.GraphModule:
     graphs: list = []
 
     def record(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
     torch._dynamo.reset()
-    torch.compile(fn, backend=record, fullgraph=True)(*args)
+    torch.compile(fn, backend=record, fullgraph=True, dynamic=dynamic)(*args)
     (gm,) = graphs
     return gm
 
@@ -63,14 +63,7 @@ def _dynamo_graph(fn, *args) -> torch.fx.GraphModule:
 def test_dynamic_shape_graphs_are_told_apart(dynamic):
     def fn(x, w):
         return torch.nn.functional.conv2d(x, w).relu()
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-    torch._dynamo.reset()
-    torch.compile(fn, backend=record, dynamic=dynamic)(torch.randn(2, 2, 5, 5), torch.randn(3, 2, 3, 3))
-    (gm,) = graphs
+    gm = _dynamo_graph(fn, torch.randn(2, 2, 5, 5), torch.randn(3, 2, 3, 3), dynamic=dynamic)
     assert has_dynamic_shapes(gm) is dynamic
 
 
