@@ -67,8 +67,8 @@ def _launch(x, weight, bias, stride, padding, dilation, groups, input_precision,
                                       x.dtype, x.device)
     tensors, epilogue_key = None, None
     if epilogue_args:
-        mean, var, gamma, beta, eps, residual, activation, params = \
-            filled_epilogue(epilogue_args)
+        epilogue_args = filled_epilogue(epilogue_args)
+        mean, var, gamma, beta, eps, residual, activation, params = epilogue_args
         tensors = EpilogueTensors(mean, var, gamma, beta, residual)
         # Everything a plan assumes of the epilogue's tensors; the Epilogue itself is built on a miss only.
         epilogue_key = (tuple(_tensor_key(t) for t in tensors), eps, activation, tuple(params))
@@ -77,8 +77,7 @@ def _launch(x, weight, bias, stride, padding, dilation, groups, input_precision,
     plan = _plans.get(key)
     if plan is None or (_fallbacks and key in _fallbacks and _retry.should_rebuild(key)):
         check_arguments(input_precision, algorithm, output_format)
-        epilogue = epilogue_of(*filled_epilogue(epilogue_args))[0] if epilogue_args \
-            else Epilogue()
+        epilogue = epilogue_of(*epilogue_args)[0] if epilogue_args else Epilogue()
         plan = _plans[key] = _make_plan(x, weight, bias, stride, padding, dilation, groups, precision, algorithm,
                                         output_format, epilogue, tensors or EpilogueTensors(), key)
     return plan(x, weight, bias, tensors)

@@ -14,7 +14,8 @@ import torch.fx as fx
 from torch._prims_common import suggest_memory_format
 
 from .fusion import fuse_epilogues
-from .ops import OUTPUT_FORMAT_ARG, RESIDUAL_ARG, TRITON_CONV, TRITON_CONV_STATIC, full_call_args, static_string
+from .ops import (OUTPUT_FORMAT_ARG, RESIDUAL_ARG, TENSOR_ARGS, TRITON_CONV, TRITON_CONV_STATIC, full_call_args,
+                  static_string)
 from .options import BackendOptions
 from .report import ConvDecision, Report
 from .support import unsupported_reason
@@ -87,7 +88,7 @@ def use_static_form(gm: fx.GraphModule) -> int:
             continue
         full = full_call_args(node.args)
         node.target = TRITON_CONV_STATIC
-        node.args = (*full[:3], *full[10:14], full[15], static)
+        node.args = (*(full[i] for i in TENSOR_ARGS), static)
         changed += 1
     if changed:
         gm.graph.lint()

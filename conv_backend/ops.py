@@ -119,8 +119,9 @@ class _Conv2dFunction(torch.autograd.Function):
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
-# input, weight, bias, the batch norm's four, residual
-_TENSOR_ARGS = (0, 1, 2, *range(EPILOGUE_START, EPILOGUE_START + 4), RESIDUAL_ARG)
+# conv2d's tensor arguments, in order: input, weight, bias, the batch norm's four, residual. They are
+# conv2d_static's first arguments, before its string.
+TENSOR_ARGS = (0, 1, 2, *range(EPILOGUE_START, EPILOGUE_START + 4), RESIDUAL_ARG)
 
 
 def _scan(tensors) -> tuple:
@@ -136,7 +137,7 @@ def _scan(tensors) -> tuple:
 
 
 def _autograd_kernel(*args):
-    wants_grad, plain = _scan(args[i] for i in _TENSOR_ARGS if i < len(args))
+    wants_grad, plain = _scan(args[i] for i in TENSOR_ARGS if i < len(args))
     if wants_grad:
         if not epilogue_of(*epilogue_args(args))[0].is_identity:
             raise NotImplementedError("tritonconv::conv2d: a fused epilogue has no autograd formula; "
@@ -205,7 +206,7 @@ def _launch_static(*args):
 
 
 def _static_autograd_kernel(*args):
-    wants_grad, plain = _scan(args[:8])
+    wants_grad, plain = _scan(args[:len(TENSOR_ARGS)])
     if wants_grad:
         return TRITON_CONV(*full_args(*args))  # the full form's autograd
     if plain:
