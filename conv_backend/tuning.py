@@ -728,10 +728,21 @@ def is_transient(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _TRANSIENT_MESSAGES))
 
 
+def failure_summary(exc: BaseException) -> str:
+    """One line that says what went wrong. A Triton compile error's text starts with the source position,
+    and one raised at a call site holds the callee's as its __cause__: the innermost one's message is the
+    reason (e.g. "input_precision must be one of ..."), not the first line "at 58:14:"."""
+    inner = exc
+    while isinstance(inner, triton.compiler.errors.CompilationError) and inner.__cause__ is not None:
+        inner = inner.__cause__
+    text = getattr(inner, "error_message", None) or str(inner)
+    return (text.strip().splitlines() or [""])[0][:200]
+
+
 def _candidate_failed(candidate: Candidate, exc: Exception, failures: dict) -> None:
     """Note `exc` in `failures` ({type name: [count, first message, transient]}) and log it."""
     name = type(exc).__name__
-    first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+    first_line = failure_summary(exc)
     entry = failures.setdefault(name, [0, first_line, False])
     entry[0] += 1
     entry[2] = entry[2] or is_transient(exc)

@@ -544,3 +544,21 @@ def test_launcher_compiles_without_launching_when_compiling_only():
         tuning.compiling_only.reset(token)
     assert kernel.warmups == [(("x", "w", 7, 8), (3, 2), {"BLOCK": 16, "num_warps": 4})]
     assert launcher._direct is None  # the first real launch still goes through the JIT
+
+
+def test_a_compile_error_is_summed_up_by_its_reason_not_its_source_position():
+    import ast
+
+    from triton.compiler.errors import CompilationError
+
+    src = "def kernel():\n    acc = mma(a, b, acc)\n"
+    node = ast.parse(src).body[0].body[0].value  # the call, at line 2
+    inner = CompilationError("def mma():\n    return tl.dot(a, b)\n", node, "input_precision must be one of ...")
+    outer = CompilationError(src, node, None)  # what the call site raises, `from` the callee's error
+    outer.__cause__ = inner
+    assert str(outer).splitlines()[0] == "at 2:10:"
+    assert tuning.failure_summary(outer) == "input_precision must be one of ..."
+    assert tuning.failure_summary(RuntimeError("CUDA out of memory.\nmore")) == "CUDA out of memory."
+    failures: dict = {}
+    tuning._candidate_failed(Candidate("igemm_pointer", (), 4, 3), outer, failures)
+    assert failures == {"CompilationError": [1, "input_precision must be one of ...", False]}
