@@ -5,6 +5,7 @@ Each case is tiny (the interpreter runs every program instance in numpy).
 from __future__ import annotations
 
 import random
+import weakref
 
 import pytest
 import torch
@@ -701,6 +702,20 @@ def test_split_k(case, split, monkeypatch, kernel_launches):
     cand = tuning.Candidate.make("igemm_pointer", BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, SPLIT_K=split)
     monkeypatch.setattr(igemm_mod, "pointer_candidates", lambda *a, **k: [cand])
     assert check_twice(case, "gemm_pointer", "igemm_pointer_kernel", kernel_launches)["SPLIT_K"] == split
+
+
+def test_split_k_scratch_is_new_and_zeroed_per_launch():
+    """Nothing a split-K launch allocates outlives it: CUDA-graph trees refuse memory of their pool that a
+    plan keeps between calls. Each launch gets its own counters, zeroed."""
+    scratch = igemm_mod._split_k_scratch(5, 3, 4)
+    partial, arrivals = scratch(torch.empty(1))
+    assert partial.dtype == torch.float32 and partial.numel() >= 5 * 3 * 4
+    arrivals.fill_(7)
+    held = weakref.ref(arrivals)
+    del partial, arrivals
+    assert held() is None, "the plan keeps its arrival counters between launches"
+    partial, arrivals = scratch(torch.empty(1))
+    assert arrivals.dtype == torch.int32 and arrivals.tolist() == [0] * 5
 
 
 # ---------------------------------------------------------------- TMA weight descriptors: cached per weight, held weakly

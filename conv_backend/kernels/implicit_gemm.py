@@ -690,20 +690,20 @@ def _weight_descriptors(weight_shape, block_k: int, block_n: int) -> WeightDescr
 def _split_k_scratch(tiles: int, split: int, tile_elems: int):
     """`scratch(y) -> (partial tiles, arrival counters)` for a split-K launch writing `y`.
 
-    Partial tiles are fp32 and new per launch; the counters are kept per stream, since
-    every launch leaves them at zero for the next one in its stream. Without split-K
-    the kernel never touches either, and `y` stands in for both.
+    Both are new per launch, in one allocation, the counters zeroed: the kernel leaves them
+    at zero, but counters kept across launches would be memory that outlives the call, which
+    CUDA-graph trees refuse when the launch runs in their memory pool ("tensors in the
+    cudagraph pool not tracked as outputs"), and per-launch counters need no care for
+    streams. Without split-K the kernel never touches either, and `y` stands in for both.
     """
     if split == 1:
         return lambda y: (y, y)
-    arrivals = {}
+    partial_elems = tiles * split * tile_elems
 
     def scratch(y):
-        stream = torch.cuda.current_stream(y.device).cuda_stream if y.is_cuda else 0
-        if stream not in arrivals:
-            arrivals[stream] = torch.zeros(tiles, dtype=torch.int32, device=y.device)
-        partial = torch.empty(tiles * split * tile_elems, dtype=torch.float32, device=y.device)
-        return partial, arrivals[stream]
+        buffer = torch.empty(partial_elems + tiles, dtype=torch.float32, device=y.device)
+        arrivals = buffer[partial_elems:].view(torch.int32).zero_()
+        return buffer, arrivals
     return scratch
 
 
