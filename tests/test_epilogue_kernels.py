@@ -8,10 +8,14 @@ The CPU tests run through Triton's interpreter on tiny shapes, each kernel force
 from __future__ import annotations
 
 import dataclasses
+import gc
 from typing import NamedTuple
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import conv_backend.kernels.depthwise as depthwise_mod
 import conv_backend.kernels.halo as halo_mod
@@ -199,6 +203,50 @@ def test_bn_residual_activation(name, monkeypatch, kernel_launches):
     epilogue = epilogue_of(family.activation, batch_norm=True, residual=True)
     meta = check_fused(family, monkeypatch, kernel_launches, epilogue)
     assert meta["HAS_BN"] and meta["HAS_RESIDUAL"] and meta["ACTIVATION"] == family.activation
+
+
+class NewStorages(TorchDispatchMode):
+    """Every storage the ops run under it allocate (held weakly), for checking what outlives a call."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        known = {StorageWeakRef(t.untyped_storage()) for t in pytree.tree_leaves((args, kwargs))
+                 if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > 0:
+                ref = StorageWeakRef(t.untyped_storage())
+                if ref not in known:  # new memory, not a view or an in-place result of an argument
+                    self.refs.append(ref)
+        return out
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_a_launch_keeps_no_memory_it_allocated(name, monkeypatch):
+    """Once a call returns, nothing it allocated is alive but its output. CUDA-graph trees run a captured
+    graph's calls in a memory pool of their own and refuse pool memory that outlives a call without being
+    returned ("tensors in the cudagraph pool not tracked as outputs"): split-K's arrival counters kept for
+    the next launch made every model with such a plan fail under the cudagraphs default."""
+    family = FAMILIES[name]
+    case = family.case
+    epilogue = epilogue_of(family.activation, batch_norm=True, residual=True)
+    x, w, b = tensors(case)
+    epi = epilogue_tensors(epilogue, (case.n, case.oc, *case.out_hw()), case.dtype,
+                           residual_layout=family.residual_layout)
+    plan = plan_for(family, monkeypatch, x, w, b, case, epilogue, epi)
+    for call in range(2):  # the first launch compiles, the second runs the plan's direct path
+        with NewStorages() as allocated:
+            y = plan(x, w, b, epi)
+        assert allocated.refs, "the call allocates at least its output"
+        output = StorageWeakRef(y.untyped_storage())
+        del y
+        gc.collect()
+        alive = [ref for ref in allocated.refs if not ref.expired() and ref != output]
+        assert not alive, f"call {call}: {len(alive)} storage(s) allocated by the call outlive it"
 
 
 @pytest.mark.interpreter
