@@ -20,10 +20,11 @@ import logging
 from typing import Any, Callable, Mapping, Optional
 
 import torch
+import triton
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-from . import tuning
+from . import precompile, tuning
 from .dispatch import launch_conv2d
 from .fusion import UNDECOMPOSED, decompose_leftovers
 from .graph_pass import TRITON_CONV, replace_convolutions, use_static_form
@@ -180,27 +181,42 @@ def prepare_plans(gm: torch.fx.GraphModule, autotune: str) -> int:
     """Choose each convolution's kernel now, while the graph compiles, on random tensors of its shapes and
     strides, so that a call finds its plan made (tuned, compiled) and only launches. Only on a GPU (the
     interpreter's kernels are slow and its choice is fixed) and for static shapes; a convolution that meets
-    other strides or sizes at run time gets its plan then. Returns how many plans were made."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    made = 0
+    other strides or sizes at run time gets its plan then. With TRITONCONV_COMPILE_PROCESSES set, a first
+    pass collects what every convolution's tuning would compile and worker processes compile it all at once
+    (conv_backend.precompile). Returns how many plans were made."""
+    convs = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target != TRITON_CONV:
             continue
         vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in node.args]
         tensors = [v for v in vals if isinstance(v, torch.Tensor)]
-        if not all(v.is_cuda and all(isinstance(d, int) for d in (*v.shape, *v.stride())) for v in tensors):
-            continue
-        with unset_fake_temporarily(), torch.no_grad(), tuning.autotune_level_set(autotune):
-            try:
-                args = [torch.empty_strided(tuple(v.shape), v.stride(), dtype=v.dtype, device=v.device).uniform_()
-                        if isinstance(v, torch.Tensor) else v for v in vals]
-                launch_conv2d(*args)
-            except RuntimeError as exc:  # e.g. out of memory now: the first call makes the plan instead
-                log.debug("tritonconv: no plan made ahead for %s: %s", node.name, exc)
-                continue
-        made += 1
-    return made
+        if all(v.is_cuda and all(isinstance(d, int) for d in (*v.shape, *v.stride())) for v in tensors):
+            convs.append((node.name, vals))
+    if convs and precompile.processes():
+        with torch.cuda.device(next(v for v in convs[0][1] if isinstance(v, torch.Tensor)).device):
+            target = triton.runtime.driver.active.get_current_target()
+        with precompile.recording() as jobs, tuning.collecting_candidates():
+            for name, vals in convs:
+                _plan_for(name, vals, autotune)
+        precompile.compile_jobs(jobs, target)
+    return sum(_plan_for(name, vals, autotune) for name, vals in convs)
+
+
+def _plan_for(name: str, vals: list, autotune: str) -> bool:
+    """Make the plan of one convolution (`vals`: its arguments, fake tensors for tensors) on random tensors."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily(), torch.no_grad(), tuning.autotune_level_set(autotune):
+        try:
+            args = [torch.empty_strided(tuple(v.shape), v.stride(), dtype=v.dtype, device=v.device).uniform_()
+                    if isinstance(v, torch.Tensor) else v for v in vals]
+            launch_conv2d(*args)
+        except tuning.CandidatesCollected:
+            return False
+        except RuntimeError as exc:  # e.g. out of memory now: the first call makes the plan instead
+            log.debug("tritonconv: no plan made ahead for %s: %s", name, exc)
+            return False
+    return True
 
 
 # Lists that explain() opens while it runs a model: every compiled graph that runs adds its report to each.

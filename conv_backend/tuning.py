@@ -537,6 +537,9 @@ def _choose(key, problem_key, signature, device, candidates, prepare, level) -> 
                      _shown(signature), choice.describe())
             return choice
     timed = ranked if level == "exhaustive" else ranking.short_list(ranked, FAST_CANDIDATES, FAST_FAMILIES)
+    if collecting.get():
+        _launch_to_compile(timed, prepare)
+        raise CandidatesCollected(f"{len(timed)} candidates of {_shown(signature)} launched to be compiled")
     with _tuning_under_way(signature, level, lambda: len(timed), lambda: choice):
         try:
             choice = _benchmark(timed, prepare)
@@ -668,6 +671,38 @@ TIMING_PASSES = 2
 # Set while the tuner compiles candidates ahead of timing them: kernel launchers then hand their kernel to
 # Triton's compiler (KernelLauncher.__call__) and launch nothing.
 compiling_only = contextvars.ContextVar("tritonconv_compiling_only", default=False)
+
+
+# Set for a pass that only collects what tuning would compile (backend.prepare_plans, with
+# precompile.recording): select() launches a cold problem's candidates under compiling_only and raises
+# CandidatesCollected instead of timing them.
+collecting = contextvars.ContextVar("tritonconv_collecting", default=False)
+
+
+@contextlib.contextmanager
+def collecting_candidates():
+    """A collecting pass (see `collecting`) in this context."""
+    token = collecting.set(True)
+    try:
+        yield
+    finally:
+        collecting.reset(token)
+
+
+class CandidatesCollected(Exception):
+    """select() in a collecting pass: the candidates it would time were launched to be compiled, none timed."""
+
+
+def _launch_to_compile(candidates: Sequence[Candidate], prepare: Callable[[Candidate], Callable[[], None]]) -> None:
+    token = compiling_only.set(True)
+    try:
+        for candidate in candidates:
+            try:
+                prepare(candidate)()
+            except Exception as exc:  # it fails again when timed, and is reported there
+                log.debug("tritonconv: candidate %s not collected: %s", candidate.describe(), exc)
+    finally:
+        compiling_only.reset(token)
 
 
 def compile_threads() -> int:

@@ -494,6 +494,24 @@ def test_compile_ahead_runs_every_candidate_compile_only(monkeypatch):
     assert not tuning.compiling_only.get() and not _async_mode_active()
 
 
+def test_collecting_pass_launches_candidates_to_compile_and_decides_nothing(gpu_like):
+    """In a collecting pass (backend.prepare_plans' first, with precompile.recording) a cold problem's
+    candidates each run once with compiling_only set, nothing is timed or remembered, and select() raises
+    CandidatesCollected; the next select() tunes as usual."""
+    bench = gpu_like({A: 3.0, B: 1.0, C: 2.0})
+    seen = []
+
+    def prepare(candidate):
+        return lambda: seen.append((candidate, tuning.compiling_only.get()))
+
+    with tuning.collecting_candidates(), pytest.raises(tuning.CandidatesCollected):
+        tuning.select("prob", SIGNATURE, CPU, [A, B, C], prepare)
+    assert sorted(map(str, seen)) == sorted(map(str, [(A, True), (B, True), (C, True)]))
+    assert bench.timed == [] and not tuning.compiling_only.get() and not tuning.collecting.get()
+    assert not tuning.cache_path().exists(), "a collecting pass writes no choice"
+    assert select(bench=bench) == B
+
+
 @pytest.mark.parametrize("threads,interpreted", [("1", False), ("4", True)], ids=["one_thread", "interpreter"])
 def test_compile_ahead_skipped(threads, interpreted, monkeypatch):
     """One thread, or the interpreter (nothing to compile): candidates compile as they are first timed."""

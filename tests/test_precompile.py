@@ -1,0 +1,122 @@
+"""Compiling candidates in worker processes (conv_backend.precompile), on CPU.
+
+The round trip runs Triton's real JIT without a GPU: a stand-in driver gives it
+a Hopper target, so it compiles (never launches) what a plan's launch would run
+on an H100. Launches made while recording compile nothing; worker processes
+compile the recorded kernels into Triton's cache; the same launches made again
+must load those binaries instead of compiling.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conv_backend import precompile
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ROUND_TRIP = textwrap.dedent('''
+    import torch
+    import triton.compiler.compiler as compiler
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    TARGET = GPUTarget("cuda", 90, 32)
+
+
+    class CompileOnlyDriver:  # what the JIT asks of a driver to compile (it launches nothing here)
+        def get_current_target(self):
+            return TARGET
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+
+    def launch_plans():
+        """A pointer-kernel and a depthwise plan made and launched (under compiling_only: compile only)."""
+        from conv_backend.kernels import depthwise, implicit_gemm
+        x = torch.randn(2, 16, 12, 12).to(memory_format=torch.channels_last)
+        w = torch.randn(32, 16, 3, 3)
+        implicit_gemm.implicit_gemm_plan(x, w, None, (1, 1), (1, 1), (1, 1), 1, "ieee", "pointer")(x, w, None)
+        xd, wd = torch.randn(2, 16, 12, 12), torch.randn(16, 1, 3, 3)
+        depthwise.depthwise_plan(xd, wd, None, (1, 1), (1, 1), (1, 1))(xd, wd, None)
+
+
+    def main():
+        driver.set_active(CompileOnlyDriver())
+        from conv_backend import precompile, tuning
+        tuning.compiling_only.set(True)
+        tuning.autotune_level.set("none")  # one candidate a plan, untimed (there is no GPU to time on)
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("compiled in this process")
+        make_ir = compiler.ASTSource.make_ir
+        compiler.ASTSource.make_ir = refuse
+        with precompile.recording() as jobs:
+            launch_plans()
+        compiler.ASTSource.make_ir = make_ir
+        assert sorted(job.qualname for job in jobs) == ["depthwise_kernel", "igemm_pointer_kernel"], jobs
+        assert precompile.compile_jobs(jobs, TARGET, workers=2) == 2
+        compiler.ASTSource.make_ir = refuse  # the JIT must now find both binaries in the cache
+        launch_plans()
+        print("round trip ok")
+
+
+    if __name__ == "__main__":
+        main()
+''')
+
+
+def test_workers_compile_what_the_jit_then_loads_from_the_cache(tmp_path):
+    script = tmp_path / "round_trip.py"
+    script.write_text(ROUND_TRIP)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real JIT, not the interpreter
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    done = subprocess.run([sys.executable, str(script)], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "round trip ok" in done.stdout
+
+
+def _hook_call(module: str, name: str = "kernel"):
+    return precompile._record_hook(key="k", repr="r", fn=SimpleNamespace(module=module, name=name),
+                                   compile={"specialization_data": "{}"}, is_manual_warmup=True,
+                                   already_compiled=False)
+
+
+def test_hook_records_only_our_kernels_and_only_in_the_recording_thread(monkeypatch):
+    """Anything else compiles as usual: another library's kernels, ours launched by another thread (a kernel
+    skipped there would leave its output unwritten), ours outside recording(); an earlier hook still runs."""
+    earlier = []
+    precompile._install_hook()  # as recording() does: the hook found installed is the one to defer to
+    monkeypatch.setattr(precompile, "_previous_hook", lambda **kw: earlier.append(kw["fn"].module))
+    assert _hook_call("conv_backend.kernels.depthwise") is None
+    with precompile.recording() as jobs:
+        assert _hook_call("conv_backend.kernels.depthwise", "depthwise_kernel") is True
+        assert _hook_call("torch._inductor.kernel") is None
+        assert _hook_call("conv_backend.kernels.halo", "make.<locals>.kernel") is None  # not importable
+        other = []
+        thread = threading.Thread(target=lambda: other.append(_hook_call("conv_backend.kernels.halo")))
+        thread.start()
+        thread.join()
+        assert other == [None]
+    assert jobs == [precompile.Job("conv_backend.kernels.depthwise", "depthwise_kernel", "{}")]
+    assert earlier == ["conv_backend.kernels.depthwise", "torch._inductor.kernel", "conv_backend.kernels.halo",
+                       "conv_backend.kernels.halo"]
+
+
+@pytest.mark.parametrize("setting,count", [("", 0), ("0", 0), ("6", 6), ("many", 0)])
+def test_processes_setting(setting, count, monkeypatch):
+    monkeypatch.setenv("TRITONCONV_COMPILE_PROCESSES", setting)
+    assert precompile.processes() == count
