@@ -22,12 +22,13 @@ import contextvars
 import importlib
 import json
 import logging
-import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, wait
-from typing import Callable, NamedTuple, Optional
+from pathlib import Path
+from typing import NamedTuple, Optional
 
 import triton
 
@@ -98,47 +99,60 @@ def recording():
         _recorded.reset(token)
 
 
-_pool: Optional[ProcessPoolExecutor] = None
-_pool_size = 0
-
-
-def _workers(count: int) -> ProcessPoolExecutor:
-    """The process pool, started on first use and kept for the process (spawned: no CUDA state is forked)."""
-    global _pool, _pool_size
-    if _pool is None or _pool_size != count:
-        if _pool is not None:
-            _pool.shutdown(wait=False, cancel_futures=True)
-        _pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
-        _pool_size = count
-    return _pool
+WORKER_TIMEOUT_S = 900  # a worker still compiling after this is stopped (its kernels compile in-process later)
 
 
 def compile_jobs(jobs, target, workers: Optional[int] = None) -> int:
     """Compile `jobs` for `target` (a triton GPUTarget) in worker processes into Triton's cache; returns how
-    many compiled. Failures are logged at DEBUG: the in-process compile meets them again and reports them."""
+    many compiled. Failures are logged at DEBUG: the in-process compile meets them again and reports them.
+
+    Workers are plain `python` processes running worker_main (not multiprocessing's, which would import the
+    user's main script again in each), each given its share of the jobs on stdin."""
     unique = list(dict.fromkeys(jobs))
-    count = min(workers or processes() or 1, len(unique))
     if not unique:
         return 0
+    count = min(workers or processes() or 1, len(unique))
     start = time.perf_counter()
-    target_fields = (target.backend, target.arch, target.warp_size)
+    target_fields = [target.backend, target.arch, target.warp_size]
+    env = dict(os.environ)  # the same Triton settings (and cache directory) as this process
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                      env.get("PYTHONPATH")]))
+    command = [sys.executable, "-c", f"from {__name__} import worker_main; worker_main()"]
     try:
-        pool = _workers(count)
-        futures = [pool.submit(compile_job, job, target_fields) for job in unique]
-    except Exception as exc:  # e.g. no process can be started here: the threads compile instead
+        workers_ = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, env=env) for _ in range(count)]
+    except OSError as exc:  # no process can be started here: the threads compile instead
         log.debug("tritonconv: compiling in worker processes failed to start: %s", exc)
         return 0
-    wait(futures)
     done = 0
-    for job, future in zip(unique, futures):
-        error = future.exception()
-        if error is None:
-            done += 1
-        else:
-            log.debug("tritonconv: worker did not compile %s.%s: %s", job.module, job.qualname, error)
+    for i, worker in enumerate(workers_):
+        share = {"target": target_fields, "jobs": [list(job) for job in unique[i::count]]}
+        try:
+            out, _ = worker.communicate(json.dumps(share), timeout=WORKER_TIMEOUT_S)
+            result = json.loads(out.strip().splitlines()[-1])
+        except (subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+            worker.kill()
+            log.debug("tritonconv: compile worker %d gave no result: %s", i, exc)
+            continue
+        done += result["done"]
+        for failure in result["failed"]:
+            log.debug("tritonconv: worker did not compile %s", failure)
     log.info("tritonconv: compiled %d of %d kernels in %d worker processes in %.1f s", done, len(unique), count,
              time.perf_counter() - start)
     return done
+
+
+def worker_main() -> None:
+    """A compile worker: compile the jobs read from stdin, print {"done": n, "failed": [...]} as JSON."""
+    share = json.loads(sys.stdin.read())
+    done, failed = 0, []
+    for job in share["jobs"]:
+        try:
+            compile_job(Job(*job), tuple(share["target"]))
+            done += 1
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which compiles it itself later
+            failed.append(f"{job[0]}.{job[1]}: {type(exc).__name__}: {str(exc)[:300]}")
+    print(json.dumps({"done": done, "failed": failed}), flush=True)
 
 
 def _jit_function(job: Job):
@@ -182,11 +196,3 @@ def _source_class(fn):
 def _tuples(value):
     """JSON turned a signature's tuples into lists; Triton's signatures hold no lists."""
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def record_and_compile(launch_all: Callable[[], None], target) -> int:
-    """Run `launch_all` (launches under tuning.compiling_only) recording what it would compile, then compile
-    that in worker processes; returns how many kernels compiled."""
-    with recording() as jobs:
-        launch_all()
-    return compile_jobs(jobs, target)
