@@ -192,13 +192,22 @@ def prepare_plans(gm: torch.fx.GraphModule, autotune: str) -> int:
         tensors = [v for v in vals if isinstance(v, torch.Tensor)]
         if all(v.is_cuda and all(isinstance(d, int) for d in (*v.shape, *v.stride())) for v in tensors):
             convs.append((node.name, vals))
-    if convs and precompile.processes():
-        with torch.cuda.device(next(v for v in convs[0][1] if isinstance(v, torch.Tensor)).device):
-            target = triton.runtime.driver.active.get_current_target()
+    if not convs:
+        return 0
+    with torch.cuda.device(next(v for v in convs[0][1] if isinstance(v, torch.Tensor)).device):
+        return make_plans(convs, autotune, precompile.processes())
+
+
+def make_plans(convs: list, autotune: str, processes: int = 0) -> int:
+    """Make the plans of `convs` ((name, arguments) of each convolution, fake tensors for tensors), first
+    compiling in `processes` worker processes what every one's tuning would compile, where that is not 0.
+    Returns how many plans were made."""
+    if processes:
+        target = triton.runtime.driver.active.get_current_target()
         with precompile.recording() as jobs, tuning.collecting_candidates():
             for name, vals in convs:
                 _plan_for(name, vals, autotune)
-        precompile.compile_jobs(jobs, target)
+        precompile.compile_jobs(jobs, target, processes)
     return sum(_plan_for(name, vals, autotune) for name, vals in convs)
 
 

@@ -77,16 +77,53 @@ ROUND_TRIP = textwrap.dedent('''
 ''')
 
 
-def test_workers_compile_what_the_jit_then_loads_from_the_cache(tmp_path):
-    script = tmp_path / "round_trip.py"
-    script.write_text(ROUND_TRIP)
+# backend.make_plans as prepare_plans runs it at the "fast" level: the collecting pass records every
+# convolution's short list, the workers compile it, and the tuning pass (timed by a stand-in clock, since
+# nothing can launch here) compiles nothing in-process.
+TWO_PASSES = ROUND_TRIP.split("def main():")[0] + textwrap.dedent('''
+    def main():
+        driver.set_active(CompileOnlyDriver())
+        from conv_backend import backend, dispatch, tuning
+        dispatch.unsupported_reason = lambda *args, **kwargs: None  # CPU tensors, as if on the GPU
+        tuning.compiling_only.set(True)
+        timed = []
+        tuning._time_candidate = lambda launch: (launch(), timed.append(launch), 1.0)[2]
+        x = torch.randn(2, 16, 12, 12).to(memory_format=torch.channels_last)
+        convs = [("conv", [x, torch.randn(32, 16, 3, 3), None, [1, 1], [1, 1], [1, 1], 1]),
+                 ("depthwise", [torch.randn(2, 16, 12, 12), torch.randn(16, 1, 3, 3), None, [1, 1], [1, 1],
+                                [1, 1], 16])]
+        compiled_here = []
+        make_ir = compiler.ASTSource.make_ir
+
+        def counted(self, *args, **kwargs):
+            compiled_here.append(self.fn.__name__)
+            return make_ir(self, *args, **kwargs)
+        compiler.ASTSource.make_ir = counted
+        assert backend.make_plans(convs, "fast", processes=2) == 2
+        assert compiled_here == [], f"compiled in this process: {compiled_here}"
+        # several candidates a problem, each timed in every pass: the short lists, not single picks
+        assert len(timed) > 2 * tuning.TIMING_PASSES, len(timed)
+        print("two passes ok")
+
+
+    if __name__ == "__main__":
+        main()
+''')
+
+
+@pytest.mark.parametrize("script,says", [(ROUND_TRIP, "round trip ok"), (TWO_PASSES, "two passes ok")],
+                         ids=["round_trip", "make_plans"])
+def test_workers_compile_what_the_jit_then_loads_from_the_cache(script, says, tmp_path):
+    path = tmp_path / "precompile_check.py"
+    path.write_text(script)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real JIT, not the interpreter
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    done = subprocess.run([sys.executable, str(script)], env=env, cwd=ROOT, capture_output=True, text=True,
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")  # the tuning cache
+    done = subprocess.run([sys.executable, str(path)], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "round trip ok" in done.stdout
+    assert says in done.stdout
 
 
 def _hook_call(module: str, name: str = "kernel"):
