@@ -2,7 +2,7 @@
 
 Threads (tuning._compile_ahead) stop scaling at a few: Triton's front end walks a
 kernel's Python AST under the GIL. Processes share no GIL. So a graph's first
-compile can take two passes (backend.prepare_plans): the first launches each
+compile can take two passes (backend.make_plans): the first launches each
 convolution's short list of candidates with Triton's `jit_cache_hook` answering
 "compiled" for our kernels, which records what each launch would compile
 (Triton's specialization data, the form `JITFunction.preload` reads) and
