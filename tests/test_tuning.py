@@ -495,7 +495,7 @@ def test_compile_ahead_runs_every_candidate_compile_only(monkeypatch):
 
 
 def test_collecting_pass_launches_candidates_to_compile_and_decides_nothing(gpu_like):
-    """In a collecting pass (backend.prepare_plans' first, with precompile.recording) a cold problem's
+    """In a collecting pass (backend.make_plans' first, with precompile.recording) a cold problem's
     candidates each run once with compiling_only set, nothing is timed or remembered, and select() raises
     CandidatesCollected; the next select() tunes as usual."""
     bench = gpu_like({A: 3.0, B: 1.0, C: 2.0})
