@@ -25,6 +25,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -107,7 +108,8 @@ def compile_jobs(jobs, target, workers: Optional[int] = None) -> int:
     many compiled. Failures are logged at DEBUG: the in-process compile meets them again and reports them.
 
     Workers are plain `python` processes running worker_main (not multiprocessing's, which would import the
-    user's main script again in each), each given its share of the jobs on stdin."""
+    user's main script again in each), each given a file with its share of the jobs, so all of them start
+    compiling at once."""
     unique = list(dict.fromkeys(jobs))
     if not unique:
         return 0
@@ -117,34 +119,39 @@ def compile_jobs(jobs, target, workers: Optional[int] = None) -> int:
     env = dict(os.environ)  # the same Triton settings (and cache directory) as this process
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                       env.get("PYTHONPATH")]))
-    command = [sys.executable, "-c", f"from {__name__} import worker_main; worker_main()"]
-    try:
-        workers_ = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, env=env) for _ in range(count)]
-    except OSError as exc:  # no process can be started here: the threads compile instead
-        log.debug("tritonconv: compiling in worker processes failed to start: %s", exc)
-        return 0
     done = 0
-    for i, worker in enumerate(workers_):
-        share = {"target": target_fields, "jobs": [list(job) for job in unique[i::count]]}
+    with tempfile.TemporaryDirectory(prefix="tritonconv-compile-") as folder:
+        running = []
         try:
-            out, _ = worker.communicate(json.dumps(share), timeout=WORKER_TIMEOUT_S)
-            result = json.loads(out.strip().splitlines()[-1])
-        except (subprocess.TimeoutExpired, ValueError, IndexError) as exc:
-            worker.kill()
-            log.debug("tritonconv: compile worker %d gave no result: %s", i, exc)
-            continue
-        done += result["done"]
-        for failure in result["failed"]:
-            log.debug("tritonconv: worker did not compile %s", failure)
-    log.info("tritonconv: compiled %d of %d kernels in %d worker processes in %.1f s", done, len(unique), count,
-             time.perf_counter() - start)
+            for i in range(count):
+                share = Path(folder) / f"jobs-{i}.json"
+                share.write_text(json.dumps({"target": target_fields, "jobs": [list(j) for j in unique[i::count]]}))
+                command = [sys.executable, "-c", f"from {__name__} import worker_main; worker_main()", str(share)]
+                running.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                                text=True, env=env))
+        except OSError as exc:  # no (more) processes can be started here: the threads compile the rest
+            log.debug("tritonconv: compiling in worker processes failed to start: %s", exc)
+        for i, worker in enumerate(running):
+            try:
+                out, _ = worker.communicate(timeout=WORKER_TIMEOUT_S)
+                result = json.loads(out.strip().splitlines()[-1])
+            except (subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+                worker.kill()
+                worker.communicate()
+                log.debug("tritonconv: compile worker %d gave no result: %s", i, exc)
+                continue
+            done += result["done"]
+            for failure in result["failed"]:
+                log.debug("tritonconv: worker did not compile %s", failure)
+    log.info("tritonconv: compiled %d of %d kernels in %d worker processes in %.1f s", done, len(unique),
+             len(running), time.perf_counter() - start)
     return done
 
 
 def worker_main() -> None:
-    """A compile worker: compile the jobs read from stdin, print {"done": n, "failed": [...]} as JSON."""
-    share = json.loads(sys.stdin.read())
+    """A compile worker: compile the jobs of the file named by its argument, print {"done": n, "failed":
+    [...]} as JSON."""
+    share = json.loads(Path(sys.argv[1]).read_text())
     done, failed = 0, []
     for job in share["jobs"]:
         try:

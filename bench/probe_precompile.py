@@ -1,0 +1,90 @@
+"""A first call's compiling: compile threads (the default) against worker processes (TRITONCONV_COMPILE_PROCESSES).
+
+    python bench/probe_precompile.py [--processes 0,2,16] [--level fast]
+
+Times backend.make_plans, the work of a graph's first compile, for five ResNet-50
+layers (bf16, channels_last, batch 32) on any machine, GPU or not: Triton's JIT
+compiles for a Hopper target through a compile-only driver and launches nothing;
+the tuner's clock is a stand-in. The tensors are on the CPU, so the candidates
+are the pointer and NCHW kernels' (the TMA and Gluon kernels are offered for
+CUDA tensors only). Each setting runs in a fresh process with empty Triton and
+tuning caches; 0 processes is the default, threads alone.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# (input channels, output channels, kernel, stride, map side) of ResNet-50 layers
+LAYERS = [(64, 64, 3, 1, 56), (256, 64, 1, 1, 56), (128, 128, 3, 2, 56), (512, 128, 1, 1, 28), (256, 256, 3, 1, 14)]
+
+
+def child(processes: int, level: str) -> None:
+    import torch
+    import triton.compiler.compiler as compiler
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class CompileOnlyDriver:  # what the JIT asks of a driver to compile; nothing is launched
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+    driver.set_active(CompileOnlyDriver())
+    from conv_backend import backend, dispatch, tuning
+    dispatch.unsupported_reason = lambda *args, **kwargs: None  # CPU tensors, as if on the GPU
+    tuning.compiling_only.set(True)
+    tuning._time_candidate = lambda launch: (launch(), 1.0)[1]
+    compiled_here = []
+    make_ir = compiler.ASTSource.make_ir
+
+    def counted(self, *args, **kwargs):
+        compiled_here.append(self.fn.__name__)
+        return make_ir(self, *args, **kwargs)
+    compiler.ASTSource.make_ir = counted
+
+    convs = []
+    for c, oc, k, s, side in LAYERS:
+        x = torch.empty(32, c, side, side, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        w = torch.empty(oc, c, k, k, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        convs.append((f"{c}->{oc} {k}x{k}/{s}", [x, w, None, [s, s], [k // 2] * 2, [1, 1], 1]))
+    start = time.perf_counter()
+    made = backend.make_plans(convs, level, processes)
+    print(f"processes {processes:3d}: {time.perf_counter() - start:6.1f} s for {made} plans, "
+          f"{len(compiled_here)} kernels compiled in the process itself, {tuning.compile_threads()} compile threads",
+          flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--processes", default="0,2", help="comma-separated worker counts (0: threads only)")
+    ap.add_argument("--level", default="fast", choices=("none", "fast", "exhaustive"))
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        child(args.child, args.level)
+        return
+    print(f"{len(LAYERS)} ResNet-50 layers, bf16 channels_last batch 32, level {args.level!r}, {os.cpu_count()} CPUs",
+          flush=True)
+    for count in (int(n) for n in args.processes.split(",")):
+        with tempfile.TemporaryDirectory() as cache:
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            env.update(TRITON_CACHE_DIR=f"{cache}/triton", XDG_CACHE_HOME=f"{cache}/xdg",
+                       PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+            subprocess.run([sys.executable, __file__, "--child", str(count), "--level", args.level], env=env,
+                           check=True)
+
+
+if __name__ == "__main__":
+    main()
