@@ -19,19 +19,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 # (input channels, output channels, kernel, stride, map side) of ResNet-50 layers
 LAYERS = [(64, 64, 3, 1, 56), (256, 64, 1, 1, 56), (128, 128, 3, 2, 56), (512, 128, 1, 1, 28), (256, 256, 3, 1, 14)]
 
 
-def child(processes: int, level: str) -> None:
-    import torch
+def compile_only_session() -> SimpleNamespace:
+    """Make this process compile for Hopper without a GPU: Triton's JIT gets a compile-only driver (it compiles,
+    never launches), CPU tensors pass the backend's support check, tuning compiles instead of launching, and
+    its clock is a stand-in. Returns the lists it fills: `compiled_here` (each kernel this process compiled
+    itself) and `timed` (each launch the tuner timed)."""
     import triton.compiler.compiler as compiler
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
 
-    class CompileOnlyDriver:  # what the JIT asks of a driver to compile; nothing is launched
+    class CompileOnlyDriver:  # what the JIT asks of a driver to compile
         def get_current_target(self):
             return GPUTarget("cuda", 90, 32)
 
@@ -42,17 +46,25 @@ def child(processes: int, level: str) -> None:
             return 0
 
     driver.set_active(CompileOnlyDriver())
-    from conv_backend import backend, dispatch, tuning
+    from conv_backend import dispatch, tuning
     dispatch.unsupported_reason = lambda *args, **kwargs: None  # CPU tensors, as if on the GPU
     tuning.compiling_only.set(True)
-    tuning._time_candidate = lambda launch: (launch(), 1.0)[1]
-    compiled_here = []
+    session = SimpleNamespace(compiled_here=[], timed=[])
+    tuning._time_candidate = lambda launch: (launch(), session.timed.append(launch), 1.0)[2]
     make_ir = compiler.ASTSource.make_ir
 
     def counted(self, *args, **kwargs):
-        compiled_here.append(self.fn.__name__)
+        session.compiled_here.append(self.fn.__name__)
         return make_ir(self, *args, **kwargs)
     compiler.ASTSource.make_ir = counted
+    return session
+
+
+def child(processes: int, level: str) -> None:
+    import torch
+
+    session = compile_only_session()
+    from conv_backend import backend, tuning
 
     convs = []
     for c, oc, k, s, side in LAYERS:
@@ -62,7 +74,7 @@ def child(processes: int, level: str) -> None:
     start = time.perf_counter()
     made = backend.make_plans(convs, level, processes)
     print(f"processes {processes:3d}: {time.perf_counter() - start:6.1f} s for {made} plans, "
-          f"{len(compiled_here)} kernels compiled in the process itself, {tuning.compile_threads()} compile threads",
+          f"{len(session.compiled_here)} kernels compiled in the process itself, {tuning.compile_threads()} compile threads",
           flush=True)
 
 

@@ -24,22 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 ROUND_TRIP = textwrap.dedent('''
     import torch
-    import triton.compiler.compiler as compiler
     from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
 
-    TARGET = GPUTarget("cuda", 90, 32)
-
-
-    class CompileOnlyDriver:  # what the JIT asks of a driver to compile (it launches nothing here)
-        def get_current_target(self):
-            return TARGET
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
+    from probe_precompile import compile_only_session
 
 
     def launch_plans():
@@ -53,22 +40,16 @@ ROUND_TRIP = textwrap.dedent('''
 
 
     def main():
-        driver.set_active(CompileOnlyDriver())
+        session = compile_only_session()
         from conv_backend import precompile, tuning
-        tuning.compiling_only.set(True)
-        tuning.autotune_level.set("none")  # one candidate a plan, untimed (there is no GPU to time on)
-
-        def refuse(*args, **kwargs):
-            raise AssertionError("compiled in this process")
-        make_ir = compiler.ASTSource.make_ir
-        compiler.ASTSource.make_ir = refuse
+        tuning.autotune_level.set("none")  # one candidate a plan, untimed
         with precompile.recording() as jobs:
             launch_plans()
-        compiler.ASTSource.make_ir = make_ir
+        assert session.compiled_here == [], f"compiled while recording: {session.compiled_here}"
         assert sorted(job.qualname for job in jobs) == ["depthwise_kernel", "igemm_pointer_kernel"], jobs
-        assert precompile.compile_jobs(jobs, TARGET, workers=2) == 2
-        compiler.ASTSource.make_ir = refuse  # the JIT must now find both binaries in the cache
-        launch_plans()
+        assert precompile.compile_jobs(jobs, GPUTarget("cuda", 90, 32), workers=2) == 2
+        launch_plans()  # the JIT must now find both binaries in the cache
+        assert session.compiled_here == [], f"compiled in this process: {session.compiled_here}"
         print("round trip ok")
 
 
@@ -76,33 +57,26 @@ ROUND_TRIP = textwrap.dedent('''
         main()
 ''')
 
-
 # backend.make_plans as prepare_plans runs it at the "fast" level: the collecting pass records every
 # convolution's short list, the workers compile it, and the tuning pass (timed by a stand-in clock, since
 # nothing can launch here) compiles nothing in-process.
-TWO_PASSES = ROUND_TRIP.split("def main():")[0] + textwrap.dedent('''
+TWO_PASSES = textwrap.dedent('''
+    import torch
+
+    from probe_precompile import compile_only_session
+
+
     def main():
-        driver.set_active(CompileOnlyDriver())
-        from conv_backend import backend, dispatch, tuning
-        dispatch.unsupported_reason = lambda *args, **kwargs: None  # CPU tensors, as if on the GPU
-        tuning.compiling_only.set(True)
-        timed = []
-        tuning._time_candidate = lambda launch: (launch(), timed.append(launch), 1.0)[2]
+        session = compile_only_session()
+        from conv_backend import backend, tuning
         x = torch.randn(2, 16, 12, 12).to(memory_format=torch.channels_last)
         convs = [("conv", [x, torch.randn(32, 16, 3, 3), None, [1, 1], [1, 1], [1, 1], 1]),
                  ("depthwise", [torch.randn(2, 16, 12, 12), torch.randn(16, 1, 3, 3), None, [1, 1], [1, 1],
                                 [1, 1], 16])]
-        compiled_here = []
-        make_ir = compiler.ASTSource.make_ir
-
-        def counted(self, *args, **kwargs):
-            compiled_here.append(self.fn.__name__)
-            return make_ir(self, *args, **kwargs)
-        compiler.ASTSource.make_ir = counted
         assert backend.make_plans(convs, "fast", processes=2) == 2
-        assert compiled_here == [], f"compiled in this process: {compiled_here}"
+        assert session.compiled_here == [], f"compiled in this process: {session.compiled_here}"
         # several candidates a problem, each timed in every pass: the short lists, not single picks
-        assert len(timed) > 2 * tuning.TIMING_PASSES, len(timed)
+        assert len(session.timed) > 2 * tuning.TIMING_PASSES, len(session.timed)
         print("two passes ok")
 
 
@@ -117,7 +91,7 @@ def test_workers_compile_what_the_jit_then_loads_from_the_cache(script, says, tm
     path = tmp_path / "precompile_check.py"
     path.write_text(script)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real JIT, not the interpreter
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "bench"), env.get("PYTHONPATH")]))
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")  # the tuning cache
     done = subprocess.run([sys.executable, str(path)], env=env, cwd=ROOT, capture_output=True, text=True,
