@@ -361,7 +361,8 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=float, default=250.0, help="do_bench warm-up, ms (default 250)")
     ap.add_argument("--rep", type=float, default=200.0,
                     help="do_bench measuring time, ms (default 200: a forward pass can take tens of ms)")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 3; 1 on CPU)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="interleaved timing rounds (default 3; 1 on CPU); 0 with --cold: first calls only")
     ap.add_argument("--skip-done", action="store_true",
                     help="skip the models and configs that already have a row in the result JSON")
     ap.add_argument("--stop-after", type=float, default=None, metavar="S",
@@ -397,7 +398,8 @@ def main(argv=None) -> int:
         first_call_only(args.first_call_only, args.models[0], args.configs[0], args, device)
         return 0
     bu.install_sigterm_handler()
-    args.rounds = args.rounds or (3 if device == "cuda" else 1)
+    if args.rounds is None:
+        args.rounds = 3 if device == "cuda" else 1
     info = bu.versions(device)
     smoke = device == "cpu"
     out = args.out or bu.default_out(smoke)
@@ -426,7 +428,9 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 print(f"{name} {spec} ...", flush=True)
                 try:
-                    row = measure_row(name, config, args, device, timer)
+                    row = (dict(dict.fromkeys(MEASURED), model=name, dtype=config["dtype"], batch=config["batch"],
+                                channels_last=config["channels_last"]) if args.cold and args.rounds == 0
+                           else measure_row(name, config, args, device, timer))
                 except (bu.Interrupted, KeyboardInterrupt):
                     raise
                 except Exception as exc:  # noqa: BLE001 - e.g. out of memory building the reference

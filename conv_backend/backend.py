@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import torch
 import triton
@@ -62,7 +62,8 @@ def _compile_with_aten(gm, example_inputs, opts: BackendOptions, report: Report,
     def make_compiler(kind: str):
         def compile_graph(aten_gm: torch.fx.GraphModule, aten_inputs):
             replace_convolutions(aten_gm, opts, report, f"{kind}{graph_id}", allow_layout_copies=kind == "inference")
-            prepare_plans(aten_gm, opts.autotune)
+            # Inductor's compile pool is not started for this path: the compile threads, unless told otherwise.
+            prepare_plans(aten_gm, opts.autotune, precompile.processes() or 0)
             return make_boxed_func(direct_calls(aten_gm).forward)
         return compile_graph
 
@@ -86,8 +87,11 @@ def inductor_settings(mode: Optional[str], options: Mapping[str, Any]) -> dict:
 def _compile_with_inductor(gm, example_inputs, opts: BackendOptions, report: Report, graph_id: int, mode,
                            inductor_options):
     from torch._inductor import config as inductor_config
+    from torch._inductor.async_compile import maybe_warm_pool
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
     from torch._inductor.decomposition import select_decomp_table
+
+    maybe_warm_pool()  # as Inductor's own backend does: its compile workers start while AOTAutograd traces
 
     settings = inductor_settings(mode, inductor_options)
     graphs = replays_in_cuda_graphs(opts, mode, settings, example_inputs) and not has_dynamic_shapes(gm)
@@ -103,9 +107,17 @@ def _compile_with_inductor(gm, example_inputs, opts: BackendOptions, report: Rep
         if decompose_leftovers(aten_gm, decompositions):
             aten_gm.graph.lint()
             aten_gm.recompile()
-        prepare_plans(aten_gm, opts.autotune)
-        use_static_form(aten_gm)
-        return compile_fx_inner(aten_gm, aten_inputs, **kwargs)
+        # Our candidates compile in the workers while Inductor compiles the rest; they are tuned after.
+        planning = start_plans(aten_gm, opts.autotune, precompile.processes())
+        try:
+            use_static_form(aten_gm)
+            compiled = compile_fx_inner(aten_gm, aten_inputs, **kwargs)
+        except BaseException:
+            if planning is not None and planning.compiling is not None:
+                planning.compiling.cancel()
+            raise
+        finish_plans(planning)
+        return compiled
 
     # AOTAutograd's cache would hand back a compiled graph without running inner_compile, and so without
     # a report of its convolutions; Inductor's own graph cache (inside compile_fx_inner) still applies.
@@ -177,13 +189,29 @@ def copying_outputs(compiled, positions: list):
     return run
 
 
-def prepare_plans(gm: torch.fx.GraphModule, autotune: str) -> int:
+class Planning(NamedTuple):
+    """A graph's plans under way (start_plans): its convolutions, their device and autotune level, and the
+    compiling of their candidates in worker processes (None where the compile threads do it)."""
+
+    convs: list
+    device: Optional[torch.device]
+    autotune: str
+    compiling: Optional[precompile.Compiling]
+
+
+def prepare_plans(gm: torch.fx.GraphModule, autotune: str, processes: Optional[int] = 0) -> int:
     """Choose each convolution's kernel now, while the graph compiles, on random tensors of its shapes and
     strides, so that a call finds its plan made (tuned, compiled) and only launches. Only on a GPU (the
     interpreter's kernels are slow and its choice is fixed) and for static shapes; a convolution that meets
-    other strides or sizes at run time gets its plan then. With TRITONCONV_COMPILE_PROCESSES set, a first
-    pass collects what every convolution's tuning would compile and worker processes compile it all at once
-    (conv_backend.precompile). Returns how many plans were made."""
+    other strides or sizes at run time gets its plan then. `processes`: who compiles the candidates (see
+    start_compiling). Returns how many plans were made."""
+    return finish_plans(start_plans(gm, autotune, processes))
+
+
+def start_plans(gm: torch.fx.GraphModule, autotune: str, processes: Optional[int]) -> Optional[Planning]:
+    """prepare_plans' first half: start compiling what every convolution's tuning will compile, in worker
+    processes where `processes` says so (see start_compiling), and return at once. None where `gm` has no
+    convolution to plan."""
     convs = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target != TRITON_CONV:
@@ -193,22 +221,44 @@ def prepare_plans(gm: torch.fx.GraphModule, autotune: str) -> int:
         if all(v.is_cuda and all(isinstance(d, int) for d in (*v.shape, *v.stride())) for v in tensors):
             convs.append((node.name, vals))
     if not convs:
+        return None
+    device = next(v for v in convs[0][1] if isinstance(v, torch.Tensor)).device
+    with torch.cuda.device(device):
+        return Planning(convs, device, autotune, start_compiling(convs, autotune, processes))
+
+
+def finish_plans(planning: Optional[Planning]) -> int:
+    """prepare_plans' second half: wait for the workers, then make (tune) each plan. Returns how many were made."""
+    if planning is None:
         return 0
-    with torch.cuda.device(next(v for v in convs[0][1] if isinstance(v, torch.Tensor)).device):
-        return make_plans(convs, autotune, precompile.processes())
+    with torch.cuda.device(planning.device):
+        return _tune(planning)
 
 
-def make_plans(convs: list, autotune: str, processes: int = 0) -> int:
-    """Make the plans of `convs` ((name, arguments) of each convolution, fake tensors for tensors), first
-    compiling in `processes` worker processes what every one's tuning would compile, where that is not 0.
-    Returns how many plans were made."""
-    if processes:
-        target = triton.runtime.driver.active.get_current_target()
-        with precompile.recording() as jobs, tuning.collecting_candidates():
-            for name, vals in convs:
-                _plan_for(name, vals, autotune)
-        precompile.compile_jobs(jobs, target, processes)
-    return sum(_plan_for(name, vals, autotune) for name, vals in convs)
+def _tune(planning: Planning) -> int:
+    if planning.compiling is not None:
+        planning.compiling.wait()
+    return sum(_plan_for(name, vals, planning.autotune) for name, vals in planning.convs)
+
+
+def make_plans(convs: list, autotune: str, processes: Optional[int] = None) -> int:
+    """Make the plans of `convs` ((name, arguments) of each convolution, fake tensors for tensors) on the
+    current device, compiling first in worker processes (see start_compiling). Returns how many were made."""
+    return _tune(Planning(convs, None, autotune, start_compiling(convs, autotune, processes)))
+
+
+def start_compiling(convs: list, autotune: str, processes: Optional[int]) -> Optional[precompile.Compiling]:
+    """Collect what the tuning of `convs` will compile (a pass that launches each one's candidates with the
+    compiling recorded instead of done) and start compiling it in worker processes: Inductor's compile pool
+    where `processes` is None, our own where it is a count. None where the compile threads are to do it
+    (`processes` 0, no pool here, nothing to compile)."""
+    if processes == 0 or (processes is None and precompile.inductor_pool() is None):
+        return None
+    target = triton.runtime.driver.active.get_current_target()
+    with precompile.recording() as jobs, tuning.collecting_candidates():
+        for name, vals in convs:
+            _plan_for(name, vals, autotune)
+    return precompile.start_compiling(jobs, target, processes)
 
 
 def _plan_for(name: str, vals: list, autotune: str) -> bool:

@@ -150,3 +150,19 @@ def test_no_cudagraphs_variant_is_ours_only_against_compile_default():
                                 .strip("|").split("|"))))
     assert "compile no-cudagraphs ms" not in headers
     assert (cells["tritonconv no-cudagraphs ms"], cells["x (no-cudagraphs)"]) == ("4.000", "0.50x")
+
+
+def test_cold_with_no_rounds_measures_first_calls_only(tmp_path, monkeypatch):
+    """--cold --rounds 0: the row holds the fresh processes' first calls, and nothing is compiled or timed in
+    the measuring process itself."""
+    def measure_row(*args):
+        raise AssertionError("timed in the measuring process")
+    monkeypatch.setattr(mb, "measure_row", measure_row)
+    monkeypatch.setattr(mb, "cold_first_calls", lambda name, spec, args: {"compile_first_s": 2.0,
+                                                                          "tritonconv_first_s": 3.0})
+    monkeypatch.setattr(mb.bu, "install_sigterm_handler", lambda: None)
+    out = tmp_path / "cold.json"
+    assert mb.main(["--device", "cpu", "--models", "resnet18", "--configs", "fp32-b1", "--cold", "--rounds", "0",
+                    "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["compile_first_s"], row["tritonconv_first_s"], row["tritonconv_ms"]) == (2.0, 3.0, None)
