@@ -255,10 +255,12 @@ def markdown(data: dict) -> str:
     pairs = mode_pairs(rows)
     options = sorted({json.dumps(r.get("options") or {}, sort_keys=True) for r in rows})
     first = sorted({r.get("first_call", "?") for r in rows})
+    environments = sorted({json.dumps(r.get("environment") or {}, sort_keys=True) for r in rows})
     md = [f"# tritonconv model benchmark: {data['gpu']}, {data['date']}", "",
           f"- torch {data['torch']}, triton {data['triton']}; torchvision models, random weights, eval mode, "
           "no_grad; cudnn.benchmark=True for every variant",
           f"- tritonconv options: {', '.join(f'`{o}`' for o in options)}",
+          f"- TRITONCONV_* environment: {', '.join(f'`{e}`' for e in environments)}",
           f"- timing: {data.get('timing')}",
           f"- first call (seconds: trace, compile, tune, run): {'; '.join(first)}",
           "- rel err: ||y - ref|| / ||ref|| against a float64 copy of the model (same weights, same input)",
@@ -438,6 +440,8 @@ def main(argv=None) -> int:
                                channels_last=config["channels_last"], error=_short(exc))
                 if args.cold:
                     row.update(cold_first_calls(name, spec, args))
+                # settings that change what a row measures (e.g. TRITONCONV_COMPILE_PROCESSES for first calls)
+                row["environment"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("TRITONCONV_")}
                 rows.append(row)
                 gc.collect()
                 if device == "cuda":

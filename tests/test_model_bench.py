@@ -161,8 +161,11 @@ def test_cold_with_no_rounds_measures_first_calls_only(tmp_path, monkeypatch):
     monkeypatch.setattr(mb, "cold_first_calls", lambda name, spec, args: {"compile_first_s": 2.0,
                                                                           "tritonconv_first_s": 3.0})
     monkeypatch.setattr(mb.bu, "install_sigterm_handler", lambda: None)
+    monkeypatch.setenv("TRITONCONV_COMPILE_PROCESSES", "0")  # recorded with the row: it changes first calls
     out = tmp_path / "cold.json"
     assert mb.main(["--device", "cpu", "--models", "resnet18", "--configs", "fp32-b1", "--cold", "--rounds", "0",
                     "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["compile_first_s"], row["tritonconv_first_s"], row["tritonconv_ms"]) == (2.0, 3.0, None)
+    assert row["environment"]["TRITONCONV_COMPILE_PROCESSES"] == "0"
+    assert '"TRITONCONV_COMPILE_PROCESSES": "0"' in out.with_suffix(".md").read_text()
