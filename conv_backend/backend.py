@@ -194,7 +194,7 @@ class Planning(NamedTuple):
     compiling of their candidates in worker processes (None where the compile threads do it)."""
 
     convs: list
-    device: Optional[torch.device]
+    device: torch.device
     autotune: str
     compiling: Optional[precompile.Compiling]
 
@@ -204,13 +204,13 @@ def prepare_plans(gm: torch.fx.GraphModule, autotune: str, processes: Optional[i
     strides, so that a call finds its plan made (tuned, compiled) and only launches. Only on a GPU (the
     interpreter's kernels are slow and its choice is fixed) and for static shapes; a convolution that meets
     other strides or sizes at run time gets its plan then. `processes`: who compiles the candidates (see
-    start_compiling). Returns how many plans were made."""
+    _collect_and_compile). Returns how many plans were made."""
     return finish_plans(start_plans(gm, autotune, processes))
 
 
 def start_plans(gm: torch.fx.GraphModule, autotune: str, processes: Optional[int]) -> Optional[Planning]:
     """prepare_plans' first half: start compiling what every convolution's tuning will compile, in worker
-    processes where `processes` says so (see start_compiling), and return at once. None where `gm` has no
+    processes where `processes` says so (see _collect_and_compile), and return at once. None where `gm` has no
     convolution to plan."""
     convs = []
     for node in gm.graph.nodes:
@@ -224,7 +224,7 @@ def start_plans(gm: torch.fx.GraphModule, autotune: str, processes: Optional[int
         return None
     device = next(v for v in convs[0][1] if isinstance(v, torch.Tensor)).device
     with torch.cuda.device(device):
-        return Planning(convs, device, autotune, start_compiling(convs, autotune, processes))
+        return Planning(convs, device, autotune, _collect_and_compile(convs, autotune, processes))
 
 
 def finish_plans(planning: Optional[Planning]) -> int:
@@ -232,22 +232,22 @@ def finish_plans(planning: Optional[Planning]) -> int:
     if planning is None:
         return 0
     with torch.cuda.device(planning.device):
-        return _tune(planning)
+        return _tune(planning.convs, planning.autotune, planning.compiling)
 
 
-def _tune(planning: Planning) -> int:
-    if planning.compiling is not None:
-        planning.compiling.wait()
-    return sum(_plan_for(name, vals, planning.autotune) for name, vals in planning.convs)
+def _tune(convs: list, autotune: str, compiling: Optional[precompile.Compiling]) -> int:
+    if compiling is not None:
+        compiling.wait()
+    return sum(_plan_for(name, vals, autotune) for name, vals in convs)
 
 
 def make_plans(convs: list, autotune: str, processes: Optional[int] = None) -> int:
     """Make the plans of `convs` ((name, arguments) of each convolution, fake tensors for tensors) on the
-    current device, compiling first in worker processes (see start_compiling). Returns how many were made."""
-    return _tune(Planning(convs, None, autotune, start_compiling(convs, autotune, processes)))
+    current device, compiling first in worker processes (see _collect_and_compile). Returns how many were made."""
+    return _tune(convs, autotune, _collect_and_compile(convs, autotune, processes))
 
 
-def start_compiling(convs: list, autotune: str, processes: Optional[int]) -> Optional[precompile.Compiling]:
+def _collect_and_compile(convs: list, autotune: str, processes: Optional[int]) -> Optional[precompile.Compiling]:
     """Collect what the tuning of `convs` will compile (a pass that launches each one's candidates with the
     compiling recorded instead of done) and start compiling it in worker processes: Inductor's compile pool
     where `processes` is None, our own where it is a count. None where the compile threads are to do it

@@ -264,6 +264,7 @@ def _in_own_processes(jobs: list, target_fields: tuple, count: int) -> Optional[
     if not running:
         folder.cleanup()
         return None
+
     def stop():
         for worker in running:
             worker.kill()

@@ -673,7 +673,7 @@ TIMING_PASSES = 2
 compiling_only = contextvars.ContextVar("tritonconv_compiling_only", default=False)
 
 
-# Set for a pass that only collects what tuning would compile (backend.make_plans, with
+# Set for a pass that only collects what tuning would compile (backend._collect_and_compile, with
 # precompile.recording): select() launches a cold problem's candidates under compiling_only and raises
 # CandidatesCollected instead of timing them.
 collecting = contextvars.ContextVar("tritonconv_collecting", default=False)
