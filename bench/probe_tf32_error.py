@@ -9,6 +9,10 @@ operands (the low 13 mantissa bits dropped), and round-to-nearest, what cuDNN do
 ||y - ref|| / ||ref|| of the output against the plain float64 model says how many TF32 layers a model can
 take within a bound such as "2x eager's error or 1e-3" before a GPU run.
 
+With --stored, a TF32 layer's input is rounded in place, so every later reader of that activation (a
+residual branch too) sees the rounded value: what a compiled graph does when it rounds operands where they
+are made (conv_backend/tf32.py) rather than inside the convolution.
+
   python bench/probe_tf32_error.py --models mobilenet_v2,resnet18 --batch 8 --thresholds 0,49,150,inf
 """
 from __future__ import annotations
@@ -49,6 +53,8 @@ class EmulatedConv(nn.Module):
         weight = c.weight
         if intensity > self.setting["threshold"]:
             self.setting["tf32_layers"] += 1
+            if self.setting.get("stored"):
+                x.copy_(to_tf32(x, self.setting["rounding"]))  # the activation as its maker stores it
             x, weight = to_tf32(x, self.setting["rounding"]), to_tf32(weight, self.setting["rounding"])
         self.setting["layers"] += 1
         return F.conv2d(x, weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
@@ -70,6 +76,8 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--thresholds", default=f"0,{runtime.TF32_MIN_FLOP_PER_BYTE:.0f},inf",
                     help="FLOP per byte above which a layer takes TF32 (0: every layer; inf: none)")
+    ap.add_argument("--stored", action="store_true",
+                    help="round each TF32 layer's input in place, for every later reader (see above)")
     args = ap.parse_args()
     import torchvision
 
@@ -87,8 +95,9 @@ def main() -> int:
             for threshold in (float(t) for t in args.thresholds.split(",")):
                 errs = {}
                 for rounding in ("truncate", "nearest"):
-                    setting = {"threshold": threshold, "rounding": rounding, "tf32_layers": 0, "layers": 0}
-                    y = emulate(copy.deepcopy(model), setting)(x)
+                    setting = {"threshold": threshold, "rounding": rounding, "tf32_layers": 0, "layers": 0,
+                                "stored": args.stored}
+                    y = emulate(copy.deepcopy(model), setting)(x.clone())
                     errs[rounding] = ((y - ref).norm() / ref.norm()).item()
                 print(f"  threshold {threshold:g}: TF32 in {setting['tf32_layers']} of {setting['layers']} layers, "
                       f"error {errs['truncate']:.2e} (Triton's truncation), {errs['nearest']:.2e} "

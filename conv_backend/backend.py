@@ -24,7 +24,7 @@ import triton
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-from . import precompile, tuning
+from . import precompile, tf32, tuning
 from .dispatch import launch_conv2d
 from .fusion import UNDECOMPOSED, decompose_leftovers
 from .graph_pass import TRITON_CONV, replace_convolutions, use_static_form
@@ -100,6 +100,7 @@ def _compile_with_inductor(gm, example_inputs, opts: BackendOptions, report: Rep
     with inductor_config.patch(settings):
         decompositions = select_decomp_table()
     aot_table = {op: fn for op, fn in decompositions.items() if op not in UNDECOMPOSED}  # keeps ours whole
+    rounded = []  # per inner graph: how many convolutions take operands rounded to TF32 where they are made
 
     def inner_compile(aten_gm: torch.fx.GraphModule, aten_inputs, **kwargs):
         kind = "inference" if kwargs.get("is_inference") else "backward" if kwargs.get("is_backward") else "forward"
@@ -107,6 +108,8 @@ def _compile_with_inductor(gm, example_inputs, opts: BackendOptions, report: Rep
         if decompose_leftovers(aten_gm, decompositions):
             aten_gm.graph.lint()
             aten_gm.recompile()
+        if kind == "inference":
+            rounded.append(tf32.round_operands_where_made(aten_gm))
         # Our candidates compile in the workers while Inductor compiles the rest; they are tuned after.
         planning = start_plans(aten_gm, opts.autotune, precompile.processes())
         try:
@@ -127,7 +130,7 @@ def _compile_with_inductor(gm, example_inputs, opts: BackendOptions, report: Rep
     if graphs:
         report.cuda_graphs = True
         compiled = copying_outputs(compiled, outputs_to_copy(gm))
-    return compiled
+    return tf32.guarded(compiled, gm, opts.input_precision, sum(rounded))
 
 
 def replays_in_cuda_graphs(opts: BackendOptions, mode: Optional[str], settings: Mapping[str, Any],

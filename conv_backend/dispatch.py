@@ -68,10 +68,10 @@ def _launch(x, weight, bias, stride, padding, dilation, groups, input_precision,
     tensors, epilogue_key = None, None
     if epilogue_args:
         epilogue_args = filled_epilogue(epilogue_args)
-        mean, var, gamma, beta, eps, residual, activation, params = epilogue_args
+        mean, var, gamma, beta, eps, residual, activation, params, round_tf32 = epilogue_args
         tensors = EpilogueTensors(mean, var, gamma, beta, residual)
         # Everything a plan assumes of the epilogue's tensors; the Epilogue itself is built on a miss only.
-        epilogue_key = (tuple(_tensor_key(t) for t in tensors), eps, activation, tuple(params))
+        epilogue_key = (tuple(_tensor_key(t) for t in tensors), eps, activation, tuple(params), round_tf32)
     key = (_tensor_key(x), _tensor_key(weight), _tensor_key(bias), stride, padding, dilation, groups, precision,
            algorithm, output_format, epilogue_key)
     plan = _plans.get(key)

@@ -7,7 +7,9 @@ once instead of once per op. The order is fixed, the one networks use:
     y = activation((acc + bias - mean) * rsqrt(var + eps) * bn_weight + bn_bias + residual)
 
 every step optional and computed in fp32 on the accumulator, then cast to the
-output dtype once. Batch norm reads the live running statistics and affine
+output dtype once. An fp32 output that a TF32 convolution reads next can be
+stored rounded to the nearest TF32 value (`round_tf32`, see conv_backend.tf32).
+Batch norm reads the live running statistics and affine
 parameters on every call (never values folded at compile time), so a user who
 changes weights or statistics after compiling gets the new answer, also under
 CUDA-graph replay. The residual is any tensor of the output's shape and dtype,
@@ -50,6 +52,7 @@ class Epilogue:
     residual: bool = False
     activation: str = "none"
     activation_params: tuple = ()
+    round_tf32: bool = False  # store the (fp32) result rounded to the nearest TF32 value
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -63,7 +66,7 @@ class Epilogue:
 
     @property
     def is_identity(self) -> bool:
-        return not self.batch_norm and not self.residual and self.activation == "none"
+        return not self.batch_norm and not self.residual and self.activation == "none" and not self.round_tf32
 
     @property
     def param0(self) -> float:
@@ -77,7 +80,7 @@ class Epilogue:
 
     def describe(self) -> str:
         steps = (["bn"] if self.batch_norm else []) + (["add"] if self.residual else []) + (
-            [self.activation] if self.activation != "none" else [])
+            [self.activation] if self.activation != "none" else []) + (["tf32"] if self.round_tf32 else [])
         return "+".join(steps)
 
 
@@ -134,4 +137,19 @@ def apply_reference(y: Tensor, epilogue: Epilogue, tensors: EpilogueTensors) -> 
             + tensors.bn_bias.to(y.dtype).view(shape)
     if epilogue.residual:
         y = y + tensors.residual.to(y.dtype)
-    return activation_reference(y, epilogue.activation, epilogue.activation_params)
+    y = activation_reference(y, epilogue.activation, epilogue.activation_params)
+    return round_to_tf32(y) if epilogue.round_tf32 else y
+
+
+TF32_DROPPED_BITS = 13  # fp32 keeps 23 mantissa bits, TF32 10
+TF32_HALF_ULP = 1 << (TF32_DROPPED_BITS - 1)
+TF32_MASK = -(1 << TF32_DROPPED_BITS)  # 0xFFFFE000 as an int32
+
+
+def round_to_tf32(y: Tensor) -> Tensor:
+    """y's values as fp32 rounded to the nearest TF32 value (ties away from zero, as cuDNN's cvt.rna and the
+    kernels' round_to_tf32 do), returned in y's dtype. NaNs are kept as they are: adding half an ulp to the
+    GPU's canonical NaN (0x7FFFFFFF) would carry into the sign bit and leave -0.0."""
+    y32 = y.float()
+    rounded = ((y32.view(torch.int32) + TF32_HALF_ULP) & TF32_MASK).view(torch.float32)
+    return torch.where(torch.isnan(y32), y32, rounded).to(y.dtype)

@@ -32,22 +32,23 @@ _lib.define(
     "conv2d(Tensor input, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, SymInt[] dilation, "
     "SymInt groups, str input_precision='auto', str algorithm='auto', str output_format='eager', "
     "Tensor? bn_mean=None, Tensor? bn_var=None, Tensor? bn_weight=None, Tensor? bn_bias=None, float bn_eps=0.0, "
-    "Tensor? residual=None, str activation='none', float[] activation_params=[]) -> Tensor"
+    "Tensor? residual=None, str activation='none', float[] activation_params=[], bool round_tf32=False) -> Tensor"
 )
 TRITON_CONV = torch.ops.tritonconv.conv2d.default
 # Positions in conv2d's arguments that the passes read or rewrite. The epilogue's arguments follow
 # output_format (EPILOGUE_START on); the dispatcher drops trailing defaults.
-ALGORITHM_ARG, OUTPUT_FORMAT_ARG, EPILOGUE_START, RESIDUAL_ARG = 8, 9, 10, 15
-EPILOGUE_DEFAULTS = (None, None, None, None, 0.0, None, "none", ())
+PRECISION_ARG, ALGORITHM_ARG, OUTPUT_FORMAT_ARG, EPILOGUE_START, RESIDUAL_ARG = 7, 8, 9, 10, 15
+EPILOGUE_DEFAULTS = (None, None, None, None, 0.0, None, "none", (), False)
+ROUND_TF32_ARG = EPILOGUE_START + len(EPILOGUE_DEFAULTS) - 1
 
 
 def filled_epilogue(tail) -> tuple:
-    """The eight epilogue arguments from those a call passed (`tail`), defaults filled in."""
+    """The nine epilogue arguments from those a call passed (`tail`), defaults filled in."""
     return tuple(tail) + EPILOGUE_DEFAULTS[len(tail):]
 
 
 def epilogue_args(args) -> tuple:
-    """The eight epilogue arguments of a positional call, defaults filled in."""
+    """The nine epilogue arguments of a positional call, defaults filled in."""
     return filled_epilogue(args[EPILOGUE_START:])
 
 
@@ -56,25 +57,28 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequen
            output_format: str = "eager", bn_mean: Optional[Tensor] = None, bn_var: Optional[Tensor] = None,
            bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None, bn_eps: float = 0.0,
            residual: Optional[Tensor] = None, activation: str = "none",
-           activation_params: Sequence[float] = ()) -> Tensor:
+           activation_params: Sequence[float] = (), round_tf32: bool = False) -> Tensor:
     """2D convolution on our Triton kernels; same contract as aten.convolution (not transposed), then the
-    fused epilogue `activation((conv - bn_mean) * rsqrt(bn_var + bn_eps) * bn_weight + bn_bias + residual)`.
+    fused epilogue `activation((conv - bn_mean) * rsqrt(bn_var + bn_eps) * bn_weight + bn_bias + residual)`,
+    stored rounded to the nearest TF32 value where `round_tf32` (fp32 outputs; see conv_backend.tf32).
 
     x: (N, C, H, W) in any strides; weight: (OC, C / groups, KH, KW). output_format: "eager" picks the
     memory format from the inputs as ATen does; "contiguous" or "channels_last" pin it.
     """
     return TRITON_CONV(input, weight, bias, list(stride), list(padding), list(dilation), groups, input_precision,
                        algorithm, output_format, bn_mean, bn_var, bn_weight, bn_bias, float(bn_eps), residual,
-                       activation, [float(p) for p in activation_params])
+                       activation, [float(p) for p in activation_params], bool(round_tf32))
 
 
-def epilogue_of(bn_mean, bn_var, bn_weight, bn_bias, bn_eps, residual, activation, activation_params):
+def epilogue_of(bn_mean, bn_var, bn_weight, bn_bias, bn_eps, residual, activation, activation_params,
+                round_tf32=False):
     """The static Epilogue and the EpilogueTensors of a call's epilogue arguments."""
     batch_norm = bn_mean is not None
     if batch_norm and (bn_var is None or bn_weight is None or bn_bias is None):
         raise ValueError("tritonconv: a fused batch norm needs bn_mean, bn_var, bn_weight and bn_bias")
     epilogue = Epilogue(batch_norm=batch_norm, bn_eps=bn_eps if batch_norm else 0.0, residual=residual is not None,
-                        activation=activation, activation_params=tuple(activation_params))
+                        activation=activation, activation_params=tuple(activation_params),
+                        round_tf32=bool(round_tf32))
     return epilogue, EpilogueTensors(bn_mean, bn_var, bn_weight, bn_bias, residual)
 
 
@@ -155,7 +159,7 @@ _lib.impl("conv2d", _autograd_kernel, "Autograd")
 torch.library.register_fake("tritonconv::conv2d", _fake, lib=_lib)
 
 
-# The form compiled graphs call: the same operation with its eleven static arguments in one string. The
+# The form compiled graphs call: the same operation with its twelve static arguments in one string. The
 # dispatcher converts every argument of a call both ways, and this form has half as many, which saves
 # several microseconds a call in Inductor's generated code; the string is parsed once (static_args).
 _lib.define(
@@ -169,7 +173,7 @@ _CALL_DEFAULTS = ("auto", "auto", "eager") + EPILOGUE_DEFAULTS  # conv2d's defau
 
 
 def full_call_args(args) -> tuple:
-    """A conv2d call's arguments with the dispatcher's dropped defaults filled in (all eighteen)."""
+    """A conv2d call's arguments with the dispatcher's dropped defaults filled in (all nineteen)."""
     return tuple(args) + _CALL_DEFAULTS[len(args) - 7:]
 
 
@@ -181,24 +185,24 @@ def static_string(args) -> Optional[str]:
     if not all(type(v) is int for v in (*stride, *padding, *dilation, groups)):
         return None
     precision, algorithm, output_format = full[7:10]
-    eps, activation, params = full[14], full[16], full[17]
+    eps, activation, params, round_tf32 = full[14], full[16], full[17], full[18]
     return repr((tuple(stride), tuple(padding), tuple(dilation), groups, precision, algorithm, output_format,
-                 float(eps), activation, tuple(float(p) for p in params)))
+                 float(eps), activation, tuple(float(p) for p in params), bool(round_tf32)))
 
 
 @functools.lru_cache(maxsize=None)
 def static_args(static: str) -> tuple:
     """(stride, padding, dilation, groups, input_precision, algorithm, output_format, bn_eps, activation,
-    activation_params) of a conv2d_static string."""
+    activation_params, round_tf32) of a conv2d_static string."""
     return ast.literal_eval(static)
 
 
 def full_args(input, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual, static) -> tuple:
     """conv2d's arguments for a conv2d_static call."""
-    stride, padding, dilation, groups, precision, algorithm, output_format, eps, activation, params = \
+    stride, padding, dilation, groups, precision, algorithm, output_format, eps, activation, params, round_tf32 = \
         static_args(static)
     return (input, weight, bias, stride, padding, dilation, groups, precision, algorithm, output_format, bn_mean,
-            bn_var, bn_weight, bn_bias, eps, residual, activation, params)
+            bn_var, bn_weight, bn_bias, eps, residual, activation, params, round_tf32)
 
 
 def _launch_static(*args):

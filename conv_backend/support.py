@@ -108,6 +108,8 @@ def epilogue_reason(x, weight, stride, padding, dilation, epilogue, tensors) -> 
     """None when our kernels can apply `epilogue` (conv_backend.epilogue) with these tensors, else the reason."""
     if epilogue.is_identity:
         return None
+    if epilogue.round_tf32 and x.dtype != torch.float32:
+        return f"rounding the output to TF32 applies to fp32 outputs, not {x.dtype}"
     out_c = weight.shape[0]
     if epilogue.batch_norm:
         for name in ("bn_mean", "bn_var", "bn_weight", "bn_bias"):

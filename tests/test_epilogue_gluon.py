@@ -62,9 +62,13 @@ def test_epilogue_pointers_refuse_missing_tensors():
 def test_kernel_arguments_of_an_epilogue():
     epilogue = Epilogue(batch_norm=True, bn_eps=1e-3, residual=True, activation="hardtanh",
                         activation_params=(-1, 2))
-    assert eg.epilogue_constexprs(epilogue) == dict(HAS_BN=True, HAS_RESIDUAL=True, ACTIVATION="hardtanh")
+    assert eg.epilogue_constexprs(epilogue) == dict(HAS_BN=True, HAS_RESIDUAL=True, ACTIVATION="hardtanh",
+                                                    ROUND_TF32=False)
     assert eg.epilogue_scalars(epilogue) == (1e-3, -1.0, 2.0)
-    assert eg.epilogue_constexprs(IDENTITY) == dict(HAS_BN=False, HAS_RESIDUAL=False, ACTIVATION="none")
+    assert eg.epilogue_constexprs(IDENTITY) == dict(HAS_BN=False, HAS_RESIDUAL=False, ACTIVATION="none",
+                                                    ROUND_TF32=False)
+    rounded = eg.epilogue_constexprs(Epilogue(activation="relu", round_tf32=True))
+    assert rounded == dict(HAS_BN=False, HAS_RESIDUAL=False, ACTIVATION="relu", ROUND_TF32=True)
 
 
 @needs_gluon

@@ -205,6 +205,25 @@ def test_bn_residual_activation(name, monkeypatch, kernel_launches):
     assert meta["HAS_BN"] and meta["HAS_RESIDUAL"] and meta["ACTIVATION"] == family.activation
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_output_rounded_to_tf32(name, monkeypatch, kernel_launches):
+    """Epilogue.round_tf32 (an fp32 output a TF32 convolution reads next): every value stored is a TF32 value
+    (its low 13 mantissa bits zero), the nearest one to the unrounded result, after the other steps."""
+    family = FAMILIES[name]
+    rounded = dataclasses.replace(epilogue_of(family.activation, batch_norm=True), round_tf32=True)
+    case = family.case
+    x, w, b = tensors(case)
+    epi = epilogue_tensors(rounded, (case.n, case.oc, *case.out_hw()), x.dtype)
+    y = plan_for(family, monkeypatch, x, w, b, case, rounded, epi)(x, w, b, epi)
+    assert kernel_launches[0][1]["ROUND_TF32"]
+    assert not (y.view(torch.int32) & 0x1FFF).any(), "an output value is not a TF32 value"
+    exact = expected(x, w, b, case, dataclasses.replace(rounded, round_tf32=False), epi)
+    assert rel_err(y, exact) <= 2.0 ** -11  # at most half a TF32 ulp from each value
+    assert rel_err(y, exact) > tolerance(x.dtype)  # the rounding did happen
+    assert rel_err(y, expected(x, w, b, case, rounded, epi)) <= 1e-4  # ties aside, epilogue.round_to_tf32's
+
+
 class NewStorages(TorchDispatchMode):
     """Every storage the ops run under it allocate (held weakly), for checking what outlives a call."""
 

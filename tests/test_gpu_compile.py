@@ -43,12 +43,12 @@ COMPILER = textwrap.dedent('''
 
     @triton.jit
     def epilogue_kernel(acc_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, res_ptr, y_ptr, eps, p0, p1,
-                        ACTIVATION: tl.constexpr):
+                        ACTIVATION: tl.constexpr, ROUND_TF32: tl.constexpr):
         r = tl.arange(0, 32)
         tile = r[:, None] * 32 + r[None, :]
         oc = r[None, :]
         acc = fused_epilogue(tl.load(acc_ptr + tile), oc, oc < 32, tile < 1024, mean_ptr, var_ptr, gamma_ptr,
-                             beta_ptr, res_ptr + tile, eps, p0, p1, True, True, ACTIVATION)
+                             beta_ptr, res_ptr + tile, eps, p0, p1, True, True, ACTIVATION, ROUND_TF32)
         tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty))
 
     def kernel(ref):
@@ -100,11 +100,12 @@ def test_mma_compiles_for_every_precision_and_dtype(arch, tmp_path):
 def test_fused_epilogue_compiles_for_every_activation(tmp_path):
     jobs = []
     for activation in ACTIVATIONS:
-        for out in ("fp32", "bf16"):
+        for out, round_tf32 in (("fp32", False), ("fp32", True), ("bf16", False)):
             signature = {"acc_ptr": "*fp32", "mean_ptr": "*fp32", "var_ptr": "*fp32", "gamma_ptr": "*fp32",
                          "beta_ptr": "*fp32", "res_ptr": f"*{out}", "y_ptr": f"*{out}", "eps": "fp32",
-                         "p0": "fp32", "p1": "fp32", "ACTIVATION": "constexpr"}
-            jobs.append((f"{activation} {out}", "epilogue", signature, {"ACTIVATION": activation}, {}, 90))
+                         "p0": "fp32", "p1": "fp32", "ACTIVATION": "constexpr", "ROUND_TF32": "constexpr"}
+            jobs.append((f"{activation} {out}{' rounded' if round_tf32 else ''}", "epilogue", signature,
+                         {"ACTIVATION": activation, "ROUND_TF32": round_tf32}, {}, 90))
     assert _compile(jobs, tmp_path) == {}
 
 
@@ -184,7 +185,10 @@ def test_every_tl_kernel_family_compiles_for_hopper(int64, monkeypatch, tmp_path
         for dtype, precision in settings:
             case = dataclasses.replace(family.case, dtype=dtype)
             x, w, b = tensors(case)
-            for epilogue in (IDENTITY, epilogue_of(family.activation, batch_norm=True, residual=True)):
+            fused = epilogue_of(family.activation, batch_norm=True, residual=True)
+            # fp32 outputs also stored rounded to TF32 (conv_backend.tf32)
+            rounded = [dataclasses.replace(fused, round_tf32=True)] if dtype == torch.float32 else []
+            for epilogue in (IDENTITY, fused, *rounded):
                 epi = epilogue_tensors(epilogue, (case.n, case.oc, *case.out_hw()), dtype,
                                        residual_layout=family.residual_layout)
                 if family.offered_by == "depthwise_candidates":

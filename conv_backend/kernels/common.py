@@ -11,7 +11,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..epilogue import IDENTITY, NO_TENSORS
 from ..runtime import interpreter_enabled
 from ..tuning import compiling_only, problem_signature, select
-from .epilogue_tl import check_tensors, epilogue_key
+from .epilogue_tl import check_tensors, epilogue_key, round_to_tf32
 
 try:  # Gluon ships with Triton >= 3.4; the Hopper kernels written in it (halo.py, warp_specialized.py) import
     # it from here, and without it (gluon is None) they are simply not offered.
@@ -23,14 +23,6 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = gl = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = GluonTensorDescriptor = None
 
 INT32_MAX = 2**31 - 1
-
-
-@triton.jit
-def round_to_tf32(x):
-    """fp32 x rounded to the nearest TF32 value (10 mantissa bits, ties away from zero), which the tensor
-    cores' truncation then keeps exact: TF32 products with cuDNN's rounding instead of Triton's truncation."""
-    bits = x.to(tl.uint32, bitcast=True)
-    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 
 @triton.jit

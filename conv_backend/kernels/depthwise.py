@@ -32,7 +32,7 @@ def _streamed_rows(x_img, w_col, b_ptr, y_img, oh0, ow, oc, OC, IH, IW, OH, OW, 
                    mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_img, src, srh, srw, bn_eps, act_param0, act_param1,
                    KW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                    BLOCK_C: tl.constexpr, HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                   ACTIVATION: tl.constexpr):
+                   ACTIVATION: tl.constexpr, ROUND_TF32: tl.constexpr):
     """Three-row kernels at stride 1: the program walks its BLOCK_H + 2 input rows once, top to bottom,
     and each row, loaded once per kernel column, feeds the three output rows that read it; those three
     accumulators roll down with it. Every input element is loaded KW times instead of 3 * KW."""
@@ -63,7 +63,8 @@ def _streamed_rows(x_img, w_col, b_ptr, y_img, oh0, ow, oc, OC, IH, IW, OH, OW, 
             if HAS_RESIDUAL:
                 res_ptrs = r_img + oh * srh + (ow * srw)[:, None] + (oc * src)[None, :]
             acc_top = fused_epilogue(acc_top, oc[None, :], c_ok, out_ok, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
-                                     res_ptrs, bn_eps, act_param0, act_param1, HAS_BN, HAS_RESIDUAL, ACTIVATION)
+                                     res_ptrs, bn_eps, act_param0, act_param1, HAS_BN, HAS_RESIDUAL, ACTIVATION,
+                                     ROUND_TF32)
             tl.store(y_img + oh * syh + y_cols, acc_top.to(y_img.dtype.element_ty), mask=out_ok)
         acc_top = acc_mid
         acc_mid = acc_new
@@ -79,7 +80,7 @@ def depthwise_kernel(
     srn, src, srh, srw, bn_eps, act_param0, act_param1,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, USE_INT64: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, STREAM_ROWS: tl.constexpr,
-    HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     """STREAM_ROWS (KH == 3, stride 1, dil_h 1): _streamed_rows; otherwise a BLOCK_H x BLOCK_W x BLOCK_C
     tile with one shifted load per tap."""
@@ -102,7 +103,7 @@ def depthwise_kernel(
                        OH, OW, sxc, sxh, sxw, swh, sww, syc, syh, syw, sb, pad_h, pad_w, dil_w, oc // MULT,
                        mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_ptr + img * srn, src, srh, srw, bn_eps,
                        act_param0, act_param1, KW, HAS_BIAS, BLOCK_H, BLOCK_W, BLOCK_C, HAS_BN, HAS_RESIDUAL,
-                       ACTIVATION)
+                       ACTIVATION, ROUND_TF32)
     else:
         oh = oh0 + tl.arange(0, BLOCK_H)
         ih0 = oh * stride_h - pad_h
@@ -146,7 +147,8 @@ def depthwise_kernel(
             res_ptrs = (r_ptr + img * srn + (oh * srh)[:, None, None] + (ow * srw)[None, :, None]
                         + (oc * src)[None, None, :])
         acc = fused_epilogue(acc, oc[None, None, :], (oc < OC)[None, None, :], out_ok, mean_ptr, var_ptr, gamma_ptr,
-                             beta_ptr, res_ptrs, bn_eps, act_param0, act_param1, HAS_BN, HAS_RESIDUAL, ACTIVATION)
+                             beta_ptr, res_ptrs, bn_eps, act_param0, act_param1, HAS_BN, HAS_RESIDUAL, ACTIVATION,
+                             ROUND_TF32)
         y_tile = (y_ptr + img * syn + (oh * syh)[:, None, None] + (ow * syw)[None, :, None]
                   + (oc * syc)[None, None, :])
         tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=out_ok)

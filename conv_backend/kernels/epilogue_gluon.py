@@ -34,7 +34,8 @@ def gluon_takes_epilogue(epilogue: Epilogue) -> bool:
 
 
 def epilogue_constexprs(epilogue: Epilogue) -> dict:
-    return dict(HAS_BN=epilogue.batch_norm, HAS_RESIDUAL=epilogue.residual, ACTIVATION=epilogue.activation)
+    return dict(HAS_BN=epilogue.batch_norm, HAS_RESIDUAL=epilogue.residual, ACTIVATION=epilogue.activation,
+                ROUND_TF32=epilogue.round_tf32)
 
 
 def epilogue_scalars(epilogue: Epilogue) -> tuple:
@@ -148,11 +149,18 @@ if gluon is not None:
         return x
 
     @gluon.jit
+    def round_to_tf32(x):
+        """epilogue_tl.round_to_tf32 in Gluon: fp32 x rounded to the nearest TF32 value, NaN kept."""
+        bits = x.to(gl.uint32, bitcast=True)
+        rounded = ((bits + 0x1000) & 0xFFFFE000).to(gl.float32, bitcast=True)
+        return gl.where(x == x, rounded, x)
+
+    @gluon.jit
     def fused_epilogue(acc, offs_n, n_ok, r_offsets, mask, mean_ptr, var_ptr, bn_w_ptr, bn_b_ptr, r_ptr,
                        bn_eps, act_param0, act_param1, PIX_AXIS: gl.constexpr, HAS_BN: gl.constexpr,
-                       HAS_RESIDUAL: gl.constexpr, ACTIVATION: gl.constexpr):
+                       HAS_RESIDUAL: gl.constexpr, ACTIVATION: gl.constexpr, ROUND_TF32: gl.constexpr):
         """act((acc - mean) * rsqrt(var + eps) * bn_weight + bn_bias + residual) on the fp32 tile `acc` (bias
-        already added). offs_n / n_ok: the tile's output channels, in the slice of acc's layout along
+        already added), rounded to TF32 if ROUND_TF32. offs_n / n_ok: the tile's output channels, in the slice of acc's layout along
         PIX_AXIS (its pixel axis); r_offsets / mask: the residual's element offsets and the store's mask."""
         if HAS_BN:
             mean = gl.load(mean_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)
@@ -166,4 +174,7 @@ if gluon is not None:
             acc = acc * gl.expand_dims(scale, PIX_AXIS) + gl.expand_dims(shift, PIX_AXIS)
         if HAS_RESIDUAL:
             acc += gl.load(r_ptr + r_offsets, mask=mask, other=0.0).to(gl.float32)
-        return apply_activation(acc, ACTIVATION, act_param0, act_param1)
+        acc = apply_activation(acc, ACTIVATION, act_param0, act_param1)
+        if ROUND_TF32:
+            acc = round_to_tf32(acc)
+        return acc

@@ -3,7 +3,7 @@
 A kernel calls `fused_epilogue` on its fp32 accumulator, bias already added,
 just before its one store: batch norm from the live statistics, the residual,
 then the activation (the order and formulas of epilogue.apply_reference), so the
-output is cast once. Each step is a constexpr (HAS_BN, HAS_RESIDUAL, ACTIVATION):
+output is cast once. Each step is a constexpr (HAS_BN, HAS_RESIDUAL, ACTIVATION, ROUND_TF32):
 a step that is off emits no code, and the identity epilogue compiles to the
 kernel without one. A split-K kernel calls it once, after summing the slices.
 
@@ -74,9 +74,20 @@ def activation(x, ACTIVATION: tl.constexpr, param0, param1):
 
 
 @triton.jit
+def round_to_tf32(x):
+    """fp32 x rounded to the nearest TF32 value (10 mantissa bits, ties away from zero), which the tensor
+    cores' truncation then keeps exact: TF32 products with cuDNN's rounding instead of Triton's truncation.
+    NaN stays NaN (the canonical 0x7FFFFFFF plus half an ulp would carry into the sign and give -0.0)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return tl.where(x == x, rounded, x)
+
+
+@triton.jit
 def fused_epilogue(acc, oc, oc_ok, out_ok, mean_ptr, var_ptr, gamma_ptr, beta_ptr, res_ptrs, bn_eps, act_param0,
-                   act_param1, HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr):
-    """act((acc - mean) * rsqrt(var + eps) * gamma + beta + residual) in fp32.
+                   act_param1, HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+                   ROUND_TF32: tl.constexpr):
+    """act((acc - mean) * rsqrt(var + eps) * gamma + beta + residual) in fp32, rounded to TF32 if ROUND_TF32.
 
     `oc` / `oc_ok`: the output channels of acc's elements and their mask, shaped to broadcast against acc
     (e.g. oc[None, :] for a [pixels, channels] tile). `res_ptrs`: the residual's element pointers, acc's
@@ -91,11 +102,13 @@ def fused_epilogue(acc, oc, oc_ok, out_ok, mean_ptr, var_ptr, gamma_ptr, beta_pt
         acc += tl.load(res_ptrs, mask=out_ok, other=0.0).to(tl.float32)
     if ACTIVATION != "none":
         acc = activation(acc, ACTIVATION, act_param0, act_param1)
+    if ROUND_TF32:
+        acc = round_to_tf32(acc)
     return acc
 
 
 class EpilogueArgs:
-    """What a launcher passes a kernel for `epilogue`: `constexprs` (HAS_BN, HAS_RESIDUAL, ACTIVATION),
+    """What a launcher passes a kernel for `epilogue`: `constexprs` (HAS_BN, HAS_RESIDUAL, ACTIVATION, ROUND_TF32),
     `scalars` (residual strides N, C, H, W, then bn_eps, act_param0, act_param1; they follow the kernel's
     other scalars) and `pointers(epi, y)` per call (mean, var, gamma, beta, residual).
 
@@ -109,7 +122,7 @@ class EpilogueArgs:
         check_tensors(epilogue, example, y)
         self.residual_strides = tuple(example.residual.stride()) if epilogue.residual else NO_RESIDUAL_STRIDES
         self.constexprs = dict(HAS_BN=epilogue.batch_norm, HAS_RESIDUAL=epilogue.residual,
-                               ACTIVATION=epilogue.activation)
+                               ACTIVATION=epilogue.activation, ROUND_TF32=epilogue.round_tf32)
         self.scalars = (*self.residual_strides, epilogue.bn_eps, epilogue.param0, epilogue.param1)
         self._specialized = _specialization(self._read(example)) if not epilogue.is_identity else ()
 

@@ -223,8 +223,8 @@ if gluon is not None:
         # meta-parameters
         KH: gl.constexpr, KW: gl.constexpr, DIL_H: gl.constexpr, TAIL_H: gl.constexpr, HAS_BIAS: gl.constexpr,
         INPUT_PRECISION: gl.constexpr, USE_INT64: gl.constexpr,
-        HAS_BN: gl.constexpr, HAS_RESIDUAL: gl.constexpr, ACTIVATION: gl.constexpr, RESIDUAL_AS_Y: gl.constexpr,
-        BLOCK_H: gl.constexpr, BLOCK_W: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+        HAS_BN: gl.constexpr, HAS_RESIDUAL: gl.constexpr, ACTIVATION: gl.constexpr, ROUND_TF32: gl.constexpr,
+        RESIDUAL_AS_Y: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_W: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
         SWIZZLE: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = BLOCK_H * BLOCK_W
@@ -283,13 +283,13 @@ if gluon is not None:
         pix = img * syn + oh * syh + ow * syw
         y_offsets = gl.expand_dims(pix, 1) + gl.expand_dims(offs_n * syc, 0)
         mask = gl.expand_dims((oh < OH) & (ow < OW), 1) & gl.expand_dims(n_ok, 0)
-        if HAS_BN or HAS_RESIDUAL or ACTIVATION != "none":
+        if HAS_BN or HAS_RESIDUAL or ACTIVATION != "none" or ROUND_TF32:
             if RESIDUAL_AS_Y:  # the output's strides: its offsets, not a second tile of them in registers
                 r_offsets = y_offsets
             else:
                 r_offsets = gl.expand_dims(img * srn + oh * srh + ow * srw, 1) + gl.expand_dims(offs_n * src, 0)
             acc = fused_epilogue(acc, offs_n, n_ok, r_offsets, mask, mean_ptr, var_ptr, bn_w_ptr, bn_b_ptr, r_ptr,
-                                 bn_eps, act_param0, act_param1, 0, HAS_BN, HAS_RESIDUAL, ACTIVATION)
+                                 bn_eps, act_param0, act_param1, 0, HAS_BN, HAS_RESIDUAL, ACTIVATION, ROUND_TF32)
         gl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -45,7 +45,8 @@ log = logging.getLogger("conv_backend")
 @triton.jit
 def _finish_tile(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw,
                  mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_ptr, srn, src, srh, srw, bn_eps, act_param0, act_param1,
-                 HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+                 ROUND_TF32: tl.constexpr):
     """Bias, the fused epilogue and the one store of a [pixels, channels] tile (its pixels' image, row and
     column; its channels)."""
     if HAS_BIAS:
@@ -55,7 +56,7 @@ def _finish_tile(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, s
     if HAS_RESIDUAL:
         res_ptrs = r_ptr + (img * srn + oh * srh + ow * srw)[:, None] + (oc * src)[None, :]
     acc = fused_epilogue(acc, oc[None, :], n_ok[None, :], out_ok, mean_ptr, var_ptr, gamma_ptr, beta_ptr, res_ptrs,
-                         bn_eps, act_param0, act_param1, HAS_BN, HAS_RESIDUAL, ACTIVATION)
+                         bn_eps, act_param0, act_param1, HAS_BN, HAS_RESIDUAL, ACTIVATION, ROUND_TF32)
     y_offsets = (img * syn + oh * syh + ow * syw)[:, None] + (oc * syc)[None, :]
     tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
@@ -105,7 +106,7 @@ def igemm_pointer_kernel(
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, TMA_WEIGHTS: tl.constexpr,
-    HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     """SPLIT_K > 1 (grid axis 2) cuts K into slices for maps too small to fill the GPU with tiles
     (summed by _sum_k_slices).
@@ -170,7 +171,7 @@ def igemm_pointer_kernel(
     if store:  # after the slices' sum: the epilogue is not linear
         _finish_tile(acc, b_ptr, sb, y_ptr, img, oh, ow, m_ok, oc, n_ok, syn, syc, syh, syw,
                      mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_ptr, srn, src, srh, srw, bn_eps, act_param0, act_param1,
-                     HAS_BIAS, HAS_BN, HAS_RESIDUAL, ACTIVATION)
+                     HAS_BIAS, HAS_BN, HAS_RESIDUAL, ACTIVATION, ROUND_TF32)
 
 
 @triton.jit
@@ -184,7 +185,7 @@ def igemm_tma_kernel(
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     """A pixel tile is a BLOCK_B x BLOCK_H x BLOCK_W box of output pixels: BLOCK_B > 1 stacks
     several images' maps where one map is smaller than the tile (7x7, 14x14). SPLIT_K > 1 as in
@@ -242,7 +243,7 @@ def igemm_tma_kernel(
         _finish_tile(acc, b_ptr, sb, y_ptr, img, oh, ow, (img < N) & (oh < OH) & (ow < OW), oc, offs_n < OCG,
                      syn, syc, syh, syw,
                      mean_ptr, var_ptr, gamma_ptr, beta_ptr, r_ptr, srn, src, srh, srw, bn_eps, act_param0, act_param1,
-                     HAS_BIAS, HAS_BN, HAS_RESIDUAL, ACTIVATION)
+                     HAS_BIAS, HAS_BN, HAS_RESIDUAL, ACTIVATION, ROUND_TF32)
 
 
 @triton.jit
@@ -257,7 +258,7 @@ def igemm_nchw_kernel(
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     PIXELS_FLAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     """The transposed GEMM for NCHW tensors: M = output channels, N = one image's output pixels.
 
@@ -323,7 +324,7 @@ def igemm_nchw_kernel(
     if HAS_RESIDUAL:
         res_ptrs = r_ptr + img * srn + (oc * src)[:, None] + (oh * srh + ow * srw)[None, :]
     acc = fused_epilogue(acc, oc[:, None], m_ok[:, None], out_ok, mean_ptr, var_ptr, gamma_ptr, beta_ptr, res_ptrs,
-                         bn_eps, act_param0, act_param1, HAS_BN, HAS_RESIDUAL, ACTIVATION)
+                         bn_eps, act_param0, act_param1, HAS_BN, HAS_RESIDUAL, ACTIVATION, ROUND_TF32)
     if PIXELS_FLAT:
         pix_out = offs_n
     else:
@@ -340,7 +341,7 @@ def igemm_nchw_streamed_kernel(
     srn, src, srh, srw, bn_eps, act_param0, act_param1,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
-    HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     """igemm_nchw_kernel's 1x1 case (_flat_nchw) where the input channels fit one K step: there a tile's
     work is one MMA, and a program of its own spends most of its time waiting on its loads. Here a program
@@ -383,7 +384,8 @@ def igemm_nchw_streamed_kernel(
         if HAS_RESIDUAL:  # in any strides: its pixels need their row and column
             res_ptrs = r_ptr + img * srn + (oc * src)[:, None] + ((offs_n // OW) * srh + (offs_n % OW) * srw)[None, :]
         acc = fused_epilogue(acc, oc[:, None], m_ok[:, None], out_ok, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
-                             res_ptrs, bn_eps, act_param0, act_param1, HAS_BN, HAS_RESIDUAL, ACTIVATION)
+                             res_ptrs, bn_eps, act_param0, act_param1, HAS_BN, HAS_RESIDUAL, ACTIVATION,
+                             ROUND_TF32)
         tl.store(y_ptr + img * syn + (oc * syc)[:, None] + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=out_ok)
 

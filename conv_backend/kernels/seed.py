@@ -59,7 +59,7 @@ def seed_conv2d_kernel(
     srn, src, srh, srw, bn_eps, act_param0, act_param1,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_OC: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_BN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     pid_hw = tl.program_id(0)
     pid_oc = tl.program_id(1)
@@ -115,7 +115,7 @@ def seed_conv2d_kernel(
     if HAS_RESIDUAL:
         res_ptrs = r_ptr + pid_b * srn + oc_offsets[:, None] * src + oh[None, :] * srh + ow[None, :] * srw
     acc = fused_epilogue(acc, oc_offsets[:, None], mask_oc[:, None], out_ok, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
-                         res_ptrs, bn_eps, act_param0, act_param1, HAS_BN, HAS_RESIDUAL, ACTIVATION)
+                         res_ptrs, bn_eps, act_param0, act_param1, HAS_BN, HAS_RESIDUAL, ACTIVATION, ROUND_TF32)
     y_offsets = pid_b * syn + oc_offsets[:, None] * syc + oh[None, :] * syh + ow[None, :] * syw
     tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 

@@ -313,6 +313,7 @@ if gluon is not None:
         HAS_BN: gl.constexpr
         HAS_RESIDUAL: gl.constexpr
         ACTIVATION: gl.constexpr
+        ROUND_TF32: gl.constexpr
         RESIDUAL_AS_Y: gl.constexpr
 
         def __init__(self, *values):
@@ -458,7 +459,7 @@ if gluon is not None:
                 offs_b = n0 + gl.arange(0, N_PART, layout=gl.SliceLayout(PIX_AXIS, mma_layout))
                 bias = gl.load(p.b_ptr + offs_b * p.sb, mask=offs_b < p.OC, other=0.0).to(gl.float32)
                 acc += gl.expand_dims(bias, PIX_AXIS)
-            FUSED: gl.constexpr = p.HAS_BN or p.HAS_RESIDUAL or p.ACTIVATION != "none"
+            FUSED: gl.constexpr = p.HAS_BN or p.HAS_RESIDUAL or p.ACTIVATION != "none" or p.ROUND_TF32
             if p.BLOCKED_STORE:
                 # [pixels, channels] into channels_last, through shared memory into a layout where each thread
                 # holds 4 neighbouring channels: 8-byte stores of 16-bit values, not the MMA layout's 4-byte pairs.
@@ -499,7 +500,7 @@ if gluon is not None:
                         + gl.expand_dims(offs_n * p.src, PIX_AXIS)
                 acc = fused_epilogue(acc, offs_n, n_ok, r_offsets, mask, p.mean_ptr, p.var_ptr, p.bn_w_ptr,
                                      p.bn_b_ptr, p.r_ptr, p.bn_eps, p.act_param0, p.act_param1, PIX_AXIS, p.HAS_BN,
-                                     p.HAS_RESIDUAL, p.ACTIVATION)
+                                     p.HAS_RESIDUAL, p.ACTIVATION, p.ROUND_TF32)
                 out = acc.to(p.y_ptr.dtype.element_ty)
             gl.store(p.y_ptr + y_offsets, out, mask=mask)
             mine += 1
@@ -526,8 +527,8 @@ if gluon is not None:
         BLOCK_B: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_W: gl.constexpr, BLOCK_N: gl.constexpr,
         BLOCK_K: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr, PIXELS_AS_N: gl.constexpr,
         SPLIT_TILE: gl.constexpr, HALO_ROW_STEP: gl.constexpr, TAIL_H: gl.constexpr, BLOCKED_STORE: gl.constexpr,
-        HAS_BN: gl.constexpr, HAS_RESIDUAL: gl.constexpr, ACTIVATION: gl.constexpr, RESIDUAL_AS_Y: gl.constexpr,
-        num_warps: gl.constexpr,
+        HAS_BN: gl.constexpr, HAS_RESIDUAL: gl.constexpr, ACTIVATION: gl.constexpr, ROUND_TF32: gl.constexpr,
+        RESIDUAL_AS_Y: gl.constexpr, num_warps: gl.constexpr,
     ):
         # A stage holds an input box and a weight tile, or, with HALO_ROW_STEP (the pixels between the
         # tiles of consecutive kernel rows in a patch), a patch of head + tail rows, rounded up to a power
@@ -564,7 +565,7 @@ if gluon is not None:
                    gl.to_tensor(act_param1),
                    KH, KW, HAS_BIAS, USE_INT64, BLOCK_B, BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K, STAGES, CONSUMERS,
                    PIXELS_AS_N, SPLIT_TILE, HALO_ROW_STEP, TAIL_H, W_PER_STEP, BLOCKED_STORE, HAS_BN, HAS_RESIDUAL,
-                   ACTIVATION, RESIDUAL_AS_Y)
+                   ACTIVATION, ROUND_TF32, RESIDUAL_AS_Y)
         # Registers a thread: the loader warp needs few; the consumers share what is left of the SM's 64K
         # (the launch caps the average at 168 over the 12 warps).
         if CONSUMERS == 2 or SPLIT_TILE:
