@@ -406,6 +406,17 @@ bn_relu = compile_small(BN_ADD_RELU).asm["ptx"]
 assert "rsqrt" in bn_relu and global_loads(bn_relu) > global_loads(ptx["relu"])
 print("fused bn+add+relu")
 
+# An fp32 output stored rounded to TF32 (Epilogue.round_tf32, conv_backend/tf32.py): its mask, in the MMA
+# layout's store and in the fp32 channels_last one, and (below) in the patch variant and the halo kernel.
+def rounds(ptx_text, base):
+    return ptx_text != base and ptx_text.count("and.b32") > base.count("and.b32")
+RELU_TF32 = Epilogue(activation="relu", round_tf32=True)
+assert rounds(compile_small(RELU_TF32).asm["ptx"], ptx["relu"])
+nhwc = lambda epi: ws.compile_for_sm90(torch.float32, tap(1, 1, 128, 128, 32), 4, 5, epilogue=epi,  # noqa: E731
+                                       channels_last=True, residual_as_y=True).asm["ptx"]
+assert rounds(nhwc(RELU_TF32), nhwc(Epilogue(activation="relu")))
+print("rounded to tf32")
+
 # The patch variant and the halo kernel, where this Triton compiles their views.
 print("views supported:", ws.unaligned_views_supported())
 if ws.unaligned_views_supported():
@@ -417,16 +428,25 @@ if ws.unaligned_views_supported():
     for label, dtype, as_y in [("halo-fp32", torch.float32, True), ("halo-bf16", torch.bfloat16, False)]:
         check_fused(label, lambda epi, as_y: halo.compile_for_sm90(
             dtype, dict(BLOCK_H=16, BLOCK_W=8, BLOCK_N=64, BLOCK_K=32), 4, 2, epilogue=epi, residual_as_y=as_y), as_y)
+    patch = lambda epi: ws.compile_for_sm90(torch.float32, dict(tap(1, 16, 16, 64, 16)), 8, 5,  # noqa: E731
+                                            kernel="igemm_ws_halo", epilogue=epi).asm["ptx"]
+    halo_fp32 = lambda epi: halo.compile_for_sm90(torch.float32, dict(BLOCK_H=16, BLOCK_W=8, BLOCK_N=64,  # noqa: E731
+                                                                      BLOCK_K=32), 4, 2, epilogue=epi).asm["ptx"]
+    for label, compile_ptx in (("patch", patch), ("halo", halo_fp32)):
+        assert rounds(compile_ptx(RELU_TF32), compile_ptx(Epilogue(activation="relu"))), label
+        print("rounded to tf32", label)
 """
 
 
 @needs_gluon
 def test_fused_epilogues_compile_for_sm90():
-    """Batch norm, residual and every activation compile into every store path of both Gluon kernels for sm_90
-    (no GPU needed); their numerics are tested on a Hopper GPU in test_gluon_epilogue_cuda.py."""
+    """Batch norm, residual, every activation and the rounding of fp32 outputs to TF32 compile into every store
+    path of both Gluon kernels for sm_90 (no GPU needed); their numerics are tested on a Hopper GPU in test_gluon_epilogue_cuda.py."""
     lines = _compile_in_subprocess(COMPILE_EPILOGUES)
     assert sum(line.startswith("fused ") for line in lines) >= 6, lines
     assert sum(line.startswith("activation ") for line in lines) == 10, lines
+    assert "rounded to tf32" in lines, lines
     if "views supported: True" in lines:
         assert sum(line.startswith("fused patch") for line in lines) == 2, lines
         assert sum(line.startswith("fused halo") for line in lines) == 2, lines
+        assert "rounded to tf32 patch" in lines and "rounded to tf32 halo" in lines, lines
