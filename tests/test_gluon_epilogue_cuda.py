@@ -244,3 +244,24 @@ def test_batch_norm_reads_live_statistics():
     torch.cuda.synchronize()
     check_fused(y, x, w, b, case, "ieee", epilogue, tensors, cand.describe())
     assert not torch.equal(first, y)
+
+
+@needs_gluon_hopper
+@pytest.mark.parametrize("kernel,y_layout", [("ws", "channels_last"), ("ws", "nchw"), ("halo", "channels_last")])
+def test_fp32_output_rounded_to_tf32(kernel, y_layout):
+    """Epilogue.round_tf32 (conv_backend/tf32.py): after batch norm, the residual and ReLU, every value stored
+    is a TF32 value (low 13 mantissa bits zero), within TF32's tolerance of the float64 reference."""
+    if kernel == "halo" and not halo_mod.unaligned_views_supported():
+        pytest.skip("this Triton does not compile the halo kernel's views")
+    case = dataclasses.replace(HALO_CASE if kernel == "halo" else WS_CASES[0], dtype=torch.float32)
+    out_h, out_w = case.out_hw()
+    cand = (halo_mod.halo_candidates(case.c, case.oc, out_h, out_w, 3, 1, case.dtype)[0] if kernel == "halo"
+            else first_ws_candidate(case, y_layout, False))
+    epilogue = dataclasses.replace(BN_ADD_RELU, round_tf32=True)
+    x, w, b = case.tensors(DEV)
+    y = new_output(case, y_layout)
+    tensors = epilogue_tensors(epilogue, y.shape, residual_layout_for(case, y_layout), case.dtype)
+    fused_launch(cand, case, "tf32", epilogue, x, w, b, y, tuple(tensors.residual.stride()))(x, w, b, y, tensors)
+    torch.cuda.synchronize()
+    assert not (y.view(torch.int32) & 0x1FFF).any(), f"{cand.describe()}: a stored value is not a TF32 value"
+    check_fused(y, x, w, b, case, "tf32", epilogue, tensors, cand.describe())
