@@ -111,12 +111,15 @@ def first_call(fn, x, device: str):
     return y, time.perf_counter() - start
 
 
+def first_call_setting(args) -> str:
+    return "cold: a fresh process per compiler, empty caches" if args.cold else "in the timing process, caches as found"
+
+
 def measure_row(name: str, config: dict, args, device: str, timer) -> dict:
     import torch
     row = {"model": name, "dtype": config["dtype"], "batch": config["batch"],
            "channels_last": config["channels_last"], "size": config["size"], "options": args.options,
-           "first_call": "cold: a fresh process per compiler, empty caches" if args.cold
-           else "in the timing process, caches as found", **dict.fromkeys(MEASURED)}
+           "first_call": first_call_setting(args), **dict.fromkeys(MEASURED)}
     errors = {}
     torch._dynamo.reset()
     model, model64, x, x64 = build_model(name, config, device)
@@ -431,7 +434,8 @@ def main(argv=None) -> int:
                 print(f"{name} {spec} ...", flush=True)
                 try:
                     row = (dict(dict.fromkeys(MEASURED), model=name, dtype=config["dtype"], batch=config["batch"],
-                                channels_last=config["channels_last"]) if args.cold and args.rounds == 0
+                                channels_last=config["channels_last"], first_call=first_call_setting(args))
+                           if args.cold and args.rounds == 0
                            else measure_row(name, config, args, device, timer))
                 except (bu.Interrupted, KeyboardInterrupt):
                     raise
