@@ -9,10 +9,9 @@ once instead of once per op. The order is fixed, the one networks use:
 every step optional and computed in fp32 on the accumulator, then cast to the
 output dtype once. An fp32 output that a TF32 convolution reads next can be
 stored rounded to the nearest TF32 value (`round_tf32`, see conv_backend.tf32).
-Batch norm reads the live running statistics and affine
-parameters on every call (never values folded at compile time), so a user who
-changes weights or statistics after compiling gets the new answer, also under
-CUDA-graph replay. The residual is any tensor of the output's shape and dtype,
+Batch norm reads the live running statistics and affine parameters on every
+call (never values folded at compile time), so a user who changes weights or
+statistics after compiling gets the new answer, also under CUDA-graph replay. The residual is any tensor of the output's shape and dtype,
 in any strides.
 
 `Epilogue` is the static part (a plan's key and the kernels' constexprs);

@@ -37,9 +37,9 @@ _lib.define(
 TRITON_CONV = torch.ops.tritonconv.conv2d.default
 # Positions in conv2d's arguments that the passes read or rewrite. The epilogue's arguments follow
 # output_format (EPILOGUE_START on); the dispatcher drops trailing defaults.
-PRECISION_ARG, ALGORITHM_ARG, OUTPUT_FORMAT_ARG, EPILOGUE_START, RESIDUAL_ARG = 7, 8, 9, 10, 15
+ALGORITHM_ARG, OUTPUT_FORMAT_ARG, EPILOGUE_START, RESIDUAL_ARG = 8, 9, 10, 15
 EPILOGUE_DEFAULTS = (None, None, None, None, 0.0, None, "none", (), False)
-ROUND_TF32_ARG = EPILOGUE_START + len(EPILOGUE_DEFAULTS) - 1
+ARG_NAMES = tuple(argument.name for argument in TRITON_CONV._schema.arguments)
 
 
 def filled_epilogue(tail) -> tuple:
@@ -175,6 +175,20 @@ _CALL_DEFAULTS = ("auto", "auto", "eager") + EPILOGUE_DEFAULTS  # conv2d's defau
 def full_call_args(args) -> tuple:
     """A conv2d call's arguments with the dispatcher's dropped defaults filled in (all nineteen)."""
     return tuple(args) + _CALL_DEFAULTS[len(args) - 7:]
+
+
+def named_args(args) -> dict:
+    """A conv2d call's arguments by their schema names, the dispatcher's dropped defaults filled in."""
+    return dict(zip(ARG_NAMES, full_call_args(args)))
+
+
+def replaced_args(args, **changes) -> tuple:
+    """A conv2d call's arguments (all nineteen, positional) with `changes` made by name."""
+    named = named_args(args)
+    unknown = sorted(set(changes) - set(named))
+    if unknown:
+        raise TypeError(f"tritonconv::conv2d has no argument(s) {unknown}")
+    return tuple({**named, **changes}.values())
 
 
 def static_string(args) -> Optional[str]:

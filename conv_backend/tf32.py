@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from .epilogue import TF32_HALF_ULP, TF32_MASK
-from .ops import PRECISION_ARG, ROUND_TF32_ARG, TRITON_CONV, full_call_args
+from .ops import TRITON_CONV, named_args, replaced_args
 from .runtime import choose_fp32_precision, cudnn_conv_allows_tf32
 
 log = logging.getLogger("conv_backend")
@@ -49,16 +49,16 @@ def _static(t: torch.Tensor) -> bool:
 def _rounded_precision(node: fx.Node) -> bool:
     """Whether `node` (a full-form conv2d) multiplies in rounded TF32 under its policy: fp32 of static shapes
     ("auto" picks it on CUDA only; a forced "tf32_round" anywhere, the interpreter included)."""
-    full = full_call_args(node.args)
-    x, weight = _val(full[0]), _val(full[1])
+    args = named_args(node.args)
+    x, weight = _val(args["input"]), _val(args["weight"])
     if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)):
         return False
     if x.dtype != torch.float32 or not (_static(x) and _static(weight)):
         return False
-    stride, padding, dilation, groups = full[3:7]
-    if not all(type(v) is int for v in (*stride, *padding, *dilation, groups)):
+    geometry = (args["stride"], args["padding"], args["dilation"])
+    if not all(type(v) is int for v in (*geometry[0], *geometry[1], *geometry[2], args["groups"])):
         return False
-    return choose_fp32_precision(full[PRECISION_ARG], x.shape, weight.shape, stride, padding, dilation, groups,
+    return choose_fp32_precision(args["input_precision"], x.shape, weight.shape, *geometry, args["groups"],
                                  x.dtype, x.device) == "tf32_round"
 
 
@@ -98,22 +98,20 @@ def round_operands_where_made(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target != TRITON_CONV or not _rounded_precision(node):
             continue
-        args = list(full_call_args(node.args))
-        x, weight = args[0], args[1]
+        args = named_args(node.args)
+        x, weight = args["input"], args["weight"]
         if isinstance(x, fx.Node) and x.op == "call_function" and x.target == TRITON_CONV:
-            producer = list(full_call_args(x.args))
-            producer[ROUND_TF32_ARG] = True
-            x.args = tuple(producer)
+            x.args = replaced_args(x.args, round_tf32=True)  # its epilogue stores the activation rounded
         elif isinstance(x, fx.Node):
             if x not in rounded_inputs:
                 rounded_inputs[x] = _insert_rounding(gm, x, node, channels_last=False)
-            args[0] = rounded_inputs[x]
+            x = rounded_inputs[x]
         if isinstance(weight, fx.Node):
             if weight not in rounded_weights:
                 rounded_weights[weight] = _insert_rounding(gm, weight, node, channels_last=_val(weight).dim() == 4)
-            args[1] = rounded_weights[weight]
-        args[PRECISION_ARG] = "tf32"  # exact on operands TF32 holds: what "tf32_round" computes
-        node.args = tuple(args)
+            weight = rounded_weights[weight]
+        # "tf32" is exact on operands TF32 holds: what "tf32_round" computes, on any kernel
+        node.args = replaced_args(node.args, input=x, weight=weight, input_precision="tf32")
         changed += 1
     if changed:
         log.info("tritonconv: %d convolution(s) multiply in TF32 on operands rounded where they are made", changed)
@@ -132,8 +130,7 @@ class TF32Guard:
     def __init__(self, compiled, eager: fx.GraphModule):
         self.compiled, self.eager = compiled, eager
         self.allows_tf32 = cudnn_conv_allows_tf32()
-        self._boxed = getattr(compiled, "_boxed_call", False)
-        self._boxed_call = self._boxed
+        self._boxed_call = getattr(compiled, "_boxed_call", False)  # called as `compiled` is
         self._warned = False
 
     def __call__(self, *args):
@@ -143,7 +140,8 @@ class TF32Guard:
             self._warned = True
             log.warning("tritonconv: cuDNN's TF32 setting changed after this graph was compiled for it; the graph "
                         "runs eagerly on ATen from now on (torch._dynamo.reset() recompiles it for the new setting)")
-        inputs = args[0] if self._boxed else args
+        # A boxed call passes one list; Dynamo's graph takes its inputs (tensors, sizes) one by one.
+        inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args
         return self.eager(*inputs)
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from conv_backend import tf32
 from conv_backend.epilogue import round_to_tf32
+from conv_backend.ops import TRITON_CONV, named_args, replaced_args
 
 from _util import rel_err
 
@@ -64,7 +65,7 @@ def rewrites(monkeypatch):
 
     def spy(gm):
         changed = real(gm)
-        convs = [tf32.full_call_args(n.args) for n in gm.graph.nodes if n.target == tf32.TRITON_CONV]
+        convs = [named_args(n.args) for n in gm.graph.nodes if n.target == TRITON_CONV]
         roundings = sum(n.target == torch.ops.aten.bitwise_and.Scalar for n in gm.graph.nodes)
         seen.append((changed, convs, roundings))  # before use_static_form changes the nodes' form
         return changed
@@ -84,8 +85,8 @@ def test_operands_rounded_where_made(rewrites, kernel_launches):
         out, a = torch.compile(model, backend="tritonconv", options=options)(x)
     (changed, convs, roundings), = rewrites
     assert changed == 2
-    assert [args[tf32.PRECISION_ARG] for args in convs] == ["tf32", "tf32"]
-    assert [args[tf32.ROUND_TF32_ARG] for args in convs] == [True, False]
+    assert [args["input_precision"] for args in convs] == ["tf32", "tf32"]
+    assert [args["round_tf32"] for args in convs] == [True, False]
     assert roundings == 3  # x, w1, w2
     assert {meta["INPUT_PRECISION"] for _, meta in kernel_launches} == {"tf32"}
     assert [meta["ROUND_TF32"] for _, meta in kernel_launches] == [True, False]
@@ -145,3 +146,38 @@ def test_guard_runs_eagerly_after_the_tf32_setting_changes(caplog):
     finally:
         cudnn.allow_tf32 = before
     assert calls == ["compiled", "eager", "eager", "compiled"]
+
+
+def test_arguments_by_name():
+    """The rewrite names the op's arguments (ops.named_args / replaced_args) instead of indexing them."""
+    x, w = torch.empty(1, 4, 5, 5), torch.empty(8, 4, 3, 3)
+    args = (x, w, None, [1, 1], [1, 1], [1, 1], 1)  # the dispatcher drops trailing defaults
+    named = named_args(args)
+    assert named["input_precision"] == "auto" and named["round_tf32"] is False and named["input"] is x
+    changed = replaced_args(args, input_precision="tf32", round_tf32=True)
+    assert len(changed) == 19 and changed[:7] == args
+    assert named_args(changed)["input_precision"] == "tf32" and named_args(changed)["round_tf32"] is True
+    with pytest.raises(TypeError, match="no argument"):
+        replaced_args(args, precision="tf32")
+
+
+@pytest.mark.interpreter
+def test_compiled_graph_runs_eagerly_after_the_setting_changes(monkeypatch, kernel_launches):
+    """Through the backend: "auto" rounded at compile time (made to pick rounded TF32 on CPU here), then cuDNN's
+    TF32 setting changes. The call runs Dynamo's graph on ATen (no kernel of ours), returns what the compiled
+    graph returns in the same structure, and the eager model's values."""
+    setting = {"tf32": True}
+    monkeypatch.setattr(tf32, "cudnn_conv_allows_tf32", lambda: setting["tf32"])
+    monkeypatch.setattr(tf32, "choose_fp32_precision", lambda *args: "tf32_round")
+    model, x = block(), torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="tritonconv", options={"cudagraphs": False})
+        out, a = compiled(x)
+        assert is_tf32(a) and len(kernel_launches) == 2
+        setting["tf32"] = False
+        eager_out, eager_a = compiled(x)
+        ref_out, ref_a = model(x)
+    assert len(kernel_launches) == 2  # nothing of ours ran the second time
+    torch.testing.assert_close(eager_out, ref_out)
+    torch.testing.assert_close(eager_a, ref_a)
+    assert not is_tf32(eager_a)

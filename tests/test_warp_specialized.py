@@ -441,7 +441,8 @@ if ws.unaligned_views_supported():
 @needs_gluon
 def test_fused_epilogues_compile_for_sm90():
     """Batch norm, residual, every activation and the rounding of fp32 outputs to TF32 compile into every store
-    path of both Gluon kernels for sm_90 (no GPU needed); their numerics are tested on a Hopper GPU in test_gluon_epilogue_cuda.py."""
+    path of both Gluon kernels for sm_90 (no GPU needed); their numerics are tested on a Hopper GPU in
+    test_gluon_epilogue_cuda.py."""
     lines = _compile_in_subprocess(COMPILE_EPILOGUES)
     assert sum(line.startswith("fused ") for line in lines) >= 6, lines
     assert sum(line.startswith("activation ") for line in lines) == 10, lines

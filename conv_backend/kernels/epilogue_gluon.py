@@ -160,8 +160,9 @@ if gluon is not None:
                        bn_eps, act_param0, act_param1, PIX_AXIS: gl.constexpr, HAS_BN: gl.constexpr,
                        HAS_RESIDUAL: gl.constexpr, ACTIVATION: gl.constexpr, ROUND_TF32: gl.constexpr):
         """act((acc - mean) * rsqrt(var + eps) * bn_weight + bn_bias + residual) on the fp32 tile `acc` (bias
-        already added), rounded to TF32 if ROUND_TF32. offs_n / n_ok: the tile's output channels, in the slice of acc's layout along
-        PIX_AXIS (its pixel axis); r_offsets / mask: the residual's element offsets and the store's mask."""
+        already added), rounded to TF32 if ROUND_TF32. offs_n / n_ok: the tile's output channels, in the slice
+        of acc's layout along PIX_AXIS (its pixel axis); r_offsets / mask: the residual's element offsets and
+        the store's mask."""
         if HAS_BN:
             mean = gl.load(mean_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)
             var = gl.load(var_ptr + offs_n, mask=n_ok, other=1.0).to(gl.float32)

@@ -224,7 +224,8 @@ if gluon is not None:
         KH: gl.constexpr, KW: gl.constexpr, DIL_H: gl.constexpr, TAIL_H: gl.constexpr, HAS_BIAS: gl.constexpr,
         INPUT_PRECISION: gl.constexpr, USE_INT64: gl.constexpr,
         HAS_BN: gl.constexpr, HAS_RESIDUAL: gl.constexpr, ACTIVATION: gl.constexpr, ROUND_TF32: gl.constexpr,
-        RESIDUAL_AS_Y: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_W: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+        RESIDUAL_AS_Y: gl.constexpr,
+        BLOCK_H: gl.constexpr, BLOCK_W: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
         SWIZZLE: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = BLOCK_H * BLOCK_W
