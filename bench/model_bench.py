@@ -185,6 +185,9 @@ def cold_first_calls(name: str, config_spec: str, args) -> dict:
             cmd = [sys.executable, __file__, "--first-call-only", compiler, "--models", name, "--configs", config_spec,
                    "--size", str(args.size), "--device", args.device, "--options", json.dumps(args.options)]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if args.cold_logs is not None:  # e.g. with TORCH_LOGS=+conv_backend: where the first call's time went
+                args.cold_logs.mkdir(parents=True, exist_ok=True)
+                (args.cold_logs / f"{name}-{config_spec}-{compiler}.log").write_text(proc.stderr)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             if proc.returncode != 0 or not lines:
                 tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -356,6 +359,9 @@ def parse_args(argv=None):
     ap.add_argument("--cold", action="store_true",
                     help="first-call seconds from a fresh process per model, config and compiler, with empty "
                          "TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR and XDG_CACHE_HOME (our tuning cache)")
+    ap.add_argument("--cold-logs", type=Path, default=None, metavar="DIR",
+                    help="with --cold: write each fresh process's stderr to DIR/<model>-<config>-<compiler>.log "
+                         "(set TORCH_LOGS=+conv_backend for the tuning's per-problem lines)")
     ap.add_argument("--out", type=Path, default=None,
                     help="result JSON to merge into, or a directory for <date>-<gpu>-models.json (default "
                          "bench/results; /tmp/tritonconv_bench_smoke on CPU)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import torch
@@ -239,9 +240,16 @@ def finish_plans(planning: Optional[Planning]) -> int:
 
 
 def _tune(convs: list, autotune: str, compiling: Optional[precompile.Compiling]) -> int:
+    started = time.monotonic()
     if compiling is not None:
         compiling.wait()
-    return sum(_plan_for(name, vals, autotune) for name, vals in convs)
+    waited = time.monotonic() - started
+    made = sum(_plan_for(name, vals, autotune) for name, vals in convs)
+    # Where a first call's time goes: the wait for the workers' compiling, then the tuning (with any compiling
+    # left to this process).
+    log.info("tritonconv: %d plan(s) made for %d convolution(s): %.1f s waiting for the compile workers, %.1f s "
+             "tuning (autotune level %r)", made, len(convs), waited, time.monotonic() - started - waited, autotune)
+    return made
 
 
 def make_plans(convs: list, autotune: str, processes: Optional[int] = None) -> int:

@@ -169,3 +169,17 @@ def test_cold_with_no_rounds_measures_first_calls_only(tmp_path, monkeypatch):
     assert (row["compile_first_s"], row["tritonconv_first_s"], row["tritonconv_ms"]) == (2.0, 3.0, None)
     assert row["environment"]["TRITONCONV_COMPILE_PROCESSES"] == "0"
     assert '"TRITONCONV_COMPILE_PROCESSES": "0"' in out.with_suffix(".md").read_text()
+
+
+def test_cold_logs_keep_each_fresh_process_stderr(tmp_path, monkeypatch):
+    """--cold-logs DIR: each compiler's fresh process leaves its stderr (e.g. TORCH_LOGS output) in DIR."""
+    class Done:
+        returncode, stdout = 0, '{"first_s": 1.5}\n'
+
+        def __init__(self, cmd):
+            self.stderr = f"log of {cmd[cmd.index('--first-call-only') + 1]}"
+    monkeypatch.setattr(mb.subprocess, "run", lambda cmd, **kwargs: Done(cmd))
+    args = mb.parse_args(["--device", "cpu", "--cold", "--cold-logs", str(tmp_path / "logs")])
+    assert mb.cold_first_calls("resnet18", "fp32-b1", args) == {f"{c}_first_s": 1.5 for c in mb.COMPILERS}
+    for compiler in mb.COMPILERS:
+        assert (tmp_path / "logs" / f"resnet18-fp32-b1-{compiler}.log").read_text() == f"log of {compiler}"

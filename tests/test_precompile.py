@@ -9,6 +9,7 @@ must load those binaries instead of compiling.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import subprocess
 import sys
@@ -245,3 +246,17 @@ def test_a_pool_that_refuses_jobs_leaves_them_to_the_process(monkeypatch):
     monkeypatch.setattr(precompile, "inductor_pool", Pool)
     jobs = [precompile.Job("m", name, "{}") for name in ("ok", "bad", "ok2")]
     assert precompile.compile_jobs(jobs, SimpleNamespace(backend="cuda", arch=90, warp_size=32)) == 1
+
+
+def test_tuning_logs_where_a_first_call_went(monkeypatch, caplog):
+    """One INFO line per graph: the plans made, the seconds waiting for the compile workers and tuning."""
+    from conv_backend import backend
+
+    monkeypatch.setattr(backend, "_plan_for", lambda name, vals, autotune: name != "kept")
+    waited = []
+    compiling = SimpleNamespace(wait=lambda: waited.append(True))
+    with caplog.at_level(logging.INFO, logger="conv_backend"):
+        assert backend._tune([("a", []), ("b", []), ("kept", [])], "fast", compiling) == 2
+    assert waited == [True]
+    (line,) = [r.getMessage() for r in caplog.records if "plan(s) made" in r.getMessage()]
+    assert line.startswith("tritonconv: 2 plan(s) made for 3 convolution(s):") and "waiting for the compile" in line
