@@ -31,6 +31,7 @@ from .fusion import UNDECOMPOSED, decompose_leftovers
 from .graph_pass import TRITON_CONV, replace_convolutions, use_static_form
 from .options import BackendOptions, split_options
 from .report import Report, set_last_report
+from .support import has_static_layout
 
 log = logging.getLogger("conv_backend")
 _graph_ids = itertools.count()
@@ -222,7 +223,7 @@ def start_plans(gm: torch.fx.GraphModule, autotune: str, processes: Optional[int
             continue
         vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in node.args]
         tensors = [v for v in vals if isinstance(v, torch.Tensor)]
-        if all(v.is_cuda and all(isinstance(d, int) for d in (*v.shape, *v.stride())) for v in tensors):
+        if all(v.is_cuda and has_static_layout(v) for v in tensors):
             convs.append((node.name, vals))
     if not convs:
         return None

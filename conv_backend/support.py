@@ -20,6 +20,11 @@ def _is_static_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def has_static_layout(t: torch.Tensor) -> bool:
+    """Every size and stride of `t` a plain int (none symbolic, as under dynamic shapes)."""
+    return all(_is_static_int(d) for d in (*t.shape, *t.stride()))
+
+
 def depthwise_like(in_channels, out_channels, groups) -> bool:
     """Each group sees one input channel (depthwise, with any channel multiplier)."""
     return groups > 1 and groups == in_channels and out_channels % groups == 0

@@ -31,19 +31,13 @@ import torch
 import torch.fx as fx
 
 from .epilogue import TF32_HALF_ULP, TF32_MASK
+from .graph_pass import _val
 from .ops import TRITON_CONV, named_args, replaced_args
 from .runtime import choose_fp32_precision, cudnn_conv_allows_tf32
+from .support import has_static_layout
 
 log = logging.getLogger("conv_backend")
 aten = torch.ops.aten
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
-def _static(t: torch.Tensor) -> bool:
-    return all(type(d) is int for d in (*t.shape, *t.stride()))
 
 
 def _rounded_precision(node: fx.Node) -> bool:
@@ -53,12 +47,12 @@ def _rounded_precision(node: fx.Node) -> bool:
     x, weight = _val(args["input"]), _val(args["weight"])
     if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)):
         return False
-    if x.dtype != torch.float32 or not (_static(x) and _static(weight)):
+    if x.dtype != torch.float32 or not (has_static_layout(x) and has_static_layout(weight)):
         return False
-    geometry = (args["stride"], args["padding"], args["dilation"])
-    if not all(type(v) is int for v in (*geometry[0], *geometry[1], *geometry[2], args["groups"])):
+    stride, padding, dilation, groups = (args[k] for k in ("stride", "padding", "dilation", "groups"))
+    if not all(type(v) is int for v in (*stride, *padding, *dilation, groups)):
         return False
-    return choose_fp32_precision(args["input_precision"], x.shape, weight.shape, *geometry, args["groups"],
+    return choose_fp32_precision(args["input_precision"], x.shape, weight.shape, stride, padding, dilation, groups,
                                  x.dtype, x.device) == "tf32_round"
 
 
@@ -66,7 +60,7 @@ def _call(graph: fx.Graph, target, args: tuple, kwargs: Optional[dict] = None) -
     """A new node computing target(*args, **kwargs), its fake value computed from its arguments'."""
     kwargs = kwargs or {}
     node = graph.call_function(target, args, kwargs)
-    vals = [_val(a) if isinstance(a, fx.Node) else a for a in args]
+    vals = [_val(a) for a in args]
     fake = next(v for v in vals if isinstance(v, torch.Tensor))
     with fake.fake_mode:
         node.meta["val"] = target(*vals, **kwargs)
@@ -92,24 +86,26 @@ def _insert_rounding(gm: fx.GraphModule, value: fx.Node, before: fx.Node, channe
 def round_operands_where_made(gm: fx.GraphModule) -> int:
     """Rewrite every `tritonconv::conv2d` of `gm` (full form, before use_static_form) that multiplies in rounded
     TF32 as described in the module docstring. Returns how many convolutions now take rounded operands."""
-    rounded_inputs: dict = {}  # a value -> its rounded copy, made once however many convolutions read it
-    rounded_weights: dict = {}
+    copies: dict = {}  # (value, channels_last) -> its rounded copy, made once however many convolutions read it
+
+    def rounded(value, reader: fx.Node, channels_last: bool):
+        if not isinstance(value, fx.Node):
+            return value
+        if (value, channels_last) not in copies:
+            copies[value, channels_last] = _insert_rounding(gm, value, reader, channels_last)
+        return copies[value, channels_last]
+
     changed = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target != TRITON_CONV or not _rounded_precision(node):
             continue
         args = named_args(node.args)
-        x, weight = args["input"], args["weight"]
+        x = args["input"]
         if isinstance(x, fx.Node) and x.op == "call_function" and x.target == TRITON_CONV:
             x.args = replaced_args(x.args, round_tf32=True)  # its epilogue stores the activation rounded
-        elif isinstance(x, fx.Node):
-            if x not in rounded_inputs:
-                rounded_inputs[x] = _insert_rounding(gm, x, node, channels_last=False)
-            x = rounded_inputs[x]
-        if isinstance(weight, fx.Node):
-            if weight not in rounded_weights:
-                rounded_weights[weight] = _insert_rounding(gm, weight, node, channels_last=_val(weight).dim() == 4)
-            weight = rounded_weights[weight]
+        else:
+            x = rounded(x, node, channels_last=False)
+        weight = rounded(args["weight"], node, channels_last=_val(args["weight"]).dim() == 4)
         # "tf32" is exact on operands TF32 holds: what "tf32_round" computes, on any kernel
         node.args = replaced_args(node.args, input=x, weight=weight, input_precision="tf32")
         changed += 1
@@ -145,7 +141,7 @@ class TF32Guard:
         return self.eager(*inputs)
 
 
-def guarded(compiled, eager: fx.GraphModule, policy: str, rounded: Optional[int]):
+def guarded(compiled, eager: fx.GraphModule, policy: str, rounded: int):
     """`compiled`, behind a TF32Guard where its rounding depended on cuDNN's setting ("auto" and any rounded)."""
     if not rounded or policy != "auto":
         return compiled
